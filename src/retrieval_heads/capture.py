@@ -1,0 +1,200 @@
+"""Exact attention rows from inside any Hugging Face decoder, through transformers' attention registry.
+
+The probe is an attention function registered under :data:`PROBE` (with transformers' sdpa mask builder, so
+padding and sliding windows reach it). For every attention layer it
+
+1. computes the layer's real output with sdpa (or, where the family soft-caps its logits, with that
+   family's own eager function), so the model's forward pass is unchanged;
+2. recomputes only the selected query rows (by default the last one) exactly as the model attends: on the
+   query and keys it was given (after rotary embeddings and q/k norms), each query head against its own KV
+   head under GQA, with the model's scaling, soft-capping and mask (causal, padding, sliding window), softmax
+   in float32. That is ``(B, H, S, K)`` per layer: memory O(layers x heads x N), never O(N^2);
+3. hands the probabilities to a callback, and optionally zeroes chosen heads' outputs (ablation: the head
+   is removed before the output projection).
+
+>>> scores = torch.zeros(lm.num_layers, lm.num_heads)                   # doctest: +SKIP
+>>> def on_layer(layer, probs):                                          # probs: (B, H, S, K)
+...     scores[layer] += probs[0, :, -1, start:end].sum(-1)
+>>> with attention_probe(lm.model, on_layer):                             # doctest: +SKIP
+...     lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+:func:`reference_rows` is the slow, obviously correct path the probe is tested against: eager attention
+with ``output_attentions=True`` (full N x N matrices), rows picked afterwards.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import UserError
+
+PROBE = "retrieval_heads_probe"
+
+OnLayer = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class _ProbeState:
+    on_layer: OnLayer | None
+    query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
+    ablate: dict[int, list[int]] = field(default_factory=dict)
+    num_layers: int = 1
+    calls: int = 0  # attention calls so far; gives the layer index of modules that carry none
+
+    def layer_index(self, module) -> int:
+        idx = getattr(module, "layer_idx", None)
+        return idx if isinstance(idx, int) else self.calls % self.num_layers
+
+
+_ACTIVE: contextvars.ContextVar[_ProbeState | None] = contextvars.ContextVar("retrieval_heads_probe", default=None)
+
+
+def _base_attention(module, softcap) -> Callable:
+    """The function that computes the layer's real output: sdpa, or the family's eager path for softcap."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if softcap is None:
+        return sdpa_attention_forward
+    family = sys.modules.get(type(module).__module__)
+    fn = getattr(family, "eager_attention_forward", None)
+    if fn is None:
+        raise UserError(f"{type(module).__name__} soft-caps attention but its module has no eager_attention_forward")
+    return fn
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of the selected query rows, in float32.
+
+    query (B, H, Q, d); key (B, H_kv, K, d) with H = G * H_kv (query head h reads KV head h // G, as
+    ``repeat_kv`` lays them out); attention_mask None (plain causal), boolean (True = attend) or additive,
+    shaped (B, 1 or H, Q, >=K). Returns (B, H, S, K) for the S rows in ``positions`` (default: the last).
+    """
+    B, H, Q, d = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    pos = torch.tensor([Q - 1], device=query.device) if positions is None else positions.to(query.device) % Q
+    S = pos.numel()
+    scale = d**-0.5 if scaling is None else scaling
+    q = query[:, :, pos, :].float().reshape(B, Hkv, G * S, d)  # (B, Hkv, G*S, d)
+    logits = torch.matmul(q, key.float().transpose(-1, -2))  # (B, Hkv, G*S, K)
+    logits = logits.view(B, H, S, K) * scale  # (B, H, S, K)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is None:
+        absolute = pos + (K - Q)  # (S,) key index of each selected query under causal alignment
+        if bool((absolute < K - 1).any()):
+            future = torch.arange(K, device=query.device)[None, :] > absolute[:, None]  # (S, K)
+            logits = logits.masked_fill(future, float("-inf"))
+    else:
+        m = attention_mask[..., :K][:, :, pos, :]  # (B, 1 or H, S, K)
+        if m.dtype == torch.bool:
+            logits = logits.masked_fill(~m, float("-inf"))
+        else:
+            logits = logits + m.float()
+    return torch.softmax(logits, dim=-1)  # (B, H, S, K)
+
+
+def _additive_mask(attention_mask, query, key) -> torch.Tensor:
+    """Eager paths add the mask to the logits and get causality only from it: turn the sdpa mask (boolean,
+    or None for plain causal) into an additive one."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask
+    Q, K = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        q_abs = torch.arange(Q, device=query.device) + (K - Q)  # lower-right aligned causal mask
+        allowed = (torch.arange(K, device=query.device)[None, :] <= q_abs[:, None])[None, None]  # (1, 1, Q, K)
+    else:
+        allowed = attention_mask
+    zeros = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    return zeros.masked_fill(~allowed, torch.finfo(query.dtype).min)
+
+
+def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention function: the model's own output, plus the probe's rows when active."""
+    softcap = kwargs.get("softcap")
+    base = _base_attention(module, softcap)
+    base_mask = attention_mask
+    if softcap is not None:
+        base_mask = _additive_mask(attention_mask, query, key)
+    out, weights = base(module, query, key, value, base_mask, dropout=dropout, scaling=scaling, **kwargs)
+    state = _ACTIVE.get()
+    if state is None:
+        return out, weights
+    layer = state.layer_index(module)
+    state.calls += 1
+    if state.on_layer is not None:
+        rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
+        state.on_layer(layer, rows)
+    heads = state.ablate.get(layer)
+    if heads:
+        out = out.clone()
+        out[:, :, heads, :] = 0  # out: (B, Q, H, d), the heads' outputs before o_proj
+    return out, weights
+
+
+_installed = False
+
+
+def install() -> None:
+    """Register the probe and its mask builder with transformers (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PROBE, probe_attention)
+    AttentionMaskInterface.register(PROBE, sdpa_mask)
+    _installed = True
+
+
+@contextmanager
+def attention_probe(
+    model,
+    on_layer: OnLayer | None,
+    query_positions: torch.Tensor | None = None,
+    ablate: dict[int, list[int]] | None = None,
+) -> Iterator[_ProbeState]:
+    """Within this block every forward pass of ``model`` calls ``on_layer(layer, probs)`` per layer, with
+    probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries (default: the last row), and
+    zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]})."""
+    install()
+    previous = model.config._attn_implementation
+    if not model._can_set_attn_implementation():
+        raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
+    model.set_attn_implementation(PROBE)
+    state = _ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def reference_rows(model, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The slow reference: eager attention, ``output_attentions=True``, full (B, H, N, N) matrices per layer;
+    returns the selected rows (B, H, S, N) of each layer in float32."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=input_ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+    n = input_ids.shape[1]
+    pos = torch.tensor([n - 1]) if positions is None else positions % n
+    return [a[:, :, pos.to(a.device), :].float() for a in out.attentions]

@@ -1,0 +1,187 @@
+"""Assemble a prompt's token ids segment by segment, so the needle's token span is exact by construction.
+
+Layout of one prompt (``|`` marks a segment boundary; each segment is tokenized on its own and the ids are
+concatenated, never re-tokenized as one string)::
+
+    prefix | haystack A | "\\n\\n" | needle | haystack B | suffix(question)
+
+- ``prefix``: the chat template up to the context (system turn, user turn header, one instruction line);
+  for tokenizers without a chat template, BOS and the instruction.
+- ``haystack A``: the haystack text that precedes the needle, cut at a token boundary at its start (the
+  prompt shows an excerpt), whole sentences after that.
+- ``needle``: the Section 1 text; ``needle_start:needle_end`` (end exclusive) is exactly its ids.
+- ``haystack B``: whole sentences that follow the needle (each paragraph opens with its blank line).
+- ``suffix``: a blank line, the question, an answer instruction, the end of the user turn and the assistant header
+  (the generation prompt). The last token of the suffix is the "last prompt token" the method reads.
+
+Length bookkeeping: ``total_tokens`` counts every id fed to the model, special tokens and template included.
+The context (prefix + A + separator + needle + B) gets ``tokens - reserve`` ids exactly, where ``reserve``
+is the longest suffix among the questions that share this context (the four built-in questions share
+every context, so one prefill can serve all four). A prompt is therefore ``tokens`` long for the longest
+question and at most ``reserve - len(own suffix)`` (a few tokens, always < 64) shorter for the others.
+Depth: the needle starts after ``round(needle_position * H)`` of the ``H`` haystack ids, give or take the
+length of one sentence (B holds whole sentences; A absorbs the difference).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import UserError
+
+INSTRUCTION = "Read the following excerpts from company filings, then answer the question."
+ANSWER_HINT = "Answer with the fact only."
+_CTX = "<<<RH-CONTEXT>>>"
+MAX_SHORTFALL = 64  # a prompt is never more than this many tokens under --tokens
+_SENT = re.compile(r"(?<=[a-z%)\"][.!?])\s+(?=[A-Z\"$])")
+
+
+@dataclass
+class PromptSample:
+    input_ids: list[int]
+    needle_start: int
+    needle_end: int
+    context_end: int  # ids[:context_end] are shared by every question; the suffix follows
+    question: str
+    answer: str
+    question_key: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+class PromptFormat:
+    """How one tokenizer frames the context and the question."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        if self.chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": self._user_content("{Q}")}], tokenize=False, add_generation_prompt=True
+            )
+            self._before, after = text.split(_CTX)
+            self._after_pre, self._after_post = after.split("{Q}")
+            self._prefix = self.encode(self._before)
+        else:
+            before = INSTRUCTION + "\n\n"
+            self._prefix = list(tokenizer(before, add_special_tokens=True)["input_ids"])
+            self._after_pre, self._after_post = "\n\nQuestion: ", "\nAnswer:"
+        self._sep = self.encode("\n\n")
+        self._suffix_cache: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _user_content(question: str) -> str:
+        return f"{INSTRUCTION}\n\n{_CTX}\n\nQuestion: {question}\n{ANSWER_HINT}"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    @property
+    def prefix(self) -> list[int]:
+        return self._prefix
+
+    @property
+    def separator(self) -> list[int]:
+        return self._sep
+
+    def suffix(self, question: str) -> list[int]:
+        if question not in self._suffix_cache:
+            self._suffix_cache[question] = self.encode(self._after_pre + question + self._after_post)
+        return self._suffix_cache[question]
+
+
+def _units(paragraphs: Sequence[str]) -> list[str]:
+    """Sentences, each with the whitespace that joins it to the one before: '\\n\\n' at the start of a
+    paragraph, ' ' inside one."""
+    out: list[str] = []
+    for p in paragraphs:
+        for block in p.split("\n\n"):
+            for i, s in enumerate(x for x in _SENT.split(block.strip()) if x):
+                out.append(("\n\n" if i == 0 else " ") + s)
+    return out
+
+
+def _take_forward(fmt: PromptFormat, paragraphs: Sequence[str], budget: int) -> list[int]:
+    """Whole sentences from the start of ``paragraphs``, as many as fit in ``budget`` ids."""
+    ids: list[int] = []
+    units = _units(paragraphs)
+    for chunk_at in range(0, len(units), 64):
+        for u in fmt.encode_many(units[chunk_at : chunk_at + 64]):
+            if len(ids) + len(u) > budget:
+                return ids
+            ids.extend(u)
+    return ids
+
+
+def _take_backward(fmt: PromptFormat, paragraphs: Sequence[str], n: int) -> list[int]:
+    """The last ``n`` ids of the text of ``paragraphs`` (cut at a token boundary at its start); fewer if the
+    text is shorter."""
+    if n == 0:
+        return []
+    units = _units(paragraphs)
+    pieces: list[list[int]] = []
+    have = 0
+    end = len(units)
+    while have < n and end > 0:
+        start = max(0, end - 64)
+        for u in reversed(fmt.encode_many(units[start:end])):
+            pieces.append(u)
+            have += len(u)
+            if have >= n:
+                break
+        end = start
+    ids = [t for u in reversed(pieces) for t in u]
+    return ids[max(0, len(ids) - n) :]
+
+
+def context_budget(fmt: PromptFormat, tokens: int, reserve: int, needle_len: int) -> int:
+    """Haystack ids H for a prompt of ``tokens``; raises UserError when needle and question don't fit."""
+    h = tokens - len(fmt.prefix) - reserve - needle_len - len(fmt.separator)
+    if h < 0:
+        need = tokens - h
+        raise UserError(
+            f"--tokens {tokens} is too small: the template, needle and question alone take {need} tokens"
+        )
+    return h
+
+
+def build_prompt(
+    fmt: PromptFormat,
+    needle: str,
+    before: Sequence[str],
+    after: Sequence[str],
+    question: str,
+    answer: str,
+    tokens: int,
+    needle_position: float,
+    reserve: int | None = None,
+    what: str = "sample",
+) -> PromptSample:
+    """Token ids of one prompt with the needle at ``needle_position`` depth (see the module docstring).
+
+    ``before`` are the paragraphs that precede the needle in reading order (their tail is used),
+    ``after`` those that follow it (their head is used).
+    """
+    suffix = fmt.suffix(question)
+    reserve = len(suffix) if reserve is None else reserve
+    needle_ids = fmt.encode(needle)
+    if not needle_ids:
+        raise UserError(f"{what}: the needle is empty")
+    h = context_budget(fmt, tokens, reserve, len(needle_ids))
+    target_a = round(needle_position * h)
+    b_ids = _take_forward(fmt, after, h - target_a)
+    a_ids = _take_backward(fmt, before, h - len(b_ids))
+    prefix = fmt.prefix
+    start = len(prefix) + len(a_ids) + len(fmt.separator)
+    ids = prefix + a_ids + fmt.separator + needle_ids + b_ids
+    context_end = len(ids)
+    ids = ids + suffix
+    if len(ids) < tokens - MAX_SHORTFALL:
+        raise UserError(f"{what}: the haystack is too short for --tokens {tokens} (the prompt has {len(ids)} tokens)")
+    return PromptSample(ids, start, start + len(needle_ids), context_end, question, answer)

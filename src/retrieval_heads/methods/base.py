@@ -1,0 +1,82 @@
+"""What scoring methods share: the registry, and needle mass measured through the probe."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from ..capture import attention_probe
+from ..data.prompt import PromptSample
+from ..errors import NumericalError
+from ..registry import Registry
+
+
+class Method(Protocol):
+    name: str
+
+    def score_batch(self, model, batch: Sequence[PromptSample]) -> torch.Tensor:
+        """Per-sample scores (B, layers, heads) of a batch of equal-length prompts, on the model's device."""
+        ...
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register(method: Method) -> Method:
+    METHODS.register(method.name, method)
+    return method
+
+
+def span_mask(batch: Sequence[PromptSample], device) -> torch.Tensor:
+    """(B, N) float mask of the needle span of each prompt."""
+    n = len(batch[0].input_ids)
+    m = torch.zeros(len(batch), n, device=device)
+    for i, s in enumerate(batch):
+        m[i, s.needle_start : s.needle_end] = 1.0
+    return m
+
+
+def stack_ids(batch: Sequence[PromptSample], device) -> torch.Tensor:
+    lengths = {len(s.input_ids) for s in batch}
+    if len(lengths) != 1:
+        raise ValueError(f"a batch must hold prompts of one length, got {sorted(lengths)}")
+    return torch.tensor([s.input_ids for s in batch], device=device)  # (B, N)
+
+
+@torch.no_grad()
+def needle_mass(
+    model, input_ids: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor | None = None, **forward_kwargs
+) -> torch.Tensor:
+    """Attention mass that the query rows ``positions`` (default: the last) put on the keys in ``key_mask``.
+
+    input_ids (B, N); key_mask (B, N). Returns (B, L, H, S) on the model's device. One forward pass with
+    ``use_cache=False`` and ``logits_to_keep=1``; nothing leaves the device. Raises NumericalError naming the
+    first layer whose attention is not finite (e.g. float16 overflow).
+    """
+    cfg = model.config.get_text_config()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    B = input_ids.shape[0]
+    S = 1 if positions is None else positions.numel()
+    out = torch.zeros(B, L, H, S, device=input_ids.device)  # (B, L, H, S)
+    weights = key_mask.float()[:, None, None, :]  # (B, 1, 1, N)
+
+    def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, S, N)
+        out[:, layer] = (probs * weights[..., : probs.shape[-1]]).sum(-1)
+
+    with attention_probe(model, on_layer, query_positions=positions):
+        result = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
+    check_finite(out, result.logits)
+    return out
+
+
+def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    """mass (B, L, ...): raise NumericalError naming the first layer with a non-finite value."""
+    bad = ~torch.isfinite(mass.flatten(2)).all(dim=2).all(dim=0)  # (L,)
+    if bool(bad.any()):
+        layer = int(bad.nonzero()[0])
+        raise NumericalError(
+            f"the forward pass produced NaN/inf attention from layer {layer} on (overflow? try --dtype bfloat16 or float32)"
+        )
+    if logits is not None and not bool(torch.isfinite(logits).all()):
+        raise NumericalError("the forward pass produced NaN/inf logits after the last layer (overflow? try --dtype float32)")

@@ -1,0 +1,47 @@
+"""A small name -> object registry: errors on collisions, suggests close names on typos.
+
+>>> r = Registry("colour")
+>>> r.register("red", 1)
+>>> r.get("red")
+1
+>>> r.get("rde")
+Traceback (most recent call last):
+...
+retrieval_heads.errors.UserError: unknown colour 'rde' (did you mean 'red'?); choose from: red
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Generic, Iterator, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T) -> None:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = item
+
+    def get(self, name: str) -> T:
+        if name in self._items:
+            return self._items[name]
+        close = difflib.get_close_matches(name, list(self._items), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown {self.kind} {name!r}{hint}; choose from: {', '.join(self._items)}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def names(self) -> list[str]:
+        return list(self._items)

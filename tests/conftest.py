@@ -1,0 +1,60 @@
+"""Fixtures shared by the tests: tiny random models of several families, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(family: str):
+    """A tiny config per family, each with the feature the probe must honour."""
+    import transformers as t
+
+    if family == "llama":
+        return t.LlamaConfig(**TINY)
+    if family == "mistral":  # sliding window shorter than the test prompts
+        return t.MistralConfig(**TINY, sliding_window=16)
+    if family == "qwen2":
+        return t.Qwen2Config(**TINY)
+    if family == "qwen3":  # q/k norms
+        return t.Qwen3Config(**TINY, head_dim=16)
+    if family == "gemma2":  # logit soft-capping, alternating sliding/full layers
+        return t.Gemma2Config(**TINY, head_dim=16, sliding_window=16, attn_logit_softcapping=5.0,
+                              query_pre_attn_scalar=16)
+    if family == "phi3":
+        return t.Phi3Config(**TINY, pad_token_id=0)
+    if family == "gpt2":  # no GQA, learned absolute positions
+        return t.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=256, bos_token_id=0,
+                            eos_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded model, loaded once (converted from GGUF on the first run on a machine)."""
+    from transformers.utils import logging
+
+    from retrieval_heads.models import load_model
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return load_model("smollm2")
