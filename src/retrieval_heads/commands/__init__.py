@@ -1,0 +1,1 @@
+"""Subcommands of ``retrieval-heads``; each module defines ``register(app)``."""
