@@ -85,21 +85,25 @@ def attention_rows(
     B, H, Q, d = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     G = H // Hkv
-    pos = torch.tensor([Q - 1], device=query.device) if positions is None else positions.to(query.device) % Q
-    S = pos.numel()
+    # The default (last row) is a plain slice, and other rows are checked on the host: no device sync per layer.
+    pos = None if positions is None else positions.cpu() % Q  # (S,)
+    S = 1 if pos is None else pos.numel()
     scale = d**-0.5 if scaling is None else scaling
-    q = query[:, :, pos, :].float().reshape(B, Hkv, G * S, d)  # (B, Hkv, G*S, d)
+    rows = query[:, :, -1:, :] if pos is None else query[:, :, pos.to(query.device), :]  # (B, H, S, d)
+    q = rows.float().reshape(B, Hkv, G * S, d)  # (B, Hkv, G*S, d)
     logits = torch.matmul(q, key.float().transpose(-1, -2))  # (B, Hkv, G*S, K)
     logits = logits.view(B, H, S, K) * scale  # (B, H, S, K)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is None:
-        absolute = pos + (K - Q)  # (S,) key index of each selected query under causal alignment
-        if bool((absolute < K - 1).any()):
-            future = torch.arange(K, device=query.device)[None, :] > absolute[:, None]  # (S, K)
-            logits = logits.masked_fill(future, float("-inf"))
+        # the last row sees every key under causal (lower-right) alignment; earlier rows need masking
+        absolute = None if pos is None else pos + (K - Q)  # (S,) key index of each selected query
+        if absolute is not None and bool((absolute < K - 1).any()):
+            future = torch.arange(K)[None, :] > absolute[:, None]  # (S, K)
+            logits = logits.masked_fill(future.to(query.device), float("-inf"))
     else:
-        m = attention_mask[..., :K][:, :, pos, :]  # (B, 1 or H, S, K)
+        m = attention_mask[..., :K]
+        m = m[:, :, -1:, :] if pos is None else m[:, :, pos.to(m.device), :]  # (B, 1 or H, S, K)
         if m.dtype == torch.bool:
             logits = logits.masked_fill(~m, float("-inf"))
         else:

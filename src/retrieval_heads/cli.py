@@ -25,11 +25,16 @@ def _root() -> None:
     """Find the attention heads a language model uses to retrieve facts from a long context."""
 
 
+INTERRUPTED = "error: interrupted; finished results are kept"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     cmd = typer.main.get_command(app)
     try:
         rc = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="retrieval-heads",
                       standalone_mode=False)
+        if rc == 130:  # typer turns Ctrl-C into a silent exit code 130
+            print(INTERRUPTED, file=sys.stderr)
         return rc if isinstance(rc, int) else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -41,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted; finished results are kept", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

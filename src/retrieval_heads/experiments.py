@@ -21,7 +21,8 @@ from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_jsonl
+from .generation import DEFAULT_MAX_NEW_TOKENS
+from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .models import LoadedModel, load_model
 from .results import make_record, ranking, result_path
@@ -40,6 +41,7 @@ class DetectResult:
     record: dict
     path: Path | None = None
     extra: dict = field(default_factory=dict)
+    answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
         return ranking(self.scores)[:k]
@@ -83,33 +85,48 @@ def batches(prompts: Sequence[PromptSample], batch_size: int) -> list[list[int]]
 
 def score_prompts(
     lm: LoadedModel, method: str, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
-    desc: str = "samples",
+    desc: str = "samples", answers: Sequence | None = None,
 ) -> torch.Tensor:
-    """Per-sample scores (S, L, H), kept on the model's device until the end."""
+    """Per-sample scores (S, L, H), kept on the model's device until the end. ``answers`` (one per prompt)
+    go to methods that need them (see :mod:`retrieval_heads.methods`)."""
     from tqdm.auto import tqdm
 
     m = METHODS.get(method)
+    needs = getattr(m, "needs", ())
+    if "answers" in needs and answers is None:
+        raise ValueError(f"method {method!r} needs the model's answers")
+
+    def extra(idx: list[int]) -> dict:
+        kw: dict = {}
+        if "tokenizer" in needs:
+            kw["tokenizer"] = lm.tokenizer
+        if "answers" in needs:
+            kw["answers"] = [answers[i] for i in idx]
+        return kw
+
     out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
-            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx]).to(out.dtype)
+            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], **extra(idx)).to(out.device, out.dtype)
             bar.update(len(idx))
     return out
 
 
 def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
-    save_samples: bool,
+    save_samples: bool, answers: Sequence | None = None,
 ) -> Path:
     """Samples file first, result JSON last (its presence marks the experiment done); both atomic."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
     if save_samples:
-        atomic_write_jsonl(path.with_suffix(".samples.jsonl"), sample_rows(prompts, sample_scores))
+        atomic_write_jsonl(path.with_suffix(".samples.jsonl"), sample_rows(prompts, sample_scores, answers))
     atomic_write_json(path, record)
     return path
 
 
-def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor):
+def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
+    """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
+    whether it is ``correct``."""
     cpu = sample_scores.detach().double().cpu()
     for i, p in enumerate(prompts):
         yield {
@@ -120,8 +137,29 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor):
             "question": p.question,
             "answer": p.answer,
             "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
+            **(answers[i].row() if answers is not None else {}),
             **({"meta": p.meta} if p.meta else {}),
         }
+
+
+def method_names(method: str | Sequence[str]) -> list[str]:
+    """Method names from ``"a,b"`` or a list (each item may itself hold commas); checked against the registry,
+    duplicates dropped, order kept."""
+    items = [method] if isinstance(method, str) else list(method)
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    if not names:
+        raise UserError("--method: no method given")
+    for n in names:
+        METHODS.get(n)
+    return list(dict.fromkeys(names))
+
+
+def result_name(method: str, success_only: bool) -> str:
+    """The name a method's result is written under: ``{method}_success`` with ``success_only`` (only correctly
+    answered samples counted), unless the method counts only those anyway (``retrieval_score``)."""
+    if success_only and not getattr(METHODS.get(method), "success_only", False):
+        return f"{method}_success"
+    return method
 
 
 def detect(
@@ -132,7 +170,7 @@ def detect(
     needle_position: float = 0.5,
     dataset: str | Path | None = None,
     seed: int = 0,
-    method: str = "summed_attention",
+    method: str | Sequence[str] = "summed_attention",
     dtype: str = "float32",
     device: str = "cpu",
     batch_size: int = 1,
@@ -140,17 +178,37 @@ def detect(
     save_samples: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
-) -> DetectResult:
-    """Score every (layer, head) of ``model`` by the attention its last prompt token pays to the needle.
+    success_only: bool = False,
+    answers: bool | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> DetectResult | dict[str, DetectResult]:
+    """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
-    With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its records are the samples
-    (``samples`` caps how many are used) and the experiment is named after the file; otherwise ``samples``
-    synthetic filings are generated from ``seed``. With ``output_dir`` the result JSON (and, with
-    ``save_samples``, the per-sample audit file) is written there.
+    ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``), a comma-separated
+    list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
+    records are the samples (``samples`` caps how many are used) and the experiment is named after the file;
+    otherwise ``samples`` synthetic filings are generated from ``seed``. With ``output_dir`` each method's
+    result JSON (and, with ``save_samples``, its per-sample audit file) is written to
+    ``output_dir/{name}/``.
+
+    The model's greedy answers (at most ``max_new_tokens``) are decoded once per sample when a method needs
+    them, with ``success_only`` (each method then counts only correctly answered samples and is written as
+    ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
+
+    Returns a :class:`DetectResult` for a single method, else {result name: DetectResult}.
     """
+    from .generation import accuracy, answer_prompts
+
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
-    METHODS.get(method)
+    names = method_names(method)
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    needs = {n: getattr(METHODS.get(n), "needs", ()) for n in names}
+    track = any("answers" in x for x in needs.values())
+    want_answers = bool(answers) or success_only or track
     records = load_jsonl(dataset)[:samples] if dataset else None
+    if output_dir is not None:
+        check_writable(output_dir)  # before any work
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
     if records is not None:
@@ -162,12 +220,42 @@ def detect(
     else:
         prompts = [g[question] for g in build_prompts(lm, [question], tokens, samples, needle_position, seed)]
         qkey, qprompt = question, QUESTIONS.get(question).prompt
-    sample_scores = score_prompts(lm, method, prompts, batch_size, progress)
-    total = sample_scores.sum(0)  # (L, H)
-    record = make_record(
-        method=method, model_key=lm.key, model_name=lm.name, question=qkey, question_prompt=qprompt,
-        total_tokens=tokens, needle_position=needle_position, scores=total, samples_processed=len(prompts),
-        seed=seed, dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+    got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
+        if want_answers else None
+    extra: dict = {"num_key_value_heads": getattr(lm.text_config, "num_key_value_heads", None) or lm.num_heads}
+    if got is not None:
+        extra.update(accuracy(got), max_new_tokens=max_new_tokens)
+    dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    out: dict[str, DetectResult] = {}
+    for name in names:
+        sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
+        rname = result_name(name, success_only)
+        if success_only and rname != name:
+            keep = torch.tensor([a.correct for a in got], dtype=sample_scores.dtype, device=sample_scores.device)
+            sample_scores = sample_scores * keep[:, None, None]  # (S, L, H), wrong answers count 0
+        total = sample_scores.sum(0)  # (L, H)
+        record = make_record(
+            method=rname, model_key=lm.key, model_name=lm.name, question=qkey, question_prompt=qprompt,
+            total_tokens=tokens, needle_position=needle_position, scores=total, samples_processed=len(prompts),
+            seed=seed, dtype=dtype_name,
+            extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
+        )
+        path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if output_dir else None
+        out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got)
+    return next(iter(out.values())) if len(out) == 1 else out
+
+
+def synthetic_record(
+    lm: LoadedModel, method: str, question: str, tokens: int, needle_position: float, seed: int,
+    sample_scores: torch.Tensor,
+) -> dict:
+    """The result record ``detect`` writes for ``method`` on synthetic samples of ``question`` (no answers
+    asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill)."""
+    extra = {"num_key_value_heads": getattr(lm.text_config, "num_key_value_heads", None) or lm.num_heads,
+             "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
+    return make_record(
+        method=method, model_key=lm.key, model_name=lm.name, question=question,
+        question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
+        scores=sample_scores.sum(0), samples_processed=sample_scores.shape[0], seed=seed,
+        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra,
     )
-    path = write_result(output_dir, record, prompts, sample_scores, save_samples) if output_dir else None
-    return DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path)

@@ -71,7 +71,12 @@ class LoadedModel:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return input_device(self.model)
+
+
+def input_device(model):
+    """Where the input ids go: the embedding's device (also right for models sharded with a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def cache_dir() -> Path:
@@ -166,10 +171,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
-        raise UserError(f"{model!r} is not a causal language model (model_type {config.model_type!r})")
+    check_causal_lm(model, config)
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -178,8 +180,8 @@ def load_model(
     try:
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from None
+    except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
+        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
     if not device_map:
         try:
             m = m.to(device)
@@ -187,6 +189,14 @@ def load_model(
             raise UserError(f"cannot use device {device!r}: {_first_line(e)}") from None
     m.eval()
     return LoadedModel(m, tok, key, name)
+
+
+def check_causal_lm(model: str, config) -> None:
+    """UserError unless ``config`` is that of a causal LM (or names its own classes, for remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise UserError(f"{model!r} is not a causal language model (model_type {config.model_type!r})")
 
 
 def _first_line(e: BaseException) -> str:

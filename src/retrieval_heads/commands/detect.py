@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from ..errors import UserError
 from ._common import print_top, quiet_transformers
 
 
@@ -19,7 +20,12 @@ def detect(
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
     output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
-    method: str = typer.Option("summed_attention", help="Scoring method."),
+    method: List[str] = typer.Option(["summed_attention"], help="Scoring method(s): summed_attention, query_focused, "
+                                     "retrieval_score; comma-separated or repeated, all on the same samples."),
+    success_only: bool = typer.Option(False, help="Count only correctly answered samples (written as METHOD_success)."),
+    answers: bool = typer.Option(False, help="Also decode and record the model's answers and accuracy (automatic "
+                                             "with retrieval_score or --success-only)."),
+    max_new_tokens: int = typer.Option(12, help="Longest greedy answer, in tokens."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (the probe's softmax is float32)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
     batch_size: int = typer.Option(1, help="Samples per forward pass."),
@@ -28,17 +34,23 @@ def detect(
     top: int = typer.Option(10, help="Rows of the printed top-heads table."),
 ) -> None:
     """Run one experiment and write its result JSON."""
-    from ..experiments import check_args, detect as run
+    from ..experiments import check_args, detect as run, method_names
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
+    method = method_names(method)
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     quiet_transformers()
     res = run(model=model, question=question, tokens=tokens, samples=samples, needle_position=needle_position,
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,
-              output_dir=output_dir, save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code)
-    r = res.record
-    print_top(res.top(top), f"{r['model_key']} {r['question']} {r['total_tokens']} tokens, "
-                            f"{r['samples_processed']} samples")
-    print(f"wrote {res.path}")
+              output_dir=output_dir, save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code,
+              success_only=success_only, answers=answers or None, max_new_tokens=max_new_tokens)
+    for res in (res.values() if isinstance(res, dict) else [res]):
+        r = res.record
+        acc = f", accuracy {r['extra']['accuracy']:.2f}" if "accuracy" in r["extra"] else ""
+        print_top(res.top(top), f"{r['method']}: {r['model_key']} {r['question']} {r['total_tokens']} tokens, "
+                                f"{r['samples_processed']} samples{acc}")
+        print(f"wrote {res.path}")
 
 
 def register(app: typer.Typer) -> None:

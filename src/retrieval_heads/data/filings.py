@@ -143,8 +143,8 @@ def haystack_paragraphs(r: random.Random, company_name: str) -> list[str]:
         f"in interest rates would increase annual interest expense by about ${num(1, 30)} million.",
         f"Our pension plans cover {num(100, 30000)} current and former workers, mostly in {st()}; the plans "
         f"were closed to new participants in {yr()}.",
-        f"Item 9A. Controls and Procedures\n\nManagement assessed internal control over financial reporting "
-        f"as of year end and concluded that it was effective.",
+        "Item 9A. Controls and Procedures\n\nManagement assessed internal control over financial reporting "
+        "as of year end and concluded that it was effective.",
         f"A distributor in {st()} accounted for {r.randrange(5, 20)} percent of net sales. The agreement, "
         f"signed in {yr()}, renews annually.",
     ]

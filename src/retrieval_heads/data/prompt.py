@@ -48,6 +48,8 @@ class PromptSample:
     answer: str
     question_key: str | None = None
     meta: dict = field(default_factory=dict)
+    question_start: int | None = None  # ids[question_start:question_end] are the question's own tokens
+    question_end: int | None = None
 
 
 class PromptFormat:
@@ -94,6 +96,19 @@ class PromptFormat:
         if question not in self._suffix_cache:
             self._suffix_cache[question] = self.encode(self._after_pre + question + self._after_post)
         return self._suffix_cache[question]
+
+    def question_span(self, question: str) -> tuple[int, int]:
+        """(start, end) of the question's tokens inside ``suffix(question)``: what is left between the longest
+        common head with the text before the question and the longest common tail with the text after it
+        (a token that straddles a boundary counts as the question's)."""
+        ids, pre, post = self.suffix(question), self.encode(self._after_pre), self.encode(self._after_post)
+        start = 0
+        while start < min(len(ids), len(pre)) and ids[start] == pre[start]:
+            start += 1
+        end = len(ids)
+        while end > start and len(ids) - end < len(post) and ids[end - 1] == post[len(post) - (len(ids) - end) - 1]:
+            end -= 1
+        return start, end
 
 
 def _units(paragraphs: Sequence[str]) -> list[str]:
@@ -184,4 +199,6 @@ def build_prompt(
     ids = ids + suffix
     if len(ids) < tokens - MAX_SHORTFALL:
         raise UserError(f"{what}: the haystack is too short for --tokens {tokens} (the prompt has {len(ids)} tokens)")
-    return PromptSample(ids, start, start + len(needle_ids), context_end, question, answer)
+    q0, q1 = fmt.question_span(question)
+    return PromptSample(ids, start, start + len(needle_ids), context_end, question, answer,
+                        question_start=context_end + q0, question_end=context_end + q1)

@@ -62,7 +62,7 @@ def needle_mass(
     weights = key_mask.float()[:, None, None, :]  # (B, 1, 1, N)
 
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, S, N)
-        out[:, layer] = (probs * weights[..., : probs.shape[-1]]).sum(-1)
+        out[:, layer] = (probs * weights[..., : probs.shape[-1]].to(probs.device)).sum(-1).to(out.device)
 
     with attention_probe(model, on_layer, query_positions=positions):
         result = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **forward_kwargs)

@@ -11,6 +11,7 @@ import torch
 
 from ..capture import reference_rows
 from ..data.prompt import PromptSample
+from ..models import input_device
 from .base import needle_mass, register, span_mask, stack_ids
 
 
@@ -18,7 +19,7 @@ class SummedAttention:
     name = "summed_attention"
 
     def score_batch(self, model, batch: Sequence[PromptSample]) -> torch.Tensor:
-        device = next(model.parameters()).device
+        device = input_device(model)
         ids = stack_ids(batch, device)  # (B, N)
         return needle_mass(model, ids, span_mask(batch, device))[..., 0]  # (B, L, H)
 
@@ -46,7 +47,7 @@ def seed_reference_scores(model, input_ids: torch.Tensor, needle_start: int, nee
 
 def reference_scores(model, batch: Sequence[PromptSample]) -> torch.Tensor:
     """The same scores as :class:`SummedAttention` through :func:`reference_rows` (eager, full matrices)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = stack_ids(batch, device)
     mask = span_mask(batch, device)
     rows = reference_rows(model, ids)  # L x (B, H, 1, N)

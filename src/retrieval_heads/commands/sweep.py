@@ -1,0 +1,107 @@
+"""``retrieval-heads sweep``: a grid of experiments (the seed's run_all), resumable.
+
+``--models``, ``--questions`` and ``--tokens`` take several values each, space- or comma-separated:
+``--models smollm2 --questions all --tokens 1024 2048``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from ._common import quiet_transformers
+
+LIST_OPTIONS = ("--models", "--questions", "--tokens")
+
+
+def spread(args: list[str], options=LIST_OPTIONS) -> list[str]:
+    """``--tokens 1024 2048`` -> ``--tokens 1024 --tokens 2048`` for the list options (click reads one value
+    per option occurrence). The command takes no positional arguments, so every bare word after a list
+    option belongs to it."""
+    from ..errors import UserError
+
+    out: list[str] = []
+    current = None
+    for a in args + ["--"]:
+        if current is not None and out[-1] == current and a.startswith("-"):
+            raise UserError(f"{current} needs at least one value")
+        if a.startswith("-"):
+            name = a.split("=", 1)[0]
+            current = name if name in options else None
+            out.append(a)
+        elif current is not None and out[-1] != current:
+            out.extend([current, a])
+        else:
+            out.append(a)
+    return out[:-1]
+
+
+class ListOptionsCommand(TyperCommand):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, spread(list(args)))
+
+
+def sweep(
+    models: Optional[List[str]] = typer.Option(
+        None, metavar="MODEL...", help="Model keys, local paths or hub ids [default: instruct base, the seed's pair]."),
+    questions: Optional[List[str]] = typer.Option(
+        None, metavar="QUESTION...", help="Question keys, or 'all' [default: all four]."),
+    tokens: Optional[List[str]] = typer.Option(
+        None, metavar="TOKENS...", help="Prompt lengths in tokens [default: 2048 4096 6144 8192]."),
+    samples: Optional[int] = typer.Option(None, help="Samples per experiment [default: 6]."),
+    needle_position: Optional[float] = typer.Option(None, help="Needle depth, 0 (start) to 1 (end) [default: 0.5]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the synthetic filings [default: 0]."),
+    method: Optional[str] = typer.Option(None, help="Scoring method [default: summed_attention]."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps ... [default: cpu]."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass [default: 1]."),
+    save_samples: Optional[bool] = typer.Option(None, "--save-samples/--no-save-samples",
+                                                help="Also write the per-sample audit files [default: off]."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the models' own Python code to run."),
+    config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
+    output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
+    engine: str = typer.Option("local", help="local (this process) or ray (actors on a Ray cluster)."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster to join (e.g. HEAD_IP:6379 or 'auto') [default: a private local instance]."),
+    gpus_per_worker: float = typer.Option(0, help="GPUs per Ray worker (one worker per model); 0: CPU only."),
+    cpus_per_worker: int = typer.Option(1, help="CPUs (torch threads) per Ray worker."),
+    device_map: Optional[str] = typer.Option(
+        None, help="Shard each model over the GPUs it has, e.g. 'auto' (accelerate) [default: whole on --device]."),
+) -> None:
+    """Run every model x question x length experiment not already done; resumable, one model load each."""
+    from ..errors import UserError
+    from ..sweep import load_grid_file, make_grid, run_sweep
+
+    settings = load_grid_file(config) if config else {}
+    flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
+                 needle_position=needle_position, seed=seed, method=method, dtype=dtype, device=device,
+                 batch_size=batch_size, save_samples=save_samples,
+                 trust_remote_code=trust_remote_code or None)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    grid = make_grid(**settings)
+    quiet_transformers()
+    if engine == "ray":
+        from ..ray_engine import run_ray_sweep
+
+        s = run_ray_sweep(grid, output_dir, address=address, gpus_per_worker=gpus_per_worker,
+                          cpus_per_worker=cpus_per_worker, device_map=device_map)
+    elif engine == "local":
+        if address is not None or gpus_per_worker or cpus_per_worker != 1:
+            raise UserError("--address, --gpus-per-worker and --cpus-per-worker are for --engine ray")
+        from functools import partial
+
+        from ..models import load_model
+
+        s = run_sweep(grid, output_dir, load=partial(load_model, device_map=device_map), progress=progress)
+    else:
+        raise UserError(f"unknown engine {engine!r}; choose from: local, ray")
+    print(f"sweep finished in {s.seconds:.0f} s: {len(s.done)} computed, {len(s.recomputed)} recomputed, "
+          f"{len(s.skipped)} already done; results in {output_dir / grid.method}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(cls=ListOptionsCommand)(sweep)

@@ -1,0 +1,195 @@
+"""Greedy answers: what the model itself answers to a prompt, and whether that is right.
+
+Decoding is a plain loop over a KV cache: one prefill pass over the prompt (``use_cache=True``), then one
+pass per new token with the cache handed back (``cache=`` in recent transformers 5 releases, where
+``past_key_values=`` is deprecated; ``past_key_values=`` before). A sample stops at the model's
+end-of-sequence token, at a token that holds a line break once its answer has begun, or after
+``max_new_tokens``; the stop token is not part of the answer. Prompts of one length are decoded as one
+batch (no padding); a finished sample's further tokens are dropped and cannot affect the others.
+
+Correctness is :func:`~retrieval_heads.data.questions.answer_matches` on the decoded text, a documented
+lenient match: a state by its name or postal code (``Delaware`` or ``DE``), a number with or without
+separators (``12,400`` or ``12400``), other answers as whole words, case-insensitive.
+
+The attention probe can run during decoding: ``track_argmax`` records, for every answer token, the key
+each head attended most in the pass that predicted that token (``Answer.argmax``, (T, L, H)), which is what
+:mod:`~retrieval_heads.methods.retrieval_score` counts; ``ablate`` ({layer: [head, ...]}) removes heads
+(zeroes their outputs before the output projection) in every pass, prefill included.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .capture import attention_probe
+from .data.prompt import PromptSample
+from .data.questions import answer_matches
+
+DEFAULT_MAX_NEW_TOKENS = 12
+
+Stop = Callable[[list, int], bool]  # (answer ids so far, next token) -> stop before that token?
+
+
+@dataclass
+class Answer:
+    """The model's greedy answer to one prompt."""
+
+    text: str  # decoded, special tokens dropped, stripped
+    ids: list[int]  # the answer's token ids (the stop token excluded)
+    correct: bool
+    argmax: torch.Tensor | None = None  # (T, L, H) int64: key attended most by each head when predicting token t
+
+    def row(self) -> dict:
+        """What the .samples.jsonl rows record."""
+        return {"generated": self.text, "correct": self.correct}
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` where the model's forward has it, else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the model's generation config and of its tokenizer."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if e is not None:
+            ids.update(e if isinstance(e, (list, tuple)) else [e])
+    return ids
+
+
+def stop_rule(model, tokenizer) -> Stop:
+    """Stop at an end-of-sequence token, or at a token with a line break once the answer has non-blank text."""
+    eos = eos_ids(model, tokenizer)
+
+    def stop(ids: list, tok: int) -> bool:
+        if tok in eos:
+            return True
+        return "\n" in tokenizer.decode([tok]) and bool(tokenizer.decode(ids, skip_special_tokens=True).strip())
+
+    return stop
+
+
+@torch.no_grad()
+def greedy_decode(
+    model, input_ids: torch.Tensor, max_new_tokens: int, stop: Stop, track_argmax: bool = False,
+    ablate: dict[int, list[int]] | None = None,
+) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+    """Greedy continuation of each row of input_ids (B, N), KV cache, stopping as :data:`Stop` says.
+
+    Returns the answer ids of each row and, with ``track_argmax``, one (T_b, L, H) int64 tensor per row:
+    the argmax over all keys (prompt and answer so far) of each head's attention row in the pass that
+    predicted answer token t.
+    """
+    cfg = model.config.get_text_config()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    B = input_ids.shape[0]
+    step: dict[str, torch.Tensor] = {}
+
+    def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, 1, K), the row of the newest position
+        step["argmax"][:, layer] = probs[:, :, -1].argmax(-1).to(step["argmax"].device)  # (B, H)
+
+    probe = attention_probe(model, on_layer if track_argmax else None, ablate=ablate) \
+        if (track_argmax or ablate) else nullcontext()
+    answers: list[list[int]] = [[] for _ in range(B)]
+    tracks: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    done = [False] * B
+    feed, cache, kw = input_ids, None, cache_kwarg(model)
+    with probe:
+        for _ in range(max_new_tokens):
+            step["argmax"] = torch.zeros(B, L, H, dtype=torch.long)  # (B, L, H)
+            out = model(input_ids=feed, use_cache=True, logits_to_keep=1, **{kw: cache})
+            cache = returned_cache(out)
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            for b in range(B):
+                tok = int(nxt[b])
+                if done[b] or stop(answers[b], tok):
+                    done[b] = True
+                    continue
+                answers[b].append(tok)
+                tracks[b].append(step["argmax"][b])
+            if all(done):
+                break
+            feed = nxt[:, None]  # (B, 1)
+    if not track_argmax:
+        return answers, None
+    return answers, [torch.stack(t) if t else torch.zeros(0, L, H, dtype=torch.long) for t in tracks]
+
+
+def answer_batch(
+    model, tokenizer, batch: Sequence[PromptSample], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    track_argmax: bool = False, ablate: dict[int, list[int]] | None = None,
+) -> list[Answer]:
+    """Greedy answers to a batch of equal-length prompts, each checked against its gold answer."""
+    from .methods.base import stack_ids
+    from .models import input_device
+
+    ids = stack_ids(batch, input_device(model))  # (B, N)
+    answers, tracks = greedy_decode(model, ids, max_new_tokens, stop_rule(model, tokenizer), track_argmax, ablate)
+    out = []
+    for i, (p, a) in enumerate(zip(batch, answers)):
+        text = tokenizer.decode(a, skip_special_tokens=True).strip()
+        out.append(Answer(text, a, answer_matches(text, p.answer), None if tracks is None else tracks[i]))
+    return out
+
+
+def answer_prompts(
+    lm, prompts: Sequence[PromptSample], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 1,
+    track_argmax: bool = False, ablate: dict[int, list[int]] | None = None, progress: bool = False,
+    desc: str = "answers",
+) -> list[Answer]:
+    """Greedy answers to every prompt, in order; prompts of one length are decoded ``batch_size`` at a time."""
+    from tqdm.auto import tqdm
+
+    from .experiments import batches
+
+    out: list[Answer | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for idx in batches(prompts, batch_size):
+            got = answer_batch(lm.model, lm.tokenizer, [prompts[i] for i in idx], max_new_tokens, track_argmax, ablate)
+            for i, a in zip(idx, got):
+                out[i] = a
+            bar.update(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def accuracy(answers: Sequence[Answer]) -> dict:
+    """{"accuracy", "n_correct", "n_answered"} of a list of answers."""
+    n = sum(a.correct for a in answers)
+    return {"accuracy": round(n / len(answers), 6) if answers else 0.0, "n_correct": n, "n_answered": len(answers)}
+
+
+@torch.no_grad()
+def gold_logprob(
+    model, tokenizer, prompt: PromptSample, ablate: dict[int, list[int]] | None = None,
+) -> float:
+    """Mean log-probability of the gold answer's tokens, teacher-forced right after the prompt.
+
+    The gold answer is tokenized on its own (as the assistant turn's first words); one forward pass over
+    prompt + answer[:-1] gives the log-probability of each answer token given everything before it.
+    """
+    from .models import input_device
+
+    gold = list(tokenizer(prompt.answer, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([prompt.input_ids + gold[:-1]], device=input_device(model))  # (1, N + T - 1)
+    probe = attention_probe(model, None, ablate=ablate) if ablate else nullcontext()
+    with probe:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(gold)).logits[0]  # (T, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+    target = torch.tensor(gold, device=logp.device)
+    return float(logp[torch.arange(len(gold), device=logp.device), target].mean())

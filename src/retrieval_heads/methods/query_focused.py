@@ -1,0 +1,108 @@
+"""Query-focused score (QRHead-style): attention from the question's tokens to the needle, calibrated.
+
+Per sample and head::
+
+    score(l, h) = mean over question tokens q of mass(q -> needle)  -  the same for a content-free question
+
+where mass is the attention the query row puts on the needle span, the question's tokens are its own
+tokens inside the prompt (``PromptSample.question_start:question_end``, the text between "Question: " and
+the answer instruction), and the content-free question is "N/A" asked over the very same context (same ids
+up to the suffix). The mean over question tokens, as QRHead takes, keeps the two terms comparable although
+the questions differ in length; the calibration removes what a head pays to the needle whatever is asked
+(position, recency). A per-sample score lies in [-1, 1]; an experiment's score is the sum over samples.
+QRHead's per-token outlier filter (for ranking documents) has no counterpart here: the needle is one span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from ..capture import reference_rows
+from ..data.prompt import PromptFormat, PromptSample
+from .base import needle_mass, register, span_mask, stack_ids
+
+NULL_QUESTION = "N/A"
+
+
+def null_prompt(fmt: PromptFormat, p: PromptSample, question: str = NULL_QUESTION) -> PromptSample:
+    """The same prompt with the content-free question: ids up to ``context_end`` kept, the suffix rebuilt."""
+    q0, q1 = fmt.question_span(question)
+    ids = p.input_ids[: p.context_end] + fmt.suffix(question)
+    return replace(p, input_ids=ids, question=question, question_start=p.context_end + q0,
+                   question_end=p.context_end + q1)
+
+
+def question_rows(batch: Sequence[PromptSample], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions covering every prompt's question span, and (B, S) weights 1/len on each prompt's own
+    question rows (0 elsewhere), so that a weighted sum over rows is the mean over the question."""
+    for p in batch:
+        if p.question_start is None or p.question_end is None or p.question_end <= p.question_start:
+            raise ValueError("query_focused needs prompts that record their question span")
+    lo, hi = min(p.question_start for p in batch), max(p.question_end for p in batch)
+    positions = torch.arange(lo, hi, device=device)  # (S,)
+    w = torch.zeros(len(batch), hi - lo, device=device)  # (B, S)
+    for i, p in enumerate(batch):
+        w[i, p.question_start - lo : p.question_end - lo] = 1.0 / (p.question_end - p.question_start)
+    return positions, w
+
+
+def question_mass(model, batch: Sequence[PromptSample]) -> torch.Tensor:
+    """(B, L, H): mean over each prompt's question tokens of the attention mass on its needle."""
+    from ..models import input_device
+
+    device = input_device(model)
+    ids = stack_ids(batch, device)  # (B, N)
+    positions, w = question_rows(batch, device)
+    mass = needle_mass(model, ids, span_mask(batch, device), positions)  # (B, L, H, S)
+    return (mass * w.to(mass.device)[:, None, None, :]).sum(-1)  # (B, L, H)
+
+
+def _by_length(prompts: Sequence[PromptSample]) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p.input_ids), []).append(i)
+    return list(groups.values())
+
+
+_FORMATS: dict[int, PromptFormat] = {}
+
+
+def prompt_format(tokenizer) -> PromptFormat:
+    if id(tokenizer) not in _FORMATS:
+        _FORMATS[id(tokenizer)] = PromptFormat(tokenizer)
+    return _FORMATS[id(tokenizer)]
+
+
+class QueryFocused:
+    name = "query_focused"
+    needs = ("tokenizer",)
+
+    def score_batch(self, model, batch: Sequence[PromptSample], tokenizer) -> torch.Tensor:
+        fmt = prompt_format(tokenizer)
+        real = question_mass(model, batch)  # (B, L, H)
+        null = [null_prompt(fmt, p) for p in batch]
+        calib = torch.zeros_like(real)  # (B, L, H)
+        for idx in _by_length(null):  # null prompts of one batch differ in length only if their contexts do
+            calib[idx] = question_mass(model, [null[i] for i in idx]).to(calib.dtype)
+        return real - calib
+
+
+register(QueryFocused())
+
+
+def reference_scores(model, tokenizer, batch: Sequence[PromptSample]) -> torch.Tensor:
+    """The same scores through :func:`reference_rows` (eager, full N x N matrices), one prompt at a time."""
+    fmt = PromptFormat(tokenizer)
+    out = []
+    for p in batch:
+        per = []
+        for q in (p, null_prompt(fmt, p)):
+            ids = torch.tensor([q.input_ids])
+            rows = reference_rows(model, ids, torch.arange(q.question_start, q.question_end))  # L x (1, H, S, N)
+            mass = torch.stack([r[0, :, :, q.needle_start : q.needle_end].sum(-1).mean(-1) for r in rows])  # (L, H)
+            per.append(mass)
+        out.append(per[0] - per[1])
+    return torch.stack(out)  # (B, L, H)

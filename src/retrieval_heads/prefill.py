@@ -1,0 +1,193 @@
+"""One prefill for several questions: score the questions that share a context on one cached context pass.
+
+The four built-in questions ask about the same filing, and :func:`~retrieval_heads.data.samples.synthetic_samples`
+builds their prompts so that ``input_ids[:context_end]`` (template prefix, haystack, needle) is identical for
+all of them; only the suffix (question, answer hint, generation prompt) differs. Instead of one full forward
+pass per question, :func:`shared_needle_mass`
+
+1. runs the context once with a KV cache (a ``DynamicCache`` laid out for the model, passed as ``cache=``;
+   ``past_key_values=`` before transformers deprecated it), under the probe's attention function but with no
+   row callback: the cached keys and values are computed exactly as in a full pass, and no attention row is
+   built for the context;
+2. repeats each sample's cache once per question (``cache.batch_repeat_interleave(Q)``) and runs all the
+   suffixes in one pass on it, right-padded to the longest (under causal attention no real token sees the
+   padding that follows it), with the probe active on each suffix's last row: the row spans every key the
+   last token attends to (cached + new), and its mass on the needle span is the score. The cache is then
+   dropped; nothing is cropped or rolled back.
+
+Why this equals separate full runs: causal attention makes every context position's keys and values
+independent of what follows, and the cache hands the suffix the same keys at the same positions (RoPE and
+learned position ids continue from ``cache.get_seq_length()``). Tests hold it to
+``SummedAttention.score_batch`` on each full prompt within 1e-5 in float32 (Llama, Mistral with a sliding
+window shorter than the prompt, Qwen2/3, Gemma2 with soft-capping and alternating windows, Phi3, GPT-2, and
+SmolLM2). Memory: the context's keys and values, once per question, during the suffix pass.
+
+Key alignment: a layer may hand the probe fewer keys than the prompt has (a sliding-window layer's cache
+keeps its last ``window - 1`` keys, so it returns ``window - 1 + suffix`` keys). The keys are always the
+*last* ones, so the needle mask is aligned on the right: key ``j`` of ``K`` is prompt position ``N - K + j``;
+positions before the window get no attention anyway.
+
+Length bookkeeping: ``--tokens`` counts every id of the *longest* question's prompt. The shared context gets
+exactly ``tokens - reserve`` ids, ``reserve`` being the longest suffix of the four built-in questions (see
+:mod:`retrieval_heads.data.prompt`); so the context, the needle's span and its depth are identical for every
+question, and a shorter question's prompt is shorter than ``--tokens`` by the difference of the suffix
+lengths (a few tokens, always < 64). Because the reserve always covers all four questions, a sample's ids
+do not depend on which questions are asked together, and the shared part is the context only (never a
+common start of the suffixes), so neither do the scores, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .capture import attention_probe
+from .data.prompt import PromptSample
+from .methods.base import check_finite
+
+
+def _device(model) -> torch.device:
+    """Where input ids go: the embedding's device (also right for a model sharded with a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the cache: ``cache`` in recent transformers 5 releases (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _new_cache(model):
+    """An empty dynamic cache laid out for ``model`` (sliding-window layers where its config has them); None
+    when some layer is of another kind (e.g. linear attention), whose state the suffix pass cannot share."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    return cache if all(isinstance(layer, DynamicLayer) for layer in cache.layers) else None
+
+
+def shared_length(group: Mapping[str, PromptSample], questions: Sequence[str], where: str = "sample") -> int:
+    """``context_end`` of the prompts of ``questions``, after checking that they share their ids up to it
+    and their needle span, and that each has a suffix. Raises ValueError otherwise.
+
+    The shared part is the context only, never a common start of the suffixes: it then does not depend on
+    which questions are scored together, and neither do the scores."""
+    first = group[questions[0]]
+    end = first.context_end
+    for q in questions:
+        p = group[q]
+        if p.context_end != end or p.input_ids[:end] != first.input_ids[:end] or \
+                (p.needle_start, p.needle_end) != (first.needle_start, first.needle_end):
+            raise ValueError(f"{where}: questions {questions[0]!r} and {q!r} do not share their context")
+        if not (0 <= p.needle_start < p.needle_end <= end < len(p.input_ids)):
+            raise ValueError(f"{where}: the needle of {q!r} is not inside the shared context, or no suffix follows")
+    return end
+
+
+def context_groups(groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str]) -> list[tuple[int, list[int]]]:
+    """(shared length, sample indices) of samples that can be batched: equal shared length and, per
+    question, equal suffix length (no padding between samples). First-seen order."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, g in enumerate(groups):
+        end = shared_length(g, questions, f"sample {i}")
+        shape = (end,) + tuple(len(g[q].input_ids) - end for q in questions)
+        by_shape.setdefault(shape, []).append(i)
+    return [(shape[0], idx) for shape, idx in by_shape.items()]
+
+
+@torch.no_grad()
+def shared_needle_mass(
+    model, context_ids: torch.Tensor, suffix_ids: Sequence[torch.Tensor], needle: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per suffix, the attention mass its last token puts on the needle, from one context pass.
+
+    context_ids (B, C); each suffix_ids[q] (B, n_q), n_q >= 1; needle (B, C) a 0/1 mask over the context.
+    Returns one (B, L, H) tensor per suffix, on the device of ``needle``. Raises NumericalError naming the
+    first layer whose attention is not finite. Falls back to full passes (context + suffix, no cache) for a
+    model whose cache holds more than keys and values.
+    """
+    cfg = model.config.get_text_config()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    B, C = context_ids.shape
+    Q = len(suffix_ids)
+    cache = _new_cache(model)
+    if cache is None:
+        return [_full_mass(model, context_ids, s, needle) for s in suffix_ids]
+    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    with attention_probe(model, None):  # same attention function as the suffix pass; no rows are built
+        model(input_ids=context_ids, **kw)
+    if cache.get_seq_length() != C:
+        raise RuntimeError(f"{type(model).__name__} did not fill the cache it was given")
+
+    # All suffixes in one pass: row b * Q + q is sample b's question q. Each suffix is right-padded to the
+    # longest (n); under causal attention no real token sees the padding after it.
+    lengths = [s.shape[1] for s in suffix_ids]
+    n = max(lengths)
+    padded = torch.stack(
+        [torch.cat([s, s[:, -1:].expand(B, n - s.shape[1])], dim=1) for s in suffix_ids], dim=1
+    ).reshape(B * Q, n)  # (B*Q, n)
+    cache.batch_repeat_interleave(Q)  # each sample's keys and values, once per question
+    rows = sorted({k - 1 for k in lengths})  # the distinct last-token positions in the suffix
+    query_positions = torch.tensor(rows)  # (S,) indices into this pass's n queries
+    pick = torch.tensor([rows.index(k - 1) for k in lengths] * B)  # (B*Q,) which row is each row's last token
+    weights = torch.cat([needle.float(), needle.new_zeros(B, n).float()], dim=1)  # (B, C + n)
+    weights = weights.repeat_interleave(Q, dim=0)  # (B*Q, C + n)
+    mass = torch.zeros(B * Q, L, H, device=needle.device)  # (B*Q, L, H)
+
+    def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs (B*Q, H, S, K): the last K keys
+        w = weights[:, None, None, C + n - probs.shape[-1] :].to(probs.device)  # (B*Q, 1, 1, K)
+        per_row = (probs * w).sum(-1)  # (B*Q, H, S)
+        at = pick.to(probs.device)[:, None, None].expand(-1, per_row.shape[1], 1)  # (B*Q, H, 1)
+        mass[:, layer] = per_row.gather(2, at)[..., 0].to(mass.device)  # (B*Q, H)
+
+    with attention_probe(model, on_layer, query_positions=query_positions):
+        result = model(input_ids=padded, **kw)
+    check_finite(mass, result.logits)
+    mass = mass.view(B, Q, L, H)
+    return [mass[:, q] for q in range(Q)]
+
+
+def _full_mass(model, context_ids, suffix, needle) -> torch.Tensor:
+    from .methods.base import needle_mass
+
+    ids = torch.cat([context_ids, suffix.to(context_ids.device)], dim=1)  # (B, C + n)
+    mask = torch.cat([needle, needle.new_zeros(suffix.shape)], dim=1)  # (B, C + n)
+    return needle_mass(model, ids, mask)[..., 0].to(needle.device)  # (B, L, H)
+
+
+def score_shared(
+    model,
+    groups: Sequence[Mapping[str, PromptSample]],
+    questions: Sequence[str],
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Summed-attention scores of every question of every sample, one context pass per sample (batch).
+
+    ``groups`` as from :func:`~retrieval_heads.data.samples.synthetic_samples` ({question: PromptSample} per
+    sample, sharing the context). Returns {question: (S, L, H)} on the model's input device; equal to
+    ``SummedAttention.score_batch`` on each question's full prompt (within float tolerance).
+    ``on_batch(k)`` is called after each batch of ``k`` samples.
+    """
+    cfg = model.config.get_text_config()
+    device = _device(model)
+    S = len(groups)
+    out = {q: torch.zeros(S, cfg.num_hidden_layers, cfg.num_attention_heads, device=device) for q in questions}
+    for end, same in context_groups(groups, questions):
+        for j in range(0, len(same), batch_size):
+            idx = same[j : j + batch_size]
+            first = [groups[i][questions[0]] for i in idx]
+            context = torch.tensor([p.input_ids[:end] for p in first], device=device)  # (B, C)
+            needle = torch.zeros(len(idx), end, device=device)  # (B, C)
+            for b, p in enumerate(first):
+                needle[b, p.needle_start : p.needle_end] = 1.0
+            suffixes = [torch.tensor([groups[i][q].input_ids[end:] for i in idx], device=device) for q in questions]
+            for q, mass in zip(questions, shared_needle_mass(model, context, suffixes, needle)):
+                out[q][idx] = mass
+            if on_batch is not None:
+                on_batch(len(idx))
+    return out

@@ -1,0 +1,176 @@
+"""Find the result files under a results folder, validate them, and load per-sample scores beside them.
+
+A results folder is what ``detect`` and ``sweep`` write: ``{dir}/{method}/{model}_{question}_{tokens}.json``,
+possibly nested deeper. Every ``*.json`` below it is read: a file that is not JSON, or that looks like a
+result (it has ``head_rankings`` or ``checksum``) but fails :func:`retrieval_heads.results.validate`, stops
+the report with the file's name. JSON that is clearly something else (e.g. an ablation curve) is skipped
+and listed. The report's own output folder is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.questions import QUESTIONS
+from ..errors import UserError
+from ..results import validate
+
+
+@dataclass
+class Experiment:
+    """One result file: its record, its (L, H) score grid, and where it lies."""
+
+    record: dict
+    path: Path
+    rel: str  # path relative to the results folder, for display
+
+    @property
+    def method(self) -> str:
+        """The result's method name; a success-only variant has its own (e.g. ``summed_attention_success``)."""
+        return self.record["method"]
+
+    @property
+    def model(self) -> str:
+        return self.record["model_key"]
+
+    @property
+    def question(self) -> str:
+        return self.record["question"]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.record["total_tokens"])
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.asarray(self.record["scores"], dtype=np.float64)  # (L, H)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.record["num_layers"]), int(self.record["num_heads"])
+
+    @property
+    def ranked(self) -> list[str]:
+        """Head names best first, in the file's own order."""
+        return [r["head"] for r in self.record["head_rankings"]]
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path.with_suffix(".samples.jsonl")
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.method, self.model, self.question, self.tokens)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} · {self.question} · {self.tokens} tokens"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.model}_{self.question}_{self.tokens}"
+
+
+@dataclass
+class Collection:
+    root: Path
+    experiments: list[Experiment]
+    skipped: list[str] = field(default_factory=list)  # JSON files that are not results
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({e.method for e in self.experiments})
+
+
+def question_order(key: str) -> tuple[int, str]:
+    """The built-in questions in the seed's order, then any other (dataset) names alphabetically."""
+    keys = QUESTIONS.names()
+    return (keys.index(key), "") if key in keys else (len(keys), key)
+
+
+def sort_key(e: Experiment) -> tuple:
+    return (e.method, e.model, question_order(e.question), e.tokens)
+
+
+def _looks_like_result(obj: object) -> bool:
+    return isinstance(obj, dict) and ("head_rankings" in obj or "checksum" in obj)
+
+
+def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
+    """All valid results under ``root``, sorted by method, model, question, tokens. Raises UserError on
+    a missing folder, a corrupt result, two results for the same experiment, or no results at all."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"results folder {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    if skip is not None and (skip == root.resolve() or skip in root.resolve().parents):
+        raise UserError(f"the report folder {exclude} would hold the results folder {root}; choose another --out")
+    found: dict[tuple, Experiment] = {}
+    skipped: list[str] = []
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+            continue
+        rel = path.relative_to(root).as_posix()
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read result {path}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: corrupt result JSON ({e.msg} at line {e.lineno})") from None
+        if not _looks_like_result(obj):
+            skipped.append(rel)
+            continue
+        record = validate(obj, str(path))
+        exp = Experiment(record, path, rel)
+        if exp.key in found:
+            raise UserError(f"two results for {exp.method} {exp.title}: {found[exp.key].path} and {path}; "
+                            "point the report at one of their folders")
+        found[exp.key] = exp
+    if not found:
+        what = f"no result files (only other JSON: {', '.join(skipped[:3])})" if skipped else "no result files"
+        raise UserError(f"{root}: {what}; expected METHOD/MODEL_QUESTION_TOKENS.json as written by detect or sweep")
+    return Collection(root, sorted(found.values(), key=sort_key), skipped)
+
+
+def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:
+    """Per-sample scores (S, L, H) from the ``.samples.jsonl`` beside a result, or (None, why not).
+
+    Every row is used (a success-only result's rows hold zeros for wrongly answered samples, so they still
+    add up to the result). A file whose rows add up to neither the result's scores nor their mean (e.g. one
+    left over from an earlier run) is not used; a malformed file stops the report.
+    """
+    path = exp.samples_path
+    if not path.exists():
+        return None, "no per-sample scores (run with --save-samples)"
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read samples file {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            scores = np.asarray(row["scores"], dtype=np.float64)  # (L, H)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: line {n} is not a per-sample score row") from None
+        if scores.shape != exp.shape or not np.isfinite(scores).all():
+            raise UserError(f"{path}: line {n} has scores of shape {scores.shape}, expected {exp.shape}")
+        rows.append(scores)
+    if len(rows) < 2:
+        return None, f"{len(rows)} sample(s) in {path.name}; a bootstrap needs at least 2"
+    per_sample = np.stack(rows)  # (S, L, H)
+    total = exp.scores
+    atol = 1e-5 * max(1.0, float(np.abs(total).max()))
+    if not any(np.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (per_sample.sum(0), per_sample.mean(0))):
+        return None, f"{path.name} does not add up to the result's scores (stale file?)"
+    return per_sample, ""

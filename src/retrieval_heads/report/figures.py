@@ -1,0 +1,104 @@
+"""Layer x head heatmaps as PNG bytes: one per experiment, and one grid of all of them.
+
+Drawn on matplotlib ``Figure`` objects (Agg canvas, no pyplot, no display needed). Layers run down the
+y axis from layer 0 at the top, heads along x; the top five heads are numbered in their cells.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections import defaultdict
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from .collect import Experiment
+
+CMAP = "viridis"
+MARK = 5  # numbered top heads
+
+
+def _png(fig: Figure, dpi: int) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
+    grid = exp.scores  # (L, H)
+    L, H = grid.shape
+    image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
+    lo, hi = float(grid.min()), float(grid.max())
+    for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
+        layer, head = map(int, name[1:].split("H"))
+        light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6
+        ax.text(head, layer, str(rank), ha="center", va="center", fontsize=fontsize,
+                color="white" if light else "black", fontweight="bold")
+    top_l, top_h = map(int, exp.ranked[0][1:].split("H"))
+    ax.add_patch(Rectangle((top_h - 0.5, top_l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    if ticks:
+        ax.set_xticks(range(0, H, max(1, H // 16)))
+        ax.set_yticks(range(0, L, max(1, L // 16)))
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return image
+
+
+def heatmap(exp: Experiment, dpi: int = 90) -> bytes:
+    """One experiment's (L, H) score grid with a colorbar; title: model, question, tokens, method."""
+    L, H = exp.shape
+    w, h = min(12.0, max(5.0, 1.8 + 0.3 * H)), min(12.0, max(4.5, 1.4 + 0.17 * L))
+    fig = Figure(figsize=(w, h))
+    fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
+    ax = fig.add_subplot()
+    image = _draw(ax, exp, fontsize=8 if H <= 16 else 6, ticks=True)
+    fig.colorbar(image, ax=ax, label="score")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    top = exp.record["head_rankings"][0]
+    ax.set_title(f"{exp.model} · {exp.question} · {exp.tokens} tokens\n"
+                 f"{exp.method}, {exp.record['samples_processed']} samples · top {top['head']} "
+                 f"({top['score']:.1f})", fontsize=10)
+    return _png(fig, dpi)
+
+
+def grid(exps: list[Experiment]) -> bytes:
+    """All experiments: a row per (method, model, question), a column per length; colours per panel."""
+    rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
+    for e in exps:
+        rows[(e.method, e.model, e.question)][e.tokens] = e
+    lengths = sorted({e.tokens for e in exps})
+    several = len({e.method for e in exps}) > 1
+    nr, nc = len(rows), len(lengths)
+    fig = Figure(figsize=(1.2 + 2.3 * nc, 0.6 + 2.5 * nr))
+    axes = fig.subplots(nr, nc, squeeze=False)
+    for i, ((method, model, question), by_len) in enumerate(rows.items()):
+        for j, t in enumerate(lengths):
+            ax = axes[i, j]
+            if t not in by_len:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#888")
+            else:
+                e = by_len[t]
+                _draw(ax, e, fontsize=6, ticks=False, numbers=False)
+                ax.set_title(f"{t} tok · {e.ranked[0]}", fontsize=8)
+            if j == 0:
+                label = f"{model}\n{question}" + (f"\n{method}" if several else "")
+                if t not in by_len:  # keep the row's label visible on an empty panel
+                    ax.axis("on")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
+                ax.set_ylabel(label, fontsize=8)
+    w, h = fig.get_size_inches()
+    title = textwrap.wrap("Layer (down) x head (across) per experiment; colours scaled per panel, top head boxed",
+                          width=int(w * 11))
+    fig.suptitle("\n".join(title), fontsize=9, y=1 - 0.12 / h, va="top")
+    fig.subplots_adjust(left=0.75 / w, right=1 - 0.1 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
+                        wspace=0.12, hspace=0.28)
+    return _png(fig, dpi=72 if nr * nc <= 48 else 56)

@@ -1,0 +1,85 @@
+"""The report's tables, as :class:`~retrieval_heads.report.document.Table` blocks.
+
+The first is the seed's "Top Head per Configuration": a row per model x question, a column per length,
+cells ``L16H1 (117.8)`` (top head, its score to one decimal), ``—`` where no result exists.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .collect import Experiment, question_order
+from .document import Table
+
+MISSING = "—"
+
+
+def tokens_label(t: int | str) -> str:
+    """2048 -> "2K" as in the seed; lengths that are not whole K stay as numbers."""
+    t = int(t)
+    return f"{t // 1024}K" if t % 1024 == 0 else str(t)
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return MISSING if x is None else f"{x:.{digits}f}"
+
+
+def top_head_cell(e: Experiment) -> str:
+    top = e.record["head_rankings"][0]
+    return f"{top['head']} ({top['score']:.1f})"
+
+
+def top_head_table(exps: list[Experiment]) -> Table:
+    """The seed's table for the experiments of one method."""
+    lengths = sorted({e.tokens for e in exps})
+    cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    for e in exps:
+        cells[(e.model, e.question)][e.tokens] = top_head_cell(e)
+    rows, last_model = [], None
+    for model, question in sorted(cells, key=lambda k: (k[0], question_order(k[1]))):
+        shown = f"**{model}**" if model != last_model else ""
+        last_model = model
+        rows.append([shown, question] + [cells[(model, question)].get(t, MISSING) for t in lengths])
+    return Table(["Model", "Question"] + [tokens_label(t) for t in lengths], rows,
+                 align=["l", "l"] + ["l"] * len(lengths))
+
+
+def top1_table(entry: dict) -> Table:
+    """How often each head is the top head, per length, for one method."""
+    lengths = list(entry["experiments_by_tokens"])
+    rows = [[r["head"]] + [f"{r['by_tokens'][t]}/{entry['experiments_by_tokens'][t]}" if r["by_tokens"][t]
+                          else "" for t in lengths] + [f"{r['total']}/{entry['experiments']}"]
+            for r in entry["heads"]]
+    return Table(["Head"] + [tokens_label(t) for t in lengths] + ["all"], rows,
+                 caption=f"{entry['method']}: experiments in which the head ranks first", inline=True)
+
+
+def movement_table(group: dict) -> Table:
+    """Rank of each length's top heads at every length of one (method, model, question); **bold** = in the top."""
+    lengths = [str(t) for t in group["tokens"]]
+    rows = []
+    for r in group["heads"]:
+        cells = []
+        for t in lengths:
+            rank = r["ranks"][t]
+            cells.append(f"**{rank}**" if rank <= group["top"] else str(rank))
+        rows.append([r["head"]] + cells)
+    return Table(["Head"] + [tokens_label(t) for t in lengths], rows,
+                 caption=f"{group['method']} · {group['model']} · {group['question']}: rank at each length "
+                         f"(bold: top {group['top']})", inline=True)
+
+
+def pairs_table(rows: list[dict], group_names: list[str], a: str, b: str, label=str) -> Table:
+    """Spearman, Kendall and top-k Jaccard for each compared pair."""
+    body = [[str(g) for g in r["group"]] + [label(r["a"]), label(r["b"]), num(r["spearman"]), num(r["kendall"]),
+                                            num(r["jaccard_10"]), num(r["jaccard_50"])] for r in rows]
+    return Table(group_names + [a, b, "Spearman", "Kendall", "Jaccard@10", "Jaccard@50"], body,
+                 align=["l"] * (len(group_names) + 2) + ["r"] * 4)
+
+
+def bootstrap_table(exp: Experiment, rows: list[dict]) -> Table:
+    body = [[str(r["rank"]), r["head"], f"{r['score']:.3f}", f"{r['median']:g}", f"{r['lo']:g} – {r['hi']:g}",
+             f"{r['share_first']:.1%}"] for r in rows]
+    return Table(["Rank", "Head", "Score", "Median rank", "95% interval", "Ranked first"], body,
+                 align=["r", "l", "r", "r", "r", "r"],
+                 caption=f"{exp.method} · {exp.title}, {exp.record['samples_processed']} samples", inline=True)

@@ -1,0 +1,150 @@
+"""Ablation: removal is exact, k = 0 changes nothing, the random control never holds a top head."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from retrieval_heads.ablation import ablate_map, evaluate, random_heads, run_ablation, top_heads
+from retrieval_heads.capture import attention_probe
+from retrieval_heads.data.prompt import PromptSample
+from retrieval_heads.errors import UserError
+from retrieval_heads.generation import answer_prompts, gold_logprob
+from retrieval_heads.models import LoadedModel
+from retrieval_heads.results import make_record, parse_head
+
+
+class WordTokenizer:
+    """Token i is the word ``t{i}``: enough of a tokenizer for decoding and answer matching on tiny models."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"t{i}" for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+
+def tiny_lm(family="llama"):
+    model = tiny_model(family)
+    with torch.no_grad():  # peaky attention, so that heads matter and answers are not all alike
+        for name, p in model.named_parameters():
+            if "q_proj" in name and name.endswith("weight"):
+                p.mul_(20)
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
+    return LoadedModel(model, WordTokenizer(), "tiny", "tiny")
+
+
+def tiny_prompts(n=3, length=32):
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        out.append(PromptSample(ids, 8, 16, 28, "q", f"t{ids[10]} t{ids[11]}"))
+    return out
+
+
+def tiny_record(scores):
+    return make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
+                       question_prompt="q", total_tokens=32, needle_position=0.5, scores=scores, samples_processed=4,
+                       seed=0, dtype="float32")
+
+
+def test_removing_one_head_changes_only_its_contribution():
+    """Through ablate_map: head L1H2's slice of the o_proj input is zero, every other slice is unchanged."""
+    lm = tiny_lm()
+    ids = torch.tensor([tiny_prompts(1)[0].input_ids])
+    captured = {}
+    o_proj = lm.model.model.layers[1].self_attn.o_proj
+    hook = o_proj.register_forward_hook(lambda m, inp, out: captured.__setitem__("x", inp[0].clone()))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, use_cache=False)
+            full = captured["x"].view(1, 32, 4, 16)
+            with attention_probe(lm.model, None, ablate=ablate_map(["L1H2"])):
+                lm.model(input_ids=ids, use_cache=False)
+            ablated = captured["x"].view(1, 32, 4, 16)
+    finally:
+        hook.remove()
+    assert ablate_map(["L1H2", "L0H3", "L1H0"]) == {0: [3], 1: [0, 2]}
+    assert torch.all(ablated[:, :, 2] == 0) and full[:, :, 2].abs().sum() > 0
+    assert torch.equal(ablated[:, :, [0, 1, 3]], full[:, :, [0, 1, 3]])
+
+
+def test_k0_reproduces_the_unablated_answers_exactly():
+    lm = tiny_lm()
+    prompts = tiny_prompts()
+    plain = answer_prompts(lm, prompts, 4)  # no probe at all
+    plain_lp = [gold_logprob(lm.model, lm.tokenizer, p) for p in prompts]
+    record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(3)))
+    report = run_ablation(lm, record, prompts, [0, 2], random_seeds=2, max_new_tokens=4)
+    k0 = report["top"][0]
+    assert k0["k"] == 0 and k0["heads"] == []
+    assert [s["generated"] for s in k0["samples"]] == [a.text for a in plain]
+    assert [s["logprob"] for s in k0["samples"]] == [round(x, 6) for x in plain_lp]
+    assert [r["heads"] for r in report["random"] if r["k"] == 0] == [[], []]
+    k2 = report["top"][1]
+    assert k2["heads"] == top_heads(record, 2)
+    assert k2["logprob"] != k0["logprob"]  # removing heads does something
+    by_hand = evaluate(lm, prompts, k2["heads"], 4)
+    assert by_hand == {k: v for k, v in k2.items() if k != "k"}
+    assert report["summary"][1]["random_logprob_min"] <= report["summary"][1]["random_logprob_max"]
+
+
+def test_random_control_never_draws_a_top_head():
+    record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(4)))
+    names = [r["head"] for r in record["head_rankings"]]
+    for k in range(0, 7):
+        top = set(top_heads(record, k))
+        draws = [random_heads(record, k, seed) for seed in range(5)]
+        for d in draws:
+            assert len(d) == len(set(d)) == k and not (set(d) & top) and set(d) <= set(names)
+        assert draws[0] == random_heads(record, k, 0)  # reproducible
+        if 0 < k < 5:
+            assert len({tuple(d) for d in draws}) > 1  # seeds differ
+    with pytest.raises(UserError, match="outside the top 7"):
+        random_heads(record, 7, 0)
+    assert [parse_head(h) for h in random_heads(record, 3, 1)] == sorted(parse_head(h) for h in random_heads(record, 3, 1))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "retrieval_heads", *args], capture_output=True, text=True)
+
+
+def test_cli_ablate_end_to_end(tmp_path):
+    r = run_cli("detect", "--question", "hq_state", "--tokens", "256", "--samples", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = tmp_path / "summed_attention" / "smollm2_hq_state_256.json"
+    r = run_cli("ablate", str(result), "--k", "0", "3", "--random-seeds", "2", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(result.with_name("smollm2_hq_state_256.ablation.json").read_text())
+    png = result.with_name("smollm2_hq_state_256.ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["ks"] == [0, 3] and report["samples"] == 1 and report["total_tokens"] == 256
+    rec = json.loads(result.read_text())
+    assert report["top"][1]["heads"] == rec["top_50_heads"][:3]
+    for rnd in report["random"]:
+        assert not set(rnd["heads"]) & set(rec["top_50_heads"][: rnd["k"]]) and len(rnd["heads"]) == rnd["k"]
+    assert report["top"][0]["logprob"] == report["baseline"]["logprob"]
+    assert report["top"][0]["logprob"] < 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--k", "0,x"], "--k: 'x' is not a whole number"),
+    (["--k", "300"], "--k 300 is outside 0..270"),
+    (["--k", "200"], "only 70 heads lie outside the top 200"),
+])
+def test_cli_ablate_bad_input(tmp_path, args, msg):
+    scores = torch.arange(270, dtype=torch.float32).view(30, 9)
+    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="inc_state",
+                      question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=1,
+                      seed=0, dtype="float32")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    r = run_cli("ablate", str(path), *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "r.ablation.json").exists()

@@ -1,0 +1,199 @@
+"""The methods beyond the seed's: each fast path against a slow reference; several methods on one experiment."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from retrieval_heads import experiments
+from retrieval_heads.data.prompt import PromptFormat, PromptSample
+from retrieval_heads.data.samples import synthetic_samples
+from retrieval_heads.generation import greedy_decode
+from retrieval_heads.methods import METHODS
+from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
+from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
+from retrieval_heads.results import load_result
+
+ALL = "summed_attention,query_focused,retrieval_score"
+
+
+def never(ids, tok):
+    return False
+
+
+def peaky(family):
+    """A tiny model whose attention rows have clear maxima (random init gives near-uniform rows, whose argmax
+    would hang on rounding)."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name and name.endswith("weight"):
+                p.mul_(40)
+    return model
+
+
+# --- decoding --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
+def test_decoding_argmax_equals_eager_reference(family):
+    """The probe's per-step argmax over the KV cache equals eager attention, step by step, full rows."""
+    model = peaky(family)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(7))
+    answers, tracks = greedy_decode(model, ids, 6, never, track_argmax=True)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)[:, 40:]  # stops (and pads) after an EOS
+    for b in range(2):
+        n = next((i + 1 for i, t in enumerate(ref[b].tolist()) if t == model.config.eos_token_id), 6)
+        assert answers[b][:n] == ref[b, :n].tolist()  # the loop is greedy decoding
+        expect = reference_argmax(model, ids[b].tolist(), answers[b])
+        assert tracks[b].shape == expect.shape == (6, 3, 4)
+        assert torch.equal(tracks[b], expect), f"{family} sample {b}"
+
+
+def test_retrieval_hits_by_hand():
+    prompt = torch.tensor([5, 6, 7, 8, 9, 7])  # gold span = positions 1..3 (ids 6, 7, 8)
+    argmax = torch.tensor([  # (T=4, L=1, H=3)
+        [[2, 5, 0]],  # token 7: head 0 at pos 2 (id 7, in span) copies; head 1 at pos 5 (id 7, outside) no
+        [[3, 3, 0]],  # token 8: heads 0, 1 at pos 3 (id 8) copy; head 2 at pos 0 no
+        [[7, 1, 1]],  # token 6: head 0 at a generated position (7) no; heads 1, 2 at pos 1 (id 6) copy
+        [[2, 4, 2]],  # token 7: head 0 at pos 2 again (counted once); head 1 at pos 4 (id 9) no; head 2 copies
+    ])
+    hits = retrieval_hits(prompt, (1, 4), [7, 8, 6, 7], argmax)
+    assert hits.tolist() == [[2, 2, 2]]
+    assert retrieval_hits(prompt, (1, 4), [7, 8, 6], argmax).tolist() == [[2, 2, 1]]
+    assert retrieval_hits(prompt, (1, 4), [], argmax).tolist() == [[0, 0, 0]]
+
+
+# --- query focused on tiny models --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_question_mass_equals_reference(family):
+    from retrieval_heads.capture import reference_rows
+
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(8)
+    batch = [PromptSample(torch.randint(0, 128, (48,), generator=g).tolist(), 10, 20, 40, "q", "a",
+                          question_start=s, question_end=e) for s, e in [(41, 45), (42, 47)]]
+    fast = question_mass(model, batch)  # (B, L, H)
+    for i, p in enumerate(batch):
+        rows = reference_rows(model, torch.tensor([p.input_ids]), torch.arange(p.question_start, p.question_end))
+        ref = torch.stack([r[0, :, :, 10:20].sum(-1).mean(-1) for r in rows])  # (L, H)
+        assert torch.allclose(fast[i], ref, atol=1e-5)
+
+
+# --- SmolLM2 --------------------------------------------------------------------------------------------
+
+def test_question_span_is_the_question(smollm2):
+    fmt = PromptFormat(smollm2.tokenizer)
+    p = synthetic_samples(fmt, ["inc_state"], 320, 1, 0.5, 0)[0]["inc_state"]
+    q = smollm2.tokenizer.decode(p.input_ids[p.question_start : p.question_end])
+    assert q.strip() == "What state was the company incorporated in?"
+    assert p.context_end < p.question_start < p.question_end < len(p.input_ids)
+
+
+def test_query_focused_equals_reference_on_smollm2(smollm2):
+    p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    fast = METHODS.get("query_focused").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)
+    ref = qf_reference(smollm2.model, smollm2.tokenizer, [p])
+    assert fast.shape == ref.shape == (1, 30, 9)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
+
+
+@pytest.fixture(scope="module")
+def experiment(smollm2, tmp_path_factory):
+    """hq_state at 512 tokens, samples 0 and 1: SmolLM2 answers sample 1 correctly and sample 0 wrongly."""
+    out = tmp_path_factory.mktemp("methods")
+    res = experiments.detect(smollm2, question="hq_state", tokens=512, samples=2, method=ALL, output_dir=out,
+                             save_samples=True, success_only=True)
+    return out, res
+
+
+def test_answers_and_accuracy(experiment):
+    out, res = experiment
+    assert list(res) == ["summed_attention_success", "query_focused_success", "retrieval_score"]
+    answers = res["retrieval_score"].answers
+    assert [a.correct for a in answers] == [False, True]
+    assert "Oregon" in answers[1].text
+    for name, r in res.items():
+        assert r.record["extra"]["accuracy"] == 0.5 and r.record["extra"]["n_correct"] == 1
+        assert r.record["extra"]["num_key_value_heads"] == 3
+        rows = [json.loads(x) for x in (out / name / "smollm2_hq_state_512.samples.jsonl").read_text().splitlines()]
+        assert [(x["generated"], x["correct"]) for x in rows] == [(a.text, a.correct) for a in answers]
+        assert load_result(out / name / "smollm2_hq_state_512.json")["method"] == name
+
+
+def test_retrieval_score_equals_reference_on_smollm2(smollm2, experiment):
+    _, res = experiment
+    r = res["retrieval_score"]
+    tok = smollm2.tokenizer
+    for i, (p, a) in list(enumerate(zip(r.prompts, r.answers)))[1:]:  # the correct one
+        ref = reference_argmax(smollm2.model, p.input_ids, a.ids)  # eager, step by step over the cache
+        assert torch.equal(a.argmax, ref)
+        ids = torch.tensor(p.input_ids)
+        start, end = gold_span(tok, p)
+        copied = [[set() for _ in range(9)] for _ in range(30)]
+        for t, tokid in enumerate(a.ids):
+            for layer in range(30):
+                for head in range(9):
+                    j = int(ref[t, layer, head])
+                    if start <= j < end and int(ids[j]) == tokid:
+                        copied[layer][head].add(j)
+        by_hand = torch.tensor([[len(c) / (end - start) for c in row] for row in copied])
+        assert torch.allclose(r.sample_scores[i], by_hand, atol=1e-6)
+    assert r.sample_scores[0].abs().sum() == 0  # the wrong answer counts nothing
+    assert r.sample_scores[1].max() == 1  # some head copies "Oregon" from the needle
+    assert r.sample_scores.max() <= 1
+    assert torch.allclose(r.scores, r.sample_scores.sum(0))
+
+
+def test_gold_span_is_the_answer_in_the_needle(smollm2, experiment):
+    _, res = experiment
+    tok = smollm2.tokenizer
+    for p in res["retrieval_score"].prompts:
+        start, end = gold_span(tok, p)
+        assert p.needle_start <= start < end <= p.needle_end
+        assert tok.decode(p.input_ids[start:end]).strip() == p.answer  # whole-word answers: an exact cover
+    assert gold_span(tok, PromptSample(p.input_ids, p.needle_start, p.needle_end, p.context_end, "q", "Atlantis")) is None
+
+
+def test_success_only_counts_correct_samples(smollm2, experiment):
+    _, res = experiment
+    succ = res["summed_attention_success"]
+    assert succ.record["extra"]["success_only"] and res["retrieval_score"].record["extra"]["success_only"]
+    assert torch.equal(succ.sample_scores[0], torch.zeros(30, 9))  # sample 0 is answered wrongly
+    full = METHODS.get("summed_attention").score_batch(smollm2.model, [succ.prompts[1]])[0]
+    assert torch.allclose(succ.sample_scores[1], full, atol=1e-6)
+    assert torch.allclose(succ.scores, full, atol=1e-6)
+
+
+def test_methods_share_samples_and_differ(experiment):
+    _, res = experiment
+    ids = [[p.input_ids for p in r.prompts] for r in res.values()]
+    assert ids[0] == ids[1] == ids[2]
+    tops = [r.record["top_50_heads"][:10] for r in res.values()]
+    assert tops[0] != tops[1] != tops[2]
+
+
+def test_decoding_is_batch_invariant():
+    model = peaky("llama")
+    ids = torch.randint(0, 128, (3, 30), generator=torch.Generator().manual_seed(9))
+    both, tracks = greedy_decode(model, ids, 5, never, track_argmax=True)
+    for b in range(3):
+        one, track = greedy_decode(model, ids[b : b + 1], 5, never, track_argmax=True)
+        assert one[0] == both[b] and torch.equal(track[0], tracks[b])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "retrieval_heads", *args], capture_output=True, text=True)
+
+
+def test_cli_repeated_and_comma_methods(tmp_path):
+    r = run_cli("detect", "--tokens", "256", "--samples", "1", "--method", "summed_attention,query_focused",
+                "--method", "summed_attention", "--output-dir", str(tmp_path), "--top", "2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["query_focused", "summed_attention"]
+    r = run_cli("detect", "--method", "summed_attention,retrieval_scor", "--output-dir", str(tmp_path / "x"))
+    assert r.returncode == 2 and "did you mean 'retrieval_score'" in r.stderr and not (tmp_path / "x").exists()

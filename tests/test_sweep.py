@@ -1,0 +1,237 @@
+"""Sweeps: the grid and its checks, resume after kill -9, corrupt results recomputed, the lock, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from retrieval_heads import detect
+from retrieval_heads.commands.sweep import spread
+from retrieval_heads.errors import UserError
+from retrieval_heads.results import load_result
+from retrieval_heads.sweep import (
+    DEFAULT_TOKENS, Unit, load_grid_file, make_grid, plan, run_sweep, sweep_lock, unit_status,
+)
+
+ALL = ["inc_state", "inc_year", "employee_count", "hq_state"]
+GRID = dict(models=["smollm2"], questions=["all"], tokens=[256, 320], samples=2)
+ARGS = ["--models", "smollm2", "--questions", "all", "--tokens", "256", "320", "--samples", "2"]
+
+
+def cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "retrieval_heads", "sweep", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+
+
+def results(out):
+    """{file name: record without its timestamp} of every result JSON under ``out``."""
+    d = out / "summed_attention"
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "timestamp"}
+            for p in sorted(d.glob("*.json"))}
+
+
+def one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+# --- the grid (nothing loaded) --------------------------------------------------------------------------
+
+
+def test_default_grid_is_the_seeds():
+    g = make_grid()
+    assert g.models == ("instruct", "base") and g.questions == tuple(ALL) and g.tokens == DEFAULT_TOKENS
+    assert g.size == 32 and g.samples > 0
+    units = plan(g)
+    assert len(units) == 8 and units[0] == Unit("instruct", 2048, tuple(ALL))
+    assert [u.model for u in units] == ["instruct"] * 4 + ["base"] * 4  # model by model: one load each
+
+
+def test_grid_lists_and_checks():
+    g = make_grid(models="smollm2,smollm2", questions=["all"], tokens=["1024,2048", 1024], samples="3")
+    assert g.models == ("smollm2",) and g.questions == tuple(ALL) and g.tokens == (1024, 2048) and g.samples == 3
+    bad = [(dict(models=[]), "names no models"), (dict(questions=["inc_stat"]), "did you mean 'inc_state'"),
+           (dict(models=["smolm2"]), "unknown model key"), (dict(tokens=[0]), "--tokens must be positive"),
+           (dict(tokens=["2k"]), "not a whole number"), (dict(samples=0), "--samples must be positive"),
+           (dict(needle_position=1.5), "[0, 1]"), (dict(method="nope"), "unknown method"),
+           (dict(dtype="int8"), "unknown dtype"), (dict(sample=3), "unknown grid setting 'sample'")]
+    for settings, msg in bad:
+        with pytest.raises(UserError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            make_grid(**settings)
+
+
+def test_grid_files(tmp_path):
+    j = tmp_path / "grid.json"
+    j.write_text(json.dumps({"models": ["smollm2"], "questions": "all", "tokens": [512], "samples": 2}))
+    assert make_grid(**load_grid_file(j)).tokens == (512,)
+    t = tmp_path / "grid.toml"
+    t.write_text('models = ["smollm2"]\nquestions = ["hq_state"]\ntokens = [256, 512]\n')
+    g = make_grid(**load_grid_file(t))
+    assert g.questions == ("hq_state",) and g.tokens == (256, 512)
+    for text, msg in [("{}", "names nothing"), ('{"samples": 3}', "names nothing"), ("[1]", "expected an object"),
+                      ('{"models": [', "malformed JSON"), ('{"modles": ["x"]}', "did you mean 'models'")]:
+        j.write_text(text)
+        with pytest.raises(UserError, match=msg):
+            load_grid_file(j)
+
+
+def test_list_options_take_several_values():
+    assert spread(["--models", "a", "b", "--tokens=1", "2", "--samples", "3", "--questions", "all"]) == \
+        ["--models", "a", "--models", "b", "--tokens=1", "--tokens", "2", "--samples", "3", "--questions", "all"]
+    for args in (["--questions", "--tokens", "1"], ["--tokens"]):
+        with pytest.raises(UserError, match="needs at least one value"):
+            spread(args)
+
+
+# --- bad input through the CLI: one line, exit 2, no output ----------------------------------------------
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--models", "smollm3"], "unknown model key 'smollm3' (did you mean 'smollm2'?)"),
+    (["--models", "smollm2", "--questions", "inc_state", "ceo_name"], "unknown question 'ceo_name'"),
+    (["--models", "smollm2", "--tokens", "1024", "9000"], "--tokens 9000 exceeds the 8192 positions"),
+])
+def test_bad_input_is_one_line(tmp_path, args, msg):
+    """Through a real process: one line on stderr, exit 2, no traceback, no output dir."""
+    out = tmp_path / "out"
+    line = one_error_line(cli(*args, "--output-dir", str(out)))
+    assert msg in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--models", "smollm2", "--tokens", "64"], "--tokens 64 is too small"),
+    (["--models", "smollm2", "--tokens"], "--tokens needs at least one value"),
+    (["--models", "/no/such/model"], "does not exist"),
+    (["--models", "smollm2", "--samples", "0"], "--samples must be positive"),
+    (["--models", "smollm2", "--needle-position", "1.5"], "--needle-position must lie in [0, 1]"),
+    (["--models", "smollm2", "--tokens", "2k"], "not a whole number"),
+])
+def test_bad_input_in_process(tmp_path, capsys, args, msg):
+    from retrieval_heads.cli import main
+
+    out = tmp_path / "out"
+    assert main(["sweep", *args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
+    assert not out.exists()
+
+
+def test_grid_file_that_names_nothing(tmp_path, capsys):
+    from retrieval_heads.cli import main
+
+    (tmp_path / "g.json").write_text('{"samples": 2}')
+    assert main(["sweep", "--config", str(tmp_path / "g.json"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "names nothing" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# --- real sweeps on SmolLM2 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2, tmp_path_factory):
+    """An uninterrupted sweep, in process, with the session's model."""
+    out = tmp_path_factory.mktemp("reference")
+    lines = []
+    loads = []
+
+    def load(model, **kw):
+        loads.append(model)
+        return smollm2
+
+    s = run_sweep(make_grid(**GRID), out, load=load, progress=False, echo=lines.append)
+    assert len(s.done) == 8 and not s.skipped and not s.recomputed
+    assert loads == ["smollm2"]  # one load for the whole sweep
+    return out, lines
+
+
+def test_sweep_writes_detects_results(reference, smollm2):
+    out, lines = reference
+    assert len([x for x in lines if x.startswith("done ")]) == 8
+    assert any("smollm2 hq_state" in x and "top L" in x for x in lines)
+    rec = load_result(out / "summed_attention" / "smollm2_hq_state_320.json")
+    det = detect(smollm2, question="hq_state", tokens=320, samples=2).record
+    differ = {"timestamp", "checksum", "scores", "head_rankings", "top_50_heads"}
+    assert {k: v for k, v in rec.items() if k not in differ} == {k: v for k, v in det.items() if k not in differ}
+    assert list(rec) == list(det)
+    torch.testing.assert_close(torch.tensor(rec["scores"]), torch.tensor(det["scores"]), atol=2e-5, rtol=0)
+
+
+def test_rerun_skips_and_recomputes_corrupt(reference, smollm2, tmp_path):
+    src, _ = reference
+    out = tmp_path / "out"
+    (out / "summed_attention").mkdir(parents=True)
+    for p in (src / "summed_attention").glob("*.json"):
+        (out / "summed_attention" / p.name).write_text(p.read_text())
+    d = out / "summed_attention"
+    (d / "smollm2_inc_year_320.json").write_text((d / "smollm2_inc_year_320.json").read_text()[:500])  # truncated
+    rec = json.loads((d / "smollm2_hq_state_320.json").read_text())
+    rec["head_rankings"][0]["score"] += 0.5  # hand-edited
+    (d / "smollm2_hq_state_320.json").write_text(json.dumps(rec))
+    lines = []
+    s = run_sweep(make_grid(**GRID), out, load=lambda m, **kw: smollm2, progress=False, echo=lines.append)
+    assert sorted(p.name for p in s.recomputed) == ["smollm2_hq_state_320.json", "smollm2_inc_year_320.json"]
+    assert len(s.skipped) == 6 and not s.done
+    assert any(x.startswith("recomputed smollm2 inc_year") and "corrupt result JSON" in x for x in lines)
+    assert any(x.startswith("recomputed smollm2 hq_state") and "checksum mismatch" in x for x in lines)
+    assert results(out) == results(src)
+    # a valid result made with other settings is neither trusted nor overwritten
+    with pytest.raises(UserError, match="samples_processed 2 \\(this sweep: 3\\)"):
+        run_sweep(make_grid(**dict(GRID, samples=3)), out, load=lambda m, **kw: smollm2, progress=False)
+
+
+def test_lock_in_process(tmp_path):
+    with sweep_lock(tmp_path / "out"):
+        with pytest.raises(UserError, match=f"another sweep \\(pid {os.getpid()}\\) is running"):
+            with sweep_lock(tmp_path / "out"):
+                pass
+    with sweep_lock(tmp_path / "out"):  # released on exit
+        pass
+    st = unit_status(tmp_path / "out", make_grid(**GRID), Unit("smollm2", 256, tuple(ALL)))
+    assert st.todo == ALL
+
+
+def test_second_sweep_on_a_locked_dir_fails_fast(tmp_path):
+    """While one sweep holds the output dir, another process's sweep there stops with one line, exit 2,
+    and writes nothing."""
+    out = tmp_path / "out"
+    with sweep_lock(out):
+        proc = cli(*ARGS, "--output-dir", str(out))
+    line = one_error_line(proc)
+    assert f"another sweep (pid {os.getpid()}) is running on {out}" in line
+    assert sorted(p.name for p in out.iterdir()) == [".sweep.lock"]
+
+
+def test_kill9_mid_sweep_resumes_to_the_same_results(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.Popen([sys.executable, "-m", "retrieval_heads", "sweep", *ARGS, "--output-dir", str(out),
+                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    d = out / "summed_attention"
+    try:
+        deadline = time.time() + 240
+        while len(list(d.glob("*_256.json"))) < 4:  # the first unit is written; the second is running
+            assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
+    before = len(list(d.glob("*.json")))
+    assert 4 <= before < 8  # killed mid-sweep (a temp file of an interrupted write may remain; it is ignored)
+    resumed = cli(*ARGS, "--output-dir", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("\nskipped ") == before and resumed.stdout.count("\ndone ") == 8 - before
+    assert results(out) == results(ref)
