@@ -115,10 +115,13 @@ def smollm2_path() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-        )
+        try:
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(
+                src, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            )
+        except Exception as e:  # a missing gguf/accelerate package, a damaged file ...
+            raise UserError(f"cannot convert the embedded model: {type(e).__name__}: {_first_line(e)}") from None
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
