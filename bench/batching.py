@@ -93,7 +93,7 @@ def markdown(rec: dict) -> str:
         f"(`--tokens {rec['tokens']}`) scored per round; median (min-max) of {rec['repeats']} interleaved rounds "
         "(one per batch size, in turn) after a warm-up.",
         "",
-        "Machine (shared with other users' jobs during the run, so absolute times are noisy):",
+        "Machine (the load average below tells how busy it was; absolute times vary between runs):",
         "",
         *C.machine_lines(rec["machine"]),
         "",

@@ -188,8 +188,8 @@ def markdown(rec: dict) -> str:
         f"(needle in the middle). Seconds per sample: median (min-max) of {rec['repeats']} interleaved rounds "
         "(a, b, c, a, b, c, ...) after one warm-up of each path.",
         "",
-        "Machine (shared with other users' jobs during the run, so absolute times are noisy; the ratios compare "
-        "adjacent runs):",
+        "Machine (the load average below tells how busy it was; absolute times vary between runs, the ratios "
+        "compare adjacent runs):",
         "",
         *C.machine_lines(rec["machine"]),
         "",
