@@ -189,16 +189,24 @@ def attention_probe(
         model.set_attn_implementation(previous)
 
 
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Within this block ``model`` runs its family's own eager attention, which returns the full (B, H, Q, K)
+    weights with ``output_attentions=True``: the slow references are built on it."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 @torch.no_grad()
 def reference_rows(model, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The slow reference: eager attention, ``output_attentions=True``, full (B, H, N, N) matrices per layer;
     returns the selected rows (B, H, S, N) of each layer in float32."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         out = model(input_ids=input_ids, output_attentions=True, use_cache=False, logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
     n = input_ids.shape[1]
     pos = torch.tensor([n - 1]) if positions is None else positions % n
     return [a[:, :, pos.to(a.device), :].float() for a in out.attentions]

@@ -90,13 +90,12 @@ register(RetrievalScore())
 def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> torch.Tensor:
     """The slow reference for what decoding records: eager attention with ``output_attentions=True``, step by
     step over a KV cache feeding the given answer tokens; (T, L, H) argmax of each head's full row per step."""
+    from ..capture import eager_attention
     from ..generation import cache_kwarg, returned_cache
     from ..models import input_device
 
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
     rows = []
-    try:
+    with eager_attention(model):
         dev = input_device(model)
         out = model(input_ids=torch.tensor([list(prompt_ids)], device=dev), use_cache=True, output_attentions=True)
         for t in range(len(answer_ids)):
@@ -104,6 +103,4 @@ def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]
             if t + 1 < len(answer_ids):
                 out = model(input_ids=torch.tensor([[answer_ids[t]]], device=dev), use_cache=True,
                             output_attentions=True, **{cache_kwarg(model): returned_cache(out)})
-    finally:
-        model.set_attn_implementation(previous)
     return torch.stack(rows)  # (T, L, H)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..capture import reference_rows
+from ..capture import eager_attention, reference_rows
 from ..data.prompt import PromptSample
 from ..models import input_device
 from .base import needle_mass, register, span_mask, stack_ids
@@ -31,12 +31,8 @@ register(SummedAttention())
 def seed_reference_scores(model, input_ids: torch.Tensor, needle_start: int, needle_end: int) -> dict[str, float]:
     """The seed's own full version, kept as the slow reference: eager attention, ``output_attentions=True``,
     full N x N matrices, one ``.item()`` per head. input_ids (1, N)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_attention(model):
         outputs = model(input_ids=input_ids, output_attentions=True, use_cache=False, logits_to_keep=1)
-    finally:
-        model.set_attn_implementation(previous)
     head_scores = {}
     for layer_idx, layer_attn in enumerate(outputs.attentions):  # (1, H, N, N)
         for head_idx in range(layer_attn.size(1)):
