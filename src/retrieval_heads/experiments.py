@@ -222,7 +222,7 @@ def detect(
         qkey, qprompt = question, QUESTIONS.get(question).prompt
     got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
         if want_answers else None
-    extra: dict = {"num_key_value_heads": getattr(lm.text_config, "num_key_value_heads", None) or lm.num_heads}
+    extra: dict = {"num_key_value_heads": lm.num_kv_heads}
     if got is not None:
         extra.update(accuracy(got), max_new_tokens=max_new_tokens)
     dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
@@ -251,7 +251,7 @@ def synthetic_record(
 ) -> dict:
     """The result record ``detect`` writes for ``method`` on synthetic samples of ``question`` (no answers
     asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill)."""
-    extra = {"num_key_value_heads": getattr(lm.text_config, "num_key_value_heads", None) or lm.num_heads,
+    extra = {"num_key_value_heads": lm.num_kv_heads,
              "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
     return make_record(
         method=method, model_key=lm.key, model_name=lm.name, question=question,

@@ -65,6 +65,11 @@ class LoadedModel:
         return self.text_config.num_attention_heads
 
     @property
+    def num_kv_heads(self) -> int:
+        """KV heads (GQA); equal to num_heads where the family has no GQA."""
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
     def max_positions(self) -> int | None:
         c = self.text_config
         return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
