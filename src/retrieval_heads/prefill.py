@@ -43,21 +43,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .capture import attention_probe
+from .generation import cache_kwarg
 from .data.prompt import PromptSample
 from .methods.base import check_finite
-
-
-def _device(model) -> torch.device:
-    """Where input ids go: the embedding's device (also right for a model sharded with a device_map)."""
-    return model.get_input_embeddings().weight.device
-
-
-def _cache_kwarg(model) -> str:
-    """The forward argument that takes the cache: ``cache`` in recent transformers 5 releases (where
-    ``past_key_values`` is deprecated), ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+from .models import input_device
 
 
 def _new_cache(model):
@@ -117,7 +106,7 @@ def shared_needle_mass(
     cache = _new_cache(model)
     if cache is None:
         return [_full_mass(model, context_ids, s, needle) for s in suffix_ids]
-    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     with attention_probe(model, None):  # same attention function as the suffix pass; no rows are built
         model(input_ids=context_ids, **kw)
     if cache.get_seq_length() != C:
@@ -174,7 +163,7 @@ def score_shared(
     ``on_batch(k)`` is called after each batch of ``k`` samples.
     """
     cfg = model.config.get_text_config()
-    device = _device(model)
+    device = input_device(model)
     S = len(groups)
     out = {q: torch.zeros(S, cfg.num_hidden_layers, cfg.num_attention_heads, device=device) for q in questions}
     for end, same in context_groups(groups, questions):
