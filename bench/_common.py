@@ -62,6 +62,24 @@ def machine() -> dict:
     return info
 
 
+def setup(threads: int | None, model: str | None = None):
+    """The start every CPU bench shares: torch threads, quiet transformers, the machine described (after the
+    threads are set), and the model loaded (when ``model`` is given). Returns (machine, LoadedModel or None)."""
+    import torch
+    from transformers.utils import logging
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    info = machine()
+    if model is None:
+        return info, None
+    from retrieval_heads.models import load_model
+
+    return info, load_model(model)
+
+
 def machine_lines(m: dict) -> list[str]:
     """The machine as Markdown bullet lines."""
     lines = [

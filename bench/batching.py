@@ -31,17 +31,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers.utils import logging
 
     from retrieval_heads.experiments import build_prompts, score_prompts
-    from retrieval_heads.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    machine = C.machine()
-    lm = load_model(args.model)
+    machine, lm = C.setup(args.threads, args.model)
     prompts = [g["inc_state"] for g in build_prompts(lm, ["inc_state"], args.tokens, args.samples, 0.5, 0)]
     lengths = {len(p.input_ids) for p in prompts}
     assert len(lengths) == 1, f"synthetic prompts of one experiment should share one length, got {lengths}"

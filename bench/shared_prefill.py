@@ -35,20 +35,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers.utils import logging
 
     from retrieval_heads.data.questions import QUESTIONS
     from retrieval_heads.experiments import build_prompts
     from retrieval_heads.methods.summed_attention import SummedAttention
-    from retrieval_heads.models import load_model
     from retrieval_heads.prefill import score_shared
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    machine = C.machine()
-    lm = load_model(args.model)
+    machine, lm = C.setup(args.threads, args.model)
     qs = list(QUESTIONS)
     method = SummedAttention()
 
