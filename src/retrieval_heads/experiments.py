@@ -24,6 +24,7 @@ from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
+from .methods.base import batches
 from .models import LoadedModel, load_model
 from .results import make_record, ranking, result_path
 
@@ -73,14 +74,6 @@ def build_prompts(
     """Synthetic samples, each a {question: prompt} group sharing one context."""
     check_tokens(lm, tokens)
     return synthetic_samples(PromptFormat(lm.tokenizer), questions, tokens, samples, needle_position, seed)
-
-
-def batches(prompts: Sequence[PromptSample], batch_size: int) -> list[list[int]]:
-    """Indices of prompts, grouped by length (no padding needed) and cut into batches, in first-seen order."""
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p.input_ids), []).append(i)
-    return [idx[j : j + batch_size] for idx in by_len.values() for j in range(0, len(idx), batch_size)]
 
 
 def score_prompts(

@@ -156,7 +156,7 @@ def answer_prompts(
     """Greedy answers to every prompt, in order; prompts of one length are decoded ``batch_size`` at a time."""
     from tqdm.auto import tqdm
 
-    from .experiments import batches
+    from .methods.base import batches
 
     out: list[Answer | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:

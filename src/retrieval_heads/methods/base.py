@@ -37,6 +37,14 @@ def span_mask(batch: Sequence[PromptSample], device) -> torch.Tensor:
     return m
 
 
+def batches(prompts: Sequence[PromptSample], batch_size: int) -> list[list[int]]:
+    """Indices of prompts, grouped by length (no padding needed) and cut into batches, in first-seen order."""
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p.input_ids), []).append(i)
+    return [idx[j : j + batch_size] for idx in by_len.values() for j in range(0, len(idx), batch_size)]
+
+
 def stack_ids(batch: Sequence[PromptSample], device) -> torch.Tensor:
     lengths = {len(s.input_ids) for s in batch}
     if len(lengths) != 1:

@@ -22,7 +22,7 @@ import torch
 
 from ..capture import reference_rows
 from ..data.prompt import PromptFormat, PromptSample
-from .base import needle_mass, register, span_mask, stack_ids
+from .base import batches, needle_mass, register, span_mask, stack_ids
 
 NULL_QUESTION = "N/A"
 
@@ -60,13 +60,6 @@ def question_mass(model, batch: Sequence[PromptSample]) -> torch.Tensor:
     return (mass * w.to(mass.device)[:, None, None, :]).sum(-1)  # (B, L, H)
 
 
-def _by_length(prompts: Sequence[PromptSample]) -> list[list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p.input_ids), []).append(i)
-    return list(groups.values())
-
-
 _FORMATS: dict[int, PromptFormat] = {}
 
 
@@ -85,7 +78,7 @@ class QueryFocused:
         real = question_mass(model, batch)  # (B, L, H)
         null = [null_prompt(fmt, p) for p in batch]
         calib = torch.zeros_like(real)  # (B, L, H)
-        for idx in _by_length(null):  # null prompts of one batch differ in length only if their contexts do
+        for idx in batches(null, len(null)):  # null prompts of one batch differ in length only if their contexts do
             calib[idx] = question_mass(model, [null[i] for i in idx]).to(calib.dtype)
         return real - calib
 
