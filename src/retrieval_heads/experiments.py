@@ -26,7 +26,7 @@ from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_record, ranking, result_path
+from .results import make_record, ranking, result_path, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -112,7 +112,7 @@ def write_result(
     """Samples file first, result JSON last (its presence marks the experiment done); both atomic."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
     if save_samples:
-        atomic_write_jsonl(path.with_suffix(".samples.jsonl"), sample_rows(prompts, sample_scores, answers))
+        atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers))
     atomic_write_json(path, record)
     return path
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .results import parse_head, scores_tensor
+from .results import parse_head, read_sample_scores, samples_path, scores_tensor
 
 FORMATS = ("wu", "qrhead", "duo", "kv")
 
@@ -34,23 +34,13 @@ def head_key(name: str) -> str:
     return f"{layer}-{head}"
 
 
-def samples_path(result_path: str | Path) -> Path:
-    return Path(result_path).with_suffix(".samples.jsonl")
-
-
 def load_sample_scores(result_path: str | Path, record: dict) -> torch.Tensor:
     """(S, L, H) per-sample scores from the result's .samples.jsonl."""
     path = samples_path(result_path)
     if not path.is_file():
         raise UserError(f"{path} not found: the wu format needs per-sample scores; rerun detect with --save-samples")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line)["scores"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{i}: not a samples row") from None
-    t = torch.tensor(rows, dtype=torch.float64)
-    if t.ndim != 3 or t.shape[1:] != (record["num_layers"], record["num_heads"]) or t.shape[0] != record["samples_processed"]:
+    t = read_sample_scores(path, (record["num_layers"], record["num_heads"]))
+    if t.shape[0] != record["samples_processed"]:
         raise UserError(f"{path} does not match its result ({tuple(t.shape)} scores)")
     return t
 

@@ -37,6 +37,34 @@ def result_path(output_dir: str | Path, method: str, model_key: str, question: s
     return Path(output_dir) / method / f"{model_key}_{question}_{tokens}.json"
 
 
+def samples_path(path: str | Path) -> Path:
+    """The per-sample audit file beside a result JSON (``detect --save-samples``)."""
+    return Path(path).with_suffix(".samples.jsonl")
+
+
+def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor:
+    """(S, L, H) float64 per-sample scores from a ``.samples.jsonl`` (rows as ``experiments.sample_rows``
+    writes them); blank lines are skipped. UserError naming the line for an unreadable file, a malformed
+    row, or scores that are not finite or not of ``shape`` (L, H)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read samples file {path}: {e}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            scores = torch.tensor(json.loads(line)["scores"], dtype=torch.float64)  # (L, H)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: line {n} is not a per-sample score row") from None
+        if tuple(scores.shape) != tuple(shape) or not bool(torch.isfinite(scores).all()):
+            raise UserError(f"{path}: line {n} has scores of shape {tuple(scores.shape)}, expected {tuple(shape)}")
+        rows.append(scores)
+    return torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)  # (S, L, H)
+
+
 def ranking(scores: torch.Tensor) -> list[tuple[str, float]]:
     """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H)."""
     L, H = scores.shape

@@ -44,7 +44,7 @@ from .errors import UserError
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, resolve
 from .registry import Registry
-from .results import load_result, result_path
+from .results import load_result, result_path, samples_path
 
 DEFAULT_MODELS = ("instruct", "base")
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
@@ -267,7 +267,7 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
         other = _settings_mismatch(record, grid)
         if other:
             raise UserError(f"{path} was made with {other}; use another --output-dir or move it away")
-        if grid.save_samples and not path.with_suffix(".samples.jsonl").exists():
+        if grid.save_samples and not samples_path(path).exists():
             st.state[q] = "missing"
             st.reason[q] = "no samples file"
             continue

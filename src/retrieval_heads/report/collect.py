@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data.questions import QUESTIONS
 from ..errors import UserError
-from ..results import validate
+from ..results import read_sample_scores, samples_path, validate
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Experiment:
 
     @property
     def samples_path(self) -> Path:
-        return self.path.with_suffix(".samples.jsonl")
+        return samples_path(self.path)
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -150,25 +150,9 @@ def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:
     path = exp.samples_path
     if not path.exists():
         return None, "no per-sample scores (run with --save-samples)"
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read samples file {path}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            scores = np.asarray(row["scores"], dtype=np.float64)  # (L, H)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: line {n} is not a per-sample score row") from None
-        if scores.shape != exp.shape or not np.isfinite(scores).all():
-            raise UserError(f"{path}: line {n} has scores of shape {scores.shape}, expected {exp.shape}")
-        rows.append(scores)
-    if len(rows) < 2:
-        return None, f"{len(rows)} sample(s) in {path.name}; a bootstrap needs at least 2"
-    per_sample = np.stack(rows)  # (S, L, H)
+    per_sample = read_sample_scores(path, exp.shape).numpy()  # (S, L, H)
+    if len(per_sample) < 2:
+        return None, f"{len(per_sample)} sample(s) in {path.name}; a bootstrap needs at least 2"
     total = exp.scores
     atol = 1e-5 * max(1.0, float(np.abs(total).max()))
     if not any(np.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (per_sample.sum(0), per_sample.mean(0))):
