@@ -1,6 +1,9 @@
-"""Atomic writes: a temp file in the same folder, fsync, then rename over the target.
+"""Atomic writes (a temp file in the same folder, fsync, then rename over the target) and guarded JSON reads.
 
 A reader (or a resumed sweep) sees either the old file, the new file, or no file; never half of one.
+Every JSON file that may come from someone else (results, samples files, datasets, grids) is parsed with
+:func:`parse_json`: too deep a nesting, an integer too long to convert, or a non-standard constant
+(``NaN``, ``Infinity``) is one :class:`UserError`, never a traceback.
 """
 
 from __future__ import annotations
@@ -60,6 +63,58 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+
+
+MAX_JSON_DEPTH = 64  # far deeper than any file of ours; deep enough for any grid, result or dataset record
+
+
+class JSONError(UserError):
+    """A JSON text that cannot be read as data; the message is the reason alone (the caller names the file)."""
+
+
+def _reject_constant(name: str):
+    raise JSONError(f"non-standard JSON constant {name}")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for untrusted text. Raises :class:`JSONError` (a UserError) with a short reason for
+    malformed JSON, nesting deeper than :data:`MAX_JSON_DEPTH`, integers too long to convert (Python's
+    digit limit), floats that overflow to inf, and the constants NaN/Infinity.
+
+    >>> parse_json('{"a": [1, 2.5]}')
+    {'a': [1, 2.5]}
+    >>> parse_json('[' * 100 + ']' * 100)
+    Traceback (most recent call last):
+    ...
+    retrieval_heads.io.JSONError: nested deeper than 64 levels
+    """
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise JSONError(f"{e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise JSONError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # int digit limit
+        raise JSONError(str(e).split(";")[0].split(":")[0].strip() or "a number out of range") from None
+    _check_depth(obj)
+    return obj
+
+
+def _finite_float(s: str) -> float:
+    x = float(s)
+    if x in (float("inf"), float("-inf")):
+        raise JSONError(f"number {s[:20]}{'...' if len(s) > 20 else ''} is out of range")
+    return x
+
+
+def _check_depth(obj: Any) -> None:
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            if d > MAX_JSON_DEPTH:
+                raise JSONError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
 
 
 def _umask() -> int:
