@@ -3,8 +3,10 @@
 Seed fields, in the seed's order: method, model_key, model_name, question, question_prompt, total_tokens,
 needle_position, samples_processed, timestamp, head_rankings ([{head, score, rank}] for every head, best
 first), top_50_heads. Added: num_layers, num_heads, seed, dtype, scores ([layers][heads], the same numbers
-as head_rankings in grid form), extra (method-specific, e.g. accuracy), and checksum: the SHA-256 of the
-canonical JSON of every other field except timestamp, so a truncated or edited file is detected.
+as head_rankings in grid form), extra (method-specific, e.g. accuracy), provenance (what produced it: model
+source and weights identity, dataset hash, versions), and checksum: the SHA-256 of the canonical JSON of every
+other field except timestamp, so a truncated or edited file is detected; :func:`validate` also checks every
+field's type and the consistency of scores, rankings and top heads, which a recomputed checksum would not.
 """
 
 from __future__ import annotations
