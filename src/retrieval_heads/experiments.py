@@ -26,7 +26,7 @@ from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_record, ranking, result_path, samples_path
+from .results import make_provenance, make_record, ranking, result_path, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -135,6 +135,16 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, an
         }
 
 
+DATASET_SUFFIX = "+dataset"
+
+
+def dataset_key(dataset: str | Path) -> str:
+    """The question key of a ``--dataset`` experiment: the file's stem, with ``+dataset`` appended when the
+    stem is a built-in question (``inc_state.jsonl`` must not replace the synthetic ``inc_state`` result)."""
+    stem = Path(dataset).stem
+    return stem + DATASET_SUFFIX if stem in QUESTIONS else stem
+
+
 def method_names(method: str | Sequence[str]) -> list[str]:
     """Method names from ``"a,b"`` or a list (each item may itself hold commas); checked against the registry,
     duplicates dropped, order kept."""
@@ -207,7 +217,7 @@ def detect(
     if records is not None:
         check_tokens(lm, tokens)
         prompts = dataset_samples(PromptFormat(lm.tokenizer), records, tokens, needle_position)
-        qkey = Path(dataset).stem
+        qkey = dataset_key(dataset)
         qs = {p.question for p in prompts}
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:
@@ -219,6 +229,7 @@ def detect(
     if got is not None:
         extra.update(accuracy(got), max_new_tokens=max_new_tokens)
     dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
     for name in names:
         sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
@@ -232,6 +243,7 @@ def detect(
             total_tokens=tokens, needle_position=needle_position, scores=total, samples_processed=len(prompts),
             seed=seed, dtype=dtype_name,
             extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
+            provenance=provenance,
         )
         path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if output_dir else None
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got)
@@ -251,4 +263,5 @@ def synthetic_record(
         question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
         scores=sample_scores.sum(0), samples_processed=sample_scores.shape[0], seed=seed,
         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra,
+        provenance=make_provenance(lm.identity),
     )

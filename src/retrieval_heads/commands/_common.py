@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from ..errors import UserError
 
 
 def quiet_transformers() -> None:
@@ -23,3 +27,22 @@ def print_top(rows: list[tuple[str, float]], title: str) -> None:
     for i, (h, s) in enumerate(rows, 1):
         table.add_row(str(i), h, f"{s:.4f}")
     Console().print(table)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: ``os.path.samefile`` where both exist (links, hard links), else equal
+    resolved paths."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_not_input(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
+    """UserError if ``out`` is one of ``inputs`` (None entries are skipped): an output never replaces what
+    was read."""
+    for i in inputs:
+        if i is not None and same_file(out, i):
+            raise UserError(f"{flag} {out} is an input ({i}); choose another file")

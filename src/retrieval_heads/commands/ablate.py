@@ -42,8 +42,8 @@ def ablate(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
     batch_size: int = typer.Option(1, help="Samples per forward pass."),
-    out: Optional[Path] = typer.Option(None, help="Output JSON (default: RESULT's name + .ablation.json); the plot "
-                                                  "goes next to it as .png."),
+    out: Optional[Path] = typer.Option(None, help="Output JSON, a name ending in .json (default: RESULT's name + "
+                                                  ".ablation.json); the plot goes next to it as .png."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
 ) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
@@ -55,7 +55,8 @@ def ablate(
     from ..experiments import build_prompts, check_args, check_tokens
     from ..io import atomic_write_json
     from ..models import load_model
-    from ..results import load_result
+    from ..results import load_result, samples_path
+    from ._common import check_not_input
 
     ks = parse_ks(k, ctx.args)
     record = load_result(result)
@@ -74,6 +75,10 @@ def ablate(
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
     out = out or result.with_name(result.stem + ".ablation.json")
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out must name a .json file (the plot goes beside it as .png), got {out}")
+    for o in (out, out.with_suffix(".png")):
+        check_not_input(o, [result, samples_path(result), dataset])
     records = None if synthetic else load_jsonl(dataset)[:n]
     quiet_transformers()
     lm = load_model(model or record["model_key"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)

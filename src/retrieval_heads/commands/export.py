@@ -19,10 +19,13 @@ def export(
     from ..export import FORMATS, render
     from ..errors import UserError
     from ..io import atomic_write_text
-    from ..results import load_result
+    from ..results import load_result, samples_path
+    from ._common import check_not_input
 
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}; choose from: {', '.join(FORMATS)}")
+    if out is not None:
+        check_not_input(out, [result, samples_path(result)])
     text = render(format, load_result(result), result, k, kv_heads)
     if out is None:
         typer.echo(text, nl=False)

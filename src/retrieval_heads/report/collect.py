@@ -116,15 +116,23 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith(".") or not path.is_file():
             continue
-        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
-            continue
+        mine = skip is not None and (path.resolve() == skip or skip in path.resolve().parents)
         rel = path.relative_to(root).as_posix()
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
+            if mine:
+                continue
             raise UserError(f"cannot read result {path}: {e}") from None
         except json.JSONDecodeError as e:
+            if mine:
+                continue
             raise UserError(f"{path}: corrupt result JSON ({e.msg} at line {e.lineno})") from None
+        if mine:  # the report's own folder is not read, so it must hold no result that would go unreported
+            if _looks_like_result(obj):
+                raise UserError(f"the report folder {exclude} holds the result {path}, which the report would "
+                                "leave out; choose another --out")
+            continue
         if not _looks_like_result(obj):
             skipped.append(rel)
             continue
