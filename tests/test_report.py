@@ -79,7 +79,7 @@ def test_top_head_table_is_the_seeds(tmp_path, capsys):
     rc, _, err = run(["report", str(tmp_path)], capsys)
     assert rc == 0, err
     md = (tmp_path / "report" / "report.md").read_text()
-    assert ("| Model | Question | 6000 |\n|---|---|---|\n| **m1** | inc_year | L0H0 (3.2) |") in md
+    assert ("| Model | Question | 6000 |\n|---|---|---|\n| **m1** | inc_year | L0H0 (3.25) |") in md
     assert ("| Model | Question | 2K | 4K |\n|---|---|---|---|\n"
             "| **m1** | inc_state | L1H2 (117.8) | L1H2 (117.0) |\n"
             "|  | hq_state | L5H9 (100.0) | — |\n") in md

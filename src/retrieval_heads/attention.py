@@ -256,7 +256,10 @@ def loads(data: bytes, where: str = "attention file") -> SavedAttention:
         raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     from .io import parse_json
 
-    meta = parse_json(arrays["meta"].tobytes())
+    try:
+        meta = parse_json(arrays["meta"].tobytes())
+    except UserError as e:
+        raise bad(f"meta: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
         raise bad("unknown format")
     heads, offsets, ids, rows = arrays["heads"], arrays["offsets"], arrays["ids"], arrays["rows"]
