@@ -174,3 +174,33 @@ def test_smollm2_stored_rows_equal_the_probe(smollm2, tmp_path):
     res = detect(smollm2, question="hq_state", tokens=512, samples=2, output_dir=tmp_path, save_attention=5)
     saved = check_against_reference(smollm2, res, 5)
     assert saved.rows.shape == (5, sum(len(p.input_ids) for p in res.prompts))
+
+
+def test_sweep_saves_attention_and_resumes(tiny_lm, tmp_path):
+    from dataclasses import replace
+
+    from retrieval_heads.sweep import make_grid, run_sweep
+
+    lm = replace(tiny_lm, key="smollm2")  # the grid names the embedded model; the tiny one stands in for it
+    grid = make_grid(models=["smollm2"], questions=["inc_state", "hq_state"], tokens=[260], samples=2,
+                     save_attention=3)
+    s = run_sweep(grid, tmp_path, load=lambda *a, **k: lm, progress=False, echo=lambda line: None,
+                  check_models=False)
+    assert len(s.done) == 2
+    for path in s.done:
+        saved = A.load(A.attention_path(path))
+        record = __import__("json").loads(path.read_text())
+        assert A.check_matches(saved, record) is None and saved.heads == record["top_50_heads"][:3]
+        for smp in range(2):  # rows equal the probe's on the same prompt within their step
+            ids = saved.sample_ids(smp).tolist()
+            ref = reference_rows(lm.model, torch.tensor([ids]))
+            for j, name in enumerate(saved.heads):
+                layer, head = parse_head(name)
+                assert np.abs(saved.row(smp, j) - ref[layer][0, head, 0].numpy()).max() <= saved.scale[smp, j] / 2 + 1e-6
+    A.attention_path(s.done[1]).unlink()  # a result without its attention file is redone
+    lines: list[str] = []
+    s2 = run_sweep(grid, tmp_path, load=lambda *a, **k: lm, progress=False, echo=lines.append, check_models=False)
+    assert s2.done == [s.done[1]] and A.attention_path(s.done[1]).exists()
+    assert sum(line.startswith("skipped") for line in lines) == 1
+    with pytest.raises(UserError, match="--save-attention must be 0"):
+        make_grid(models=["smollm2"], tokens=[260], save_attention=-2)
