@@ -10,7 +10,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var panel = $("rh-explorer"), selExp = $("rh-exp"), selHead = $("rh-head"), selSample = $("rh-sample");
   var text = $("rh-text"), plot = $("rh-plot"), msg = $("rh-msg"), maxLabel = $("rh-max"), sink = $("rh-sink");
-  var SVG = "http://www.w3.org/2000/svg";
+  var SVG = plot.namespaceURI;  // the SVG namespace, from the page's own <svg>
   var state = { exp: -1, head: null, sample: 0 };
   var built = { prompt: -1, spans: [], needle: null, answer: null };
   var promptCache = {}, rowCache = {};
@@ -219,7 +219,7 @@
     state.head = head || (e.saved ? e.saved.heads[0] : e.ranked[0]);
     state.sample = sample || 0;
     panel.hidden = false;
-    document.body.style.paddingBottom = "48vh";
+    document.body.style.paddingBottom = "58vh";
     selExp.value = String(exp);
     fillHeads(); fillSamples();
     render(true);

@@ -144,20 +144,20 @@ CSS = """
 .rh-hit { position: absolute; cursor: crosshair; }
 .rh-hit:hover { outline: 1px dashed rgba(255,255,255,.6); }
 .rh-sel { position: absolute; border: 2px solid #ff2d55; pointer-events: none; box-sizing: border-box; }
-.rh-panel { position: fixed; left: 0; right: 0; bottom: 0; height: 46vh; background: #fff; z-index: 10;
+.rh-panel { position: fixed; left: 0; right: 0; bottom: 0; height: 56vh; background: #fff; z-index: 10;
             border-top: 3px solid #0969da; box-shadow: 0 -4px 16px rgba(0,0,0,.15); display: flex;
             flex-direction: column; font-size: 13px; }
 .rh-panel[hidden] { display: none; }
 .rh-bar { display: flex; flex-wrap: wrap; gap: 6px 14px; align-items: center; padding: 6px 12px;
           background: #f6f8fa; border-bottom: 1px solid #d0d7de; }
-.rh-bar select { max-width: 380px; }
+.rh-bar select { max-width: 340px; }
 #rh-close { margin-left: auto; }
 .rh-info { padding: 3px 12px; display: flex; justify-content: space-between; gap: 12px; color: #1f2328; }
 .rh-legend { display: inline-flex; align-items: center; gap: 5px; white-space: nowrap; }
 .rh-ramp { display: inline-block; width: 120px; height: 10px; border: 1px solid #999;
            background: linear-gradient(to right, rgba(9,105,218,0), rgba(9,105,218,1)); }
 .rh-key { padding: 0 4px; margin-left: 8px; }
-#rh-plot { width: 100%; height: 80px; flex: none; border-bottom: 1px solid #d0d7de; cursor: pointer; }
+#rh-plot { width: 100%; height: 64px; flex: none; border-bottom: 1px solid #d0d7de; cursor: pointer; }
 .rh-text { flex: 1; overflow-y: auto; padding: 8px 12px; white-space: pre-wrap; word-break: break-word;
            font: 13px/1.7 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; position: relative; }
 .rh-needle { outline: 2px solid #f08c00; background-clip: padding-box; }
