@@ -105,8 +105,17 @@ def test_quantisation_step_bound():
 def test_same_rows_same_bytes(tiny_lm, tmp_path):
     a = detect(tiny_lm, question="inc_year", tokens=260, samples=2, save_attention=3)
     b = detect(tiny_lm, question="inc_year", tokens=260, samples=2, save_attention=3)
-    a.record["checksum"] = b.record["checksum"]
     assert a.attention == b.attention
+
+
+def test_file_size_within_the_budget(tiny_lm):
+    """The README's budget: at most (K + 4) bytes per prompt position (codes and id) plus the token table
+    (12 bytes and the text per distinct token) plus 4 KB of headers, whatever the rows' compressibility."""
+    res = detect(tiny_lm, question="inc_state", tokens=1000, samples=2, save_attention=5)
+    saved = A.loads(res.attention)
+    T, V = len(saved.ids), len(saved.vocab)
+    text = sum(len(t.encode()) for t in saved.vocab.values())
+    assert len(res.attention) <= (5 + 4) * T + 12 * V + text + 4096
 
 
 def _members(data: bytes) -> dict[str, bytes]:
