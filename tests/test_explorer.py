@@ -167,7 +167,7 @@ def click_head(page, exp: int, head: str, nth: int = -1):
     """Click the cell of ``head`` in a heatmap of experiment ``exp`` (the last such overlay by default)."""
     hits = page.locator(f'figure .rh-hit[data-exp="{exp}"]')
     hit = hits.nth(nth if nth >= 0 else hits.count() - 1)
-    hit.scroll_into_view_if_needed()
+    hit.evaluate("el => el.scrollIntoView({block: 'start'})")  # above the panel, which covers the lower half
     box = hit.bounding_box()
     rows, cols = int(hit.get_attribute("data-rows")), int(hit.get_attribute("data-cols"))
     layer, h = map(int, head[1:].split("H"))
@@ -245,7 +245,7 @@ def test_explorer_at_8k_tokens_is_quick(tmp_path):
     make_report(tmp_path / "r", build_dir, resamples=10)
     with sync_playwright() as p:
         browser, page, errors = open_page(p, build_dir / "report.html")
-        timings = []
+        timings, in_page = [], []
         for head in res.record["top_50_heads"][:2] * 2:
             t = time.perf_counter()
             click_head(page, 0, head)
@@ -253,6 +253,7 @@ def test_explorer_at_8k_tokens_is_quick(tmp_path):
             page.wait_for_function("() => document.querySelector('#rh-head').value === '%s'" % head)
             page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")  # painted
             timings.append(time.perf_counter() - t)
+            in_page.append(float(page.get_attribute("#rh-explorer", "data-ms")))
         assert page.locator("#rh-text .rh-t").count() == len(res.prompts[0].input_ids) >= 8100
         assert page.evaluate("() => document.getElementById('rh-text').scrollTop") > 0  # scrolled to the mass
         t = time.perf_counter()
@@ -261,5 +262,7 @@ def test_explorer_at_8k_tokens_is_quick(tmp_path):
         timings.append(time.perf_counter() - t)
         assert errors == []
         browser.close()
-    print("8K click-to-paint seconds:", [round(x, 3) for x in timings])
-    assert max(timings) < 2.0  # measured ~0.1-0.3 s on a busy 2-core machine
+    print("8K click-to-paint seconds:", [round(x, 3) for x in timings], "in-page ms:", in_page)
+    # building or restyling 8K token spans: measured 50-650 ms on a busy 2-core machine; bounds leave room for load
+    assert max(in_page) < 1500
+    assert max(timings) < 3.0  # click to paint, Playwright's round trips included (measured 0.2-1.0 s)

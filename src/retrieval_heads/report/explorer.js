@@ -214,6 +214,7 @@
     if (scroll) scrollToPos(massCentre(r));
   }
   function open(exp, head, sample) {
+    var t0 = performance.now();
     state.exp = exp;
     var e = D.experiments[exp];
     state.head = head || (e.saved ? e.saved.heads[0] : e.ranked[0]);
@@ -223,6 +224,7 @@
     selExp.value = String(exp);
     fillHeads(); fillSamples();
     render(true);
+    panel.dataset.ms = (performance.now() - t0).toFixed(1);  // time to build and style the view
   }
 
   // --- heatmap overlays ----------------------------------------------------------------------------------------
