@@ -213,3 +213,19 @@ def test_sweep_saves_attention_and_resumes(tiny_lm, tmp_path):
     assert sum(line.startswith("skipped") for line in lines) == 1
     with pytest.raises(UserError, match="--save-attention must be 0"):
         make_grid(models=["smollm2"], tokens=[260], save_attention=-2)
+
+
+def test_ray_payload_carries_the_attention_file(tiny_lm):
+    """The Ray engine's worker sends the attention file back with the record (no Ray needed: the worker is a
+    plain class), byte for byte the local engine's."""
+    from retrieval_heads.ray_engine import ModelWorker
+    from retrieval_heads.sweep import Unit, compute_unit, make_grid
+
+    grid = make_grid(models=["smollm2"], questions=["inc_state", "hq_state"], tokens=[260], samples=2,
+                     save_attention=2)
+    unit = Unit("smollm2", 260, grid.questions)
+    worker = ModelWorker("smollm2", grid)
+    worker.lm = tiny_lm
+    payloads, _ = worker.compute(unit, ["hq_state"])
+    local = {r.record["question"]: r for r in compute_unit(tiny_lm, unit, grid)}
+    assert len(payloads) == 1 and payloads[0].result().attention == local["hq_state"].attention is not None

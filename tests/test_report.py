@@ -27,6 +27,7 @@ from retrieval_heads.cli import main
 from retrieval_heads.io import atomic_write_json, atomic_write_jsonl
 from retrieval_heads.report import build, collect
 from retrieval_heads.report.stability import bootstrap_ranks, bootstrap_reference, rank_intervals
+from retrieval_heads.report.tables import score_text
 from retrieval_heads.results import make_record, result_path
 
 L, H = 6, 10  # 60 heads; flat index i = layer * H + head
@@ -337,7 +338,7 @@ def test_report_on_real_runs(smollm2, tmp_path):
     md = (rep / "report.md").read_text()
     def cell(r):
         top = r.record["head_rankings"][0]
-        return f"{top['head']} ({top['score']:.1f})"
+        return f"{top['head']} ({score_text(top['score'])})"
 
     assert (f"| **smollm2** | inc_state | {cell(runs[('inc_state', 320)])} | {cell(runs[('inc_state', 384)])} |\n"
             f"|  | hq_state | {cell(runs[('hq_state', 320)])} | {cell(runs[('hq_state', 384)])} |") in md
