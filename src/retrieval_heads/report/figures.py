@@ -118,7 +118,7 @@ def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
                           "lowest and highest score), top head boxed",
                           width=int(w * 11))
     fig.suptitle("\n".join(title), fontsize=9, y=1 - 0.12 / h, va="top")
-    fig.subplots_adjust(left=0.75 / w, right=1 - 0.1 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
+    fig.subplots_adjust(left=0.75 / w, right=1 - 0.45 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
                         wspace=0.3, hspace=0.28)
     if regions is not None:
         for i, (_, by_len) in enumerate(rows.items()):
