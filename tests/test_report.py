@@ -27,6 +27,7 @@ from retrieval_heads.cli import main
 from retrieval_heads.io import atomic_write_json, atomic_write_jsonl
 from retrieval_heads.report import build, collect
 from retrieval_heads.report.stability import bootstrap_ranks, bootstrap_reference, rank_intervals
+from retrieval_heads.report.tables import score_text
 from retrieval_heads.results import make_record, result_path
 
 L, H = 6, 10  # 60 heads; flat index i = layer * H + head
@@ -79,7 +80,7 @@ def test_top_head_table_is_the_seeds(tmp_path, capsys):
     rc, _, err = run(["report", str(tmp_path)], capsys)
     assert rc == 0, err
     md = (tmp_path / "report" / "report.md").read_text()
-    assert ("| Model | Question | 6000 |\n|---|---|---|\n| **m1** | inc_year | L0H0 (3.2) |") in md
+    assert ("| Model | Question | 6000 |\n|---|---|---|\n| **m1** | inc_year | L0H0 (3.25) |") in md
     assert ("| Model | Question | 2K | 4K |\n|---|---|---|---|\n"
             "| **m1** | inc_state | L1H2 (117.8) | L1H2 (117.0) |\n"
             "|  | hq_state | L5H9 (100.0) | — |\n") in md
@@ -337,7 +338,7 @@ def test_report_on_real_runs(smollm2, tmp_path):
     md = (rep / "report.md").read_text()
     def cell(r):
         top = r.record["head_rankings"][0]
-        return f"{top['head']} ({top['score']:.1f})"
+        return f"{top['head']} ({score_text(top['score'])})"
 
     assert (f"| **smollm2** | inc_state | {cell(runs[('inc_state', 320)])} | {cell(runs[('inc_state', 384)])} |\n"
             f"|  | hq_state | {cell(runs[('hq_state', 320)])} | {cell(runs[('hq_state', 384)])} |") in md

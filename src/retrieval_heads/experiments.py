@@ -22,7 +22,7 @@ from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
-from .io import atomic_write_json, atomic_write_jsonl, check_writable
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
@@ -43,6 +43,7 @@ class DetectResult:
     path: Path | None = None
     extra: dict = field(default_factory=dict)
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
+    attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
         return ranking(self.scores)[:k]
@@ -107,12 +108,16 @@ def score_prompts(
 
 def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
-    save_samples: bool, answers: Sequence | None = None,
+    save_samples: bool, answers: Sequence | None = None, attention: bytes | None = None,
 ) -> Path:
-    """Samples file first, result JSON last (its presence marks the experiment done); both atomic."""
+    """Samples and attention files first, result JSON last (its presence marks the experiment done); all atomic."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
     if save_samples:
         atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers))
+    if attention is not None:
+        from .attention import attention_path
+
+        atomic_write_bytes(attention_path(path), attention)
     atomic_write_json(path, record)
     return path
 
@@ -184,6 +189,7 @@ def detect(
     success_only: bool = False,
     answers: bool | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    save_attention: int = 0,
 ) -> DetectResult | dict[str, DetectResult]:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
@@ -198,6 +204,10 @@ def detect(
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
+    With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
+    heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
+    methods), written beside it as ``.attention.npz`` and kept in ``DetectResult.attention``.
+
     Returns a :class:`DetectResult` for a single method, else {result name: DetectResult}.
     """
     from .generation import accuracy, answer_prompts
@@ -206,6 +216,8 @@ def detect(
     names = method_names(method)
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if save_attention < 0:
+        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
     needs = {n: getattr(METHODS.get(n), "needs", ()) for n in names}
     track = any("answers" in x for x in needs.values())
     want_answers = bool(answers) or success_only or track
@@ -245,8 +257,18 @@ def detect(
             extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
             provenance=provenance,
         )
-        path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if output_dir else None
+        write_now = output_dir and not save_attention  # else after the attention rows, below
+        path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if write_now else None
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got)
+    if save_attention:  # the rankings are final: one more probed pass for every method's top heads
+        from .attention import for_results
+
+        files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
+        for r, data in zip(out.values(), files):
+            r.attention = data
+            if output_dir:
+                r.path = write_result(output_dir, r.record, r.prompts, r.sample_scores, save_samples, r.answers,
+                                      data)
     return next(iter(out.values())) if len(out) == 1 else out
 
 

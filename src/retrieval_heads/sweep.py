@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
@@ -67,6 +68,7 @@ class Grid:
     batch_size: int = 1
     save_samples: bool = False
     trust_remote_code: bool = False
+    save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
 
     @property
     def size(self) -> int:
@@ -100,7 +102,7 @@ class Status:
 
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "seed", "method", "dtype", "device",
-           "batch_size", "save_samples", "trust_remote_code"):
+           "batch_size", "save_samples", "trust_remote_code", "save_attention"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -166,7 +168,7 @@ def make_grid(**settings: Any) -> Grid:
         values["questions"] = tuple(QUESTIONS) if "all" in qs else qs
     if "tokens" in given:
         values["tokens"] = _ints(given["tokens"], "tokens")
-    for k in ("samples", "seed", "batch_size"):
+    for k in ("samples", "seed", "batch_size", "save_attention"):
         if k in given:
             values[k] = _int(given[k], k)
     for k in ("method", "dtype", "device"):
@@ -198,6 +200,8 @@ def make_grid(**settings: Any) -> Grid:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
     for t in grid.tokens:
         check_args(None, t, grid.samples, grid.needle_position, grid.batch_size)
+    if grid.save_attention < 0:
+        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
     return grid
 
 
@@ -298,6 +302,10 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
             st.state[q] = "corrupt"
             st.reason[q] = bad
             continue
+        if grid.save_attention and not attention_path(path).exists():
+            st.state[q] = "missing"
+            st.reason[q] = "no attention file"
+            continue
         st.state[q] = "done"
     return st
 
@@ -320,7 +328,7 @@ def compute_unit(
         for i, q in enumerate(unit.questions):
             out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
                               needle_position=grid.needle_position, seed=grid.seed, method=grid.method,
-                              batch_size=grid.batch_size))
+                              batch_size=grid.batch_size, save_attention=grid.save_attention))
             progress((i + 1) / len(unit.questions))
         return out
 
@@ -339,13 +347,15 @@ def compute_unit(
     for q in unit.questions:
         record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores[q])
         out.append(DetectResult(scores[q].sum(0).cpu(), scores[q].cpu(), [g[q] for g in groups], record))
+    for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
+        r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
     return out
 
 
 def write(output_dir: str | Path, result: DetectResult, save_samples: bool = False) -> Path:
     """The one writer of sweep results: atomic, the same files and format as ``detect``."""
     result.path = write_result(output_dir, result.record, result.prompts, result.sample_scores, save_samples,
-                               result.answers)
+                               result.answers, result.attention)
     return result.path
 
 

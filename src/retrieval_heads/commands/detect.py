@@ -20,6 +20,8 @@ def detect(
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
     output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
+    save_attention: int = typer.Option(0, help="Also save, per sample, the last token's attention rows of the "
+                                               "top K heads (.attention.npz, for the report's explorer); 0: off."),
     method: List[str] = typer.Option(["summed_attention"], help="Scoring method(s): summed_attention, query_focused, "
                                      "retrieval_score; comma-separated or repeated, all on the same samples."),
     success_only: bool = typer.Option(False, help="Count only correctly answered samples (written as METHOD_success)."),
@@ -40,11 +42,14 @@ def detect(
     method = method_names(method)
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if save_attention < 0:
+        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
     quiet_transformers()
     res = run(model=model, question=question, tokens=tokens, samples=samples, needle_position=needle_position,
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,
               output_dir=output_dir, save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code,
-              success_only=success_only, answers=answers or None, max_new_tokens=max_new_tokens)
+              success_only=success_only, answers=answers or None, max_new_tokens=max_new_tokens,
+              save_attention=save_attention)
     for res in (res.values() if isinstance(res, dict) else [res]):
         r = res.record
         acc = f", accuracy {r['extra']['accuracy']:.2f}" if "accuracy" in r["extra"] else ""

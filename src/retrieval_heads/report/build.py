@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from . import figures, html, markdown, stability, tables
+from . import explorer, figures, html, markdown, stability, tables
 from .collect import Collection, collect, load_sample_scores
-from .document import Block, Bullets, Figure, Heading, Paragraph, Table
+from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
 
 TITLE = "Retrieval heads report"
 
@@ -132,12 +132,24 @@ def _bootstrap(col: Collection, resamples: int, seed: int, top: int) -> tuple[li
 
 
 def _overview(col: Collection) -> list[Block]:
+    regions: list = []
+    png = figures.grid(col.experiments, regions)
     return [
         Heading("Heatmaps"),
         Paragraph("Score of every head, layers down and heads across, the top head boxed in red; one heatmap per "
                   "experiment, with its colour scale, is at the end."),
-        Figure("figures/grid.png", figures.grid(col.experiments), "All experiments (colours scaled per panel)"),
+        Figure("figures/grid.png", png, "All experiments (colours scaled per panel)", regions=regions),
     ]
+
+
+def _explorer(col: Collection) -> tuple[list[Block], Raw, dict, list[str]]:
+    """The explorer's section (near the top) and its panel, data and script (at the end of the page)."""
+    data, summary, notes = explorer.payload(col)
+    n_saved = sum(1 for e in data["experiments"] if "saved" in e)
+    blocks: list[Block] = [Heading("Where the heads look"),
+                           Raw(explorer.intro_html(n_saved, len(col.experiments)),
+                               "The attention explorer is in `report.html` (open it in a browser).")]
+    return blocks, Raw(explorer.panel_html(data)), {"experiments": summary}, notes
 
 
 def _figures(col: Collection) -> tuple[list[Block], list[str]]:
@@ -146,9 +158,12 @@ def _figures(col: Collection) -> tuple[list[Block], list[str]]:
         Paragraph("The top 5 heads are numbered, the top head is boxed in red."),
     ]
     paths = []
-    for e in col.experiments:
+    for i, e in enumerate(col.experiments):
         path = f"figures/{e.method}/{e.slug}.png"
-        blocks.append(Figure(path, figures.heatmap(e), f"{e.method} · {e.title}", width=460))
+        regions: list = []
+        png = figures.heatmap(e, regions=regions)
+        blocks.append(Figure(path, png, f"{e.method} · {e.title}", width=460,
+                             regions=[dict(r, exp=i) for r in regions]))
         paths.append(path)
     return blocks, paths
 
@@ -167,8 +182,9 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     b_stab, d_stab, n_stab = _stability(col)
     b_boot, d_boot, n_boot = _bootstrap(col, resamples, seed, top)
     b_fig, paths = _figures(col)
-    notes = n_stab + n_boot + [f"Not a result, skipped: `{p}`" for p in col.skipped]
-    blocks += b_top + _overview(col) + b_move + b_stab + b_boot + b_fig
+    b_exp, panel, d_exp, n_exp = _explorer(col)
+    notes = n_stab + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
+    blocks += b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
     blocks += [Heading("Results read"), Table(
         ["Method", "Model", "Question", "Tokens", "Samples", "Top head", "File"],
         [[e.method, e.model, e.question, str(e.tokens), str(e.record["samples_processed"]), tables.top_head_cell(e),
@@ -176,6 +192,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
         align=["l", "l", "l", "r", "r", "l", "l"])]
     if notes:
         blocks += [Heading("Notes"), Bullets(notes)]
+    blocks.append(panel)
     data = {
         "results_dir": str(results_dir),
         "experiments": [{"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens,
@@ -183,7 +200,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
                          "top_head": e.record["head_rankings"][0]["head"],
                          "top_score": e.record["head_rankings"][0]["score"], "figure": p}
                         for e, p in zip(col.experiments, paths)],
-        "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "notes": notes,
+        "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp, "notes": notes,
     }
     return Report(blocks, data, col)
 

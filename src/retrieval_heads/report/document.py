@@ -39,9 +39,18 @@ class Figure:
     png: bytes
     caption: str
     width: int = 0  # display width in px for HTML; 0 = natural
+    regions: list[dict] = field(default_factory=list)  # clickable heatmap axes (figures.region), HTML only
 
 
-Block = Heading | Paragraph | Bullets | Table | Figure
+@dataclass
+class Raw:
+    """Ready-made HTML for the page (e.g. the explorer) and its Markdown stand-in (may be empty)."""
+
+    html: str
+    markdown: str = ""
+
+
+Block = Heading | Paragraph | Bullets | Table | Figure | Raw
 
 
 def figures(blocks: list[Block]) -> list[Figure]:

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .collect import Experiment
+from .tables import score_text
 
 CMAP = "viridis"
 MARK = 5  # numbered top heads
@@ -48,8 +49,16 @@ def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = Tru
     return image
 
 
-def heatmap(exp: Experiment, dpi: int = 90) -> bytes:
-    """One experiment's (L, H) score grid with a colorbar; title: model, question, tokens, method."""
+def region(ax, rows: int, cols: int, **extra) -> dict:
+    """Where an axes' image lies in its figure, in percent from the top left (for the page's click overlay)."""
+    box = ax.get_position()  # figure fractions, origin bottom left
+    return {"left": round(100 * box.x0, 3), "top": round(100 * (1 - box.y1), 3), "width": round(100 * box.width, 3),
+            "height": round(100 * box.height, 3), "rows": rows, "cols": cols, **extra}
+
+
+def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> bytes:
+    """One experiment's (L, H) score grid with a colorbar; title: model, question, tokens, method. With
+    ``regions``, the heatmap's place in the picture is appended to it (:func:`region`)."""
     L, H = exp.shape
     w, h = min(12.0, max(5.0, 1.8 + 0.3 * H)), min(12.0, max(4.5, 1.4 + 0.17 * L))
     fig = Figure(figsize=(w, h))
@@ -62,12 +71,16 @@ def heatmap(exp: Experiment, dpi: int = 90) -> bytes:
     top = exp.record["head_rankings"][0]
     ax.set_title(f"{exp.model} · {exp.question} · {exp.tokens} tokens\n"
                  f"{exp.method}, {exp.record['samples_processed']} samples · top {top['head']} "
-                 f"({top['score']:.1f})", fontsize=10)
+                 f"({score_text(top['score'])})", fontsize=10)
+    if regions is not None:
+        regions.append(region(ax, L, H))
     return _png(fig, dpi)
 
 
-def grid(exps: list[Experiment]) -> bytes:
-    """All experiments: a row per (method, model, question), a column per length; colours per panel."""
+def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
+    """All experiments: a row per (method, model, question), a column per length; colours per panel, each
+    panel with its colour scale (min and max ticks). With ``regions``, each panel's place is appended to it,
+    ``exp`` being the experiment's index in ``exps``."""
     rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
     for e in exps:
         rows[(e.method, e.model, e.question)][e.tokens] = e
@@ -84,8 +97,13 @@ def grid(exps: list[Experiment]) -> bytes:
                 ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#888")
             else:
                 e = by_len[t]
-                _draw(ax, e, fontsize=6, ticks=False, numbers=False)
+                image = _draw(ax, e, fontsize=6, ticks=False, numbers=False)
                 ax.set_title(f"{t} tok · {e.ranked[0]}", fontsize=8)
+                lo, hi = float(e.scores.min()), float(e.scores.max())
+                bar = fig.colorbar(image, ax=ax, fraction=0.1, pad=0.03, aspect=25)
+                bar.set_ticks([lo, hi] if hi > lo else [lo])
+                bar.set_ticklabels([score_text(lo), score_text(hi)] if hi > lo else [score_text(lo)])
+                bar.ax.tick_params(labelsize=6, length=2, pad=1)
             if j == 0:
                 label = f"{model}\n{question}" + (f"\n{method}" if several else "")
                 if t not in by_len:  # keep the row's label visible on an empty panel
@@ -96,9 +114,16 @@ def grid(exps: list[Experiment]) -> bytes:
                         spine.set_visible(False)
                 ax.set_ylabel(label, fontsize=8)
     w, h = fig.get_size_inches()
-    title = textwrap.wrap("Layer (down) x head (across) per experiment; colours scaled per panel, top head boxed",
+    title = textwrap.wrap("Layer (down) x head (across) per experiment; colours scaled per panel (its bar: "
+                          "lowest and highest score), top head boxed",
                           width=int(w * 11))
     fig.suptitle("\n".join(title), fontsize=9, y=1 - 0.12 / h, va="top")
-    fig.subplots_adjust(left=0.75 / w, right=1 - 0.1 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
-                        wspace=0.12, hspace=0.28)
+    fig.subplots_adjust(left=0.75 / w, right=1 - 0.45 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
+                        wspace=0.3, hspace=0.28)
+    if regions is not None:
+        for i, (_, by_len) in enumerate(rows.items()):
+            for j, t in enumerate(lengths):
+                if t in by_len:
+                    e = by_len[t]
+                    regions.append(region(axes[i, j], *e.shape, exp=exps.index(e)))
     return _png(fig, dpi=72 if nr * nc <= 48 else 56)

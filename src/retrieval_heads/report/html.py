@@ -11,7 +11,7 @@ import base64
 import html
 import re
 
-from .document import Block, Bullets, Figure, Heading, Paragraph, Table
+from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
@@ -31,6 +31,8 @@ code { background: #eff1f3; padding: 1px 4px; border-radius: 4px; font-size: 90%
 figure { display: inline-block; margin: 8px 12px 16px 0; vertical-align: top; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 12px; max-width: 480px; }
+details.fold { margin: 8px 0 16px; } details.fold > summary { cursor: pointer; color: #0969da; }
+div.tbl.inline details.fold { margin: 0; }
 """
 
 SCRIPT = """
@@ -40,6 +42,8 @@ window.addEventListener("load", function () {
   document.body.setAttribute("data-figures", ok + "/" + imgs.length);
 });
 """
+
+FOLD_ROWS = 12  # tables longer than this are folded (<details>)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -58,14 +62,23 @@ def table(t: Table) -> str:
                    for row in t.rows)
     cap = f'<p class="caption">{inline(t.caption)}</p>' if t.caption else ""
     cls = "tbl inline" if t.inline else "tbl"
-    return f'<div class="{cls}">{cap}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    grid = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if len(t.rows) > FOLD_ROWS:  # long tables start folded: the page reads top-down
+        grid = f'<details class="fold"><summary>{len(t.rows)} rows (click to show)</summary>{grid}</details>'
+    return f'<div class="{cls}">{cap}{grid}</div>'
 
 
 def figure(f: Figure) -> str:
     data = base64.b64encode(f.png).decode("ascii")
     width = f' width="{f.width}"' if f.width else ""
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(f.caption)}"{width}>'
-            f"<figcaption>{inline(f.caption)}</figcaption></figure>")
+    img = f'<img src="data:image/png;base64,{data}" alt="{html.escape(f.caption)}"{width}>'
+    if f.regions:  # clickable heatmaps (the explorer's script handles the clicks)
+        hits = "".join(
+            f'<div class="rh-hit" data-exp="{int(r["exp"])}" data-rows="{int(r["rows"])}" data-cols="{int(r["cols"])}" '
+            f'style="left:{float(r["left"])}%;top:{float(r["top"])}%;width:{float(r["width"])}%;'
+            f'height:{float(r["height"])}%"></div>' for r in f.regions)
+        img = f'<div class="rh-hm">{img}{hits}</div>'
+    return f"<figure>{img}<figcaption>{inline(f.caption)}</figcaption></figure>"
 
 
 def render(title: str, blocks: list[Block]) -> str:
@@ -81,6 +94,8 @@ def render(title: str, blocks: list[Block]) -> str:
             parts.append(table(b))
         elif isinstance(b, Figure):
             parts.append(figure(b))
+        elif isinstance(b, Raw):
+            parts.append(b.html)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .document import Block, Bullets, Figure, Heading, Paragraph, Table
+from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
 
 
 def _cell(text: str) -> str:
@@ -30,4 +30,6 @@ def render(title: str, blocks: list[Block]) -> str:
             parts.append(table(b))
         elif isinstance(b, Figure):
             parts.append(f"![{b.caption}]({b.path})")
+        elif isinstance(b, Raw) and b.markdown:
+            parts.append(b.markdown)
     return "\n\n".join(parts) + "\n"

@@ -1,11 +1,12 @@
 """The report's tables, as :class:`~retrieval_heads.report.document.Table` blocks.
 
 The first is the seed's "Top Head per Configuration": a row per model x question, a column per length,
-cells ``L16H1 (117.8)`` (top head, its score to one decimal), ``—`` where no result exists.
+cells ``L16H1 (117.8)`` (top head, its score to 3 significant digits and at least one decimal), ``—`` where no result exists.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from .collect import Experiment, question_order
@@ -24,9 +25,19 @@ def num(x: float | None, digits: int = 3) -> str:
     return MISSING if x is None else f"{x:.{digits}f}"
 
 
+def score_text(x: float, digits: int = 3) -> str:
+    """A score with the precision its size needs: ``digits`` significant digits, at least one decimal
+    (117.84 -> "117.8" as in the seed's table, 3.254 -> "3.25", 0.6213 -> "0.621", 0.00123 -> "0.00123")."""
+    x = float(x)
+    if x == 0 or not math.isfinite(x):
+        return f"{x:.1f}"
+    decimals = max(1, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
 def top_head_cell(e: Experiment) -> str:
     top = e.record["head_rankings"][0]
-    return f"{top['head']} ({top['score']:.1f})"
+    return f"{top['head']} ({score_text(top['score'])})"
 
 
 def top_head_table(exps: list[Experiment]) -> Table:
@@ -78,7 +89,7 @@ def pairs_table(rows: list[dict], group_names: list[str], a: str, b: str, label=
 
 
 def bootstrap_table(exp: Experiment, rows: list[dict]) -> Table:
-    body = [[str(r["rank"]), r["head"], f"{r['score']:.3f}", f"{r['median']:g}", f"{r['lo']:g} – {r['hi']:g}",
+    body = [[str(r["rank"]), r["head"], score_text(r["score"]), f"{r['median']:g}", f"{r['lo']:g} – {r['hi']:g}",
              f"{r['share_first']:.1%}"] for r in rows]
     return Table(["Rank", "Head", "Score", "Median rank", "95% interval", "Ranked first"], body,
                  align=["r", "l", "r", "r", "r", "r"],
