@@ -26,7 +26,7 @@ from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_record, ranking, result_path, samples_path
+from .results import make_record, ranking, result_path, safe_key, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -207,7 +207,7 @@ def detect(
     if records is not None:
         check_tokens(lm, tokens)
         prompts = dataset_samples(PromptFormat(lm.tokenizer), records, tokens, needle_position)
-        qkey = Path(dataset).stem
+        qkey = safe_key(Path(dataset).stem)  # a file name may hold any character; a result's name may not
         qs = {p.question for p in prompts}
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:

@@ -18,7 +18,7 @@ def detect(
     samples: int = typer.Option(6, help="Number of samples (synthetic filings, or the first records of --dataset)."),
     needle_position: float = typer.Option(0.5, help="Depth of the needle in the haystack, 0 (start) to 1 (end)."),
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
-    output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
     method: List[str] = typer.Option(["summed_attention"], help="Scoring method(s): summed_attention, query_focused, "
                                      "retrieval_score; comma-separated or repeated, all on the same samples."),
@@ -35,6 +35,7 @@ def detect(
 ) -> None:
     """Run one experiment and write its result JSON."""
     from ..experiments import check_args, detect as run, method_names
+    from ..io import given_path
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
     method = method_names(method)
@@ -43,7 +44,7 @@ def detect(
     quiet_transformers()
     res = run(model=model, question=question, tokens=tokens, samples=samples, needle_position=needle_position,
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,
-              output_dir=output_dir, save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code,
+              output_dir=given_path(output_dir, "--output-dir"), save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code,
               success_only=success_only, answers=answers or None, max_new_tokens=max_new_tokens)
     for res in (res.values() if isinstance(res, dict) else [res]):
         r = res.record

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, given_path
+from ..results import check_name
 from . import figures, html, markdown, stability, tables
 from .collect import Collection, collect, load_sample_scores
 from .document import Block, Bullets, Figure, Heading, Paragraph, Table
@@ -140,6 +141,13 @@ def _overview(col: Collection) -> list[Block]:
     ]
 
 
+def figure_path(e) -> str:
+    """``figures/METHOD/MODEL_QUESTION_TOKENS.png``, relative to the report folder; the names come from the
+    result's fields, so they are checked (``results.check_name``): never a path out of the folder."""
+    name = f"{check_name(e.model, 'model_key')}_{check_name(e.question, 'question')}_{int(e.tokens)}"
+    return f"figures/{check_name(e.method, 'method')}/{name}.png"
+
+
 def _figures(col: Collection) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [
         Heading("Heatmap per experiment"),
@@ -147,14 +155,14 @@ def _figures(col: Collection) -> tuple[list[Block], list[str]]:
     ]
     paths = []
     for e in col.experiments:
-        path = f"figures/{e.method}/{e.slug}.png"
+        path = figure_path(e)
         blocks.append(Figure(path, figures.heatmap(e), f"{e.method} · {e.title}", width=460))
         paths.append(path)
     return blocks, paths
 
 
 def default_out(results_dir: str | Path, out_dir: str | Path | None) -> Path:
-    return Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    return given_path(out_dir, "--out") if out_dir is not None else Path(results_dir) / "report"
 
 
 def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
