@@ -20,10 +20,20 @@ A unit always scores all the grid's questions (the suffix passes are cheap next 
 and writes those not done, so a resumed sweep computes exactly what an uninterrupted one does and ends with
 the same files, whichever of a unit's files a kill left behind.
 
-Lock: ``{output_dir}/.sweep.lock``, held with ``fcntl.flock`` for the whole sweep; a second sweep on the
-same directory stops at once with one line naming the first one's pid. The kernel drops the lock when its
-holder dies (even by SIGKILL), so it is never stale; the file itself stays. Whoever takes the lock removes
-the temp files that a writer killed between write and rename left in the method folders.
+Lock: ``fcntl.flock`` (exclusive) on the output directory itself, opened ``O_RDONLY | O_DIRECTORY``, held
+for the whole sweep; a second sweep on the same directory stops at once with one line naming the first
+one's pid. The kernel drops the lock when its holder dies (even by SIGKILL), so it is never stale, and no
+file inside the directory carries it: deleting or replacing ``.sweep.lock`` cannot let a second sweep in.
+``{output_dir}/.sweep.lock`` is only a note of the holder's pid: written as a new file (``O_CREAT | O_EXCL
+| O_NOFOLLOW``, an old note unlinked first) so that nothing is ever written through a link (a symbolic link
+there is an error), and removed when the sweep ends, with any folder the sweep created and left empty; a
+model that fails to load after the lock thus leaves nothing behind. A sweep killed by SIGKILL leaves its
+note, which the next sweep replaces. Whoever takes the lock removes the temp files that a writer killed
+between write and rename left: only names of the writer's own pattern (:func:`retrieval_heads.io.temp_target`)
+whose target is one of this sweep's result or samples files, in its own method folder.
+
+Grid files are typed strictly (:class:`GridSettings`, pydantic): a value of the wrong type is one line
+naming the field; flags given on the command line override the file, both ways.
 """
 
 from __future__ import annotations
