@@ -307,7 +307,57 @@ def untrusted_cases(tiny, d):
         (["detect", "--model", f"$(python {evil}); python {evil}"], "unknown model key"),
         (["detect", "--model", tiny[0], "--dataset", evil], "evil.py:1: malformed JSON"),
         (["sweep", "--config", evil], "malformed JSON"),
+        # a sweep refuses pickle weights too, after the lock: it leaves no lock file, folder or progress bar
+        (["sweep", "--models", pickled, "--tokens", "256", "--samples", "1"], "cannot load model"),
+        # the flag wins over a grid file that turns remote code on; a string "false" is not false
+        (["sweep", "--config", grid_file(d, "trusting.json", models=[str(remote)], tokens=[256], samples=1,
+                                         trust_remote_code=True), "--no-trust-remote-code"], "cannot load model"),
+        (["sweep", "--config", grid_file(d, "false.json", models=[str(remote)], tokens=[256], samples=1,
+                                         trust_remote_code="false")],
+         'trust_remote_code: expected true or false, got "false"'),
     ]
+
+
+def grid_file(d, name, text=None, **settings):
+    """A grid file ``d/name`` holding ``text`` or the JSON of ``settings``."""
+    p = d / name
+    p.write_text(text if text is not None else json.dumps(settings))
+    return p
+
+
+def typed_cases(model, d):
+    """Grid files with a value of the wrong type, and other bad settings of a sweep: each is one line naming
+    the field, before anything is made."""
+    m = {"models": [model], "tokens": [256], "samples": 1}
+    cases = [
+        (dict(m, save_samples="no"), 'save_samples: expected true or false, got "no"'),
+        (dict(m, needle_position=True), "needle_position: expected a number, got true"),
+        (dict(m, tokens=2048.0), "tokens: expected a whole number or a list of whole numbers, got 2048.0"),
+        (dict(m, tokens=[256, True]), "tokens: expected a whole number or a list of whole numbers, got true"),
+        (dict(m, models=5), "models: expected a name or a list of names, got 5"),
+        (dict(m, samples="2"), 'samples: expected a whole number, got "2"'),
+        (dict(m, seed=0.5), "seed: expected a whole number, got 0.5"),
+        (dict(m, device=["cpu"]), 'device: expected a name, got ["cpu"]'),
+    ]
+    out = [(["sweep", "--config", grid_file(d, f"typed{i}.json", **g)], f"grid file {d}/typed{i}.json: {msg}")
+           for i, (g, msg) in enumerate(cases)]
+    toml = grid_file(d, "float.toml", f'models = ["{model}"]\ntokens = 1.5\n')
+    huge = grid_file(d, "huge.json", '{"models": ["%s"], "tokens": %s}' % (model, "9" * 5000))
+    deep = grid_file(d, "deep.json", '{"models": ["%s"], "tokens": %s}' % (model, "[" * 5000 + "]" * 5000))
+    sweep = ["sweep", "--models", model, "--tokens", "256", "--samples", "1"]
+    out += [
+        (["sweep", "--config", toml], f"grid file {toml}: tokens: expected a whole number or a list of whole "
+                                      f"numbers, got 1.5"),
+        (["sweep", "--config", huge], f"grid file {huge}: malformed JSON (Exceeds the limit"),
+        (["sweep", "--config", deep], f"grid file {deep}: malformed JSON (nested deeper than"),
+        (sweep + ["--questions", "all,bogus"], "unknown question 'bogus'"),
+        (sweep + ["--questions", "all", "bogus"], "unknown question 'bogus'"),
+        (sweep + ["--device", "foo"], "unknown device 'foo'"),
+        (sweep + ["--device", "meta"], "cannot compute on device 'meta'"),
+    ]
+    if not torch.cuda.is_available():
+        out.append((sweep + ["--device", "cuda"], "device 'cuda' is not available on this machine"))
+    return out
 
 
 FAULTS = [(at, sig) for sig in ("KILL", "INT") for at in ("load", "compute", "write")] + [("write", "ENOSPC")]
@@ -332,7 +382,8 @@ def runs(tiny, tmp_path_factory):
         job(f"{at}-{sig}", "wrapper", sweep_args(model, base / f"{at}-{sig}"), FAULT_AT=at, FAULT=sig)
     groups = {}
     for name, make in [("bad", lambda d: bad_input_cases(model, d)), ("unwritable", lambda d: unwritable_cases(
-            model, d)), ("untrusted", lambda d: untrusted_cases(tiny, d))]:
+            model, d)), ("untrusted", lambda d: untrusted_cases(tiny, d)),
+                      ("typed", lambda d: typed_cases(model, d))]:
         (base / name).mkdir()
         groups[name] = [(args + ["--output-dir", base / name / f"out{i}"] if "--output-dir" not in args else args,
                          msg) for i, (args, msg) in enumerate(make(base / name))]
@@ -546,3 +597,274 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         rio.atomic_write_json(p, {"a": 2})
     monkeypatch.undo()
     assert json.loads(p.read_text()) == {"a": 1} and [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+# --- 5. hostile files and flags: typed grids, checked names, the lock, the temp files --------------------------
+
+
+def test_grid_values_of_the_wrong_type_are_one_line(runs):
+    """A grid file is typed strictly (a string "no" is not false, 2048.0 not a length, true not a depth), a
+    huge or deep number in a JSON grid is malformed JSON (not "TOML"), and unknown questions next to ``all``
+    or an unusable ``--device`` are errors: one line naming the field, exit 2, nothing made."""
+    assert len(runs["cli"]["typed"]) == 15 + (not torch.cuda.is_available())
+    for args, msg, r, out in runs["cli"]["typed"]:
+        line = one_error_line(r, msg)
+        assert "TOML" not in line or args[-1].endswith(".toml")
+        assert r["stdout"] == "" and not os.path.exists(out), args
+
+
+def test_make_grid_takes_real_booleans_only():
+    """The Python API keeps CLI strings for lists and numbers, but a boolean must be a bool."""
+    g = make_grid(models="smollm2", tokens="256,320", samples="2", trust_remote_code=False, save_samples=True)
+    assert g.tokens == (256, 320) and g.samples == 2 and g.save_samples is True and g.trust_remote_code is False
+    for settings, msg in [(dict(trust_remote_code="false"), 'trust_remote_code: expected true or false, got "false"'),
+                          (dict(save_samples=1), "save_samples: expected true or false, got 1"),
+                          (dict(needle_position=True), "needle_position: expected a number, got true"),
+                          (dict(tokens=[2048.0]), "tokens: expected a whole number"),
+                          (dict(questions="all,bogus"), "unknown question 'bogus'")]:
+        with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+            make_grid(models="smollm2", **settings)
+
+
+def test_flags_override_the_grid_file_both_ways(tmp_path, monkeypatch):
+    """``--no-trust-remote-code`` beats a grid's true (and ``--trust-remote-code`` a grid's false), like
+    ``--save-samples/--no-save-samples``."""
+    from retrieval_heads import sweep as sweep_module
+    from retrieval_heads.cli import main
+
+    seen = []
+
+    def fake_run(grid, out, **kw):
+        seen.append(grid)
+        return sweep_module.SweepSummary()
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_run)
+    on = grid_file(tmp_path, "on.json", models=["smollm2"], trust_remote_code=True, save_samples=True)
+    off = grid_file(tmp_path, "off.json", models=["smollm2"], trust_remote_code=False, save_samples=False)
+    out = str(tmp_path / "out")
+    for cfg, flags, want in [(on, ["--no-trust-remote-code", "--no-save-samples"], False),
+                             (off, ["--trust-remote-code", "--save-samples"], True),
+                             (on, [], True), (off, [], False)]:
+        assert main(["sweep", "--config", str(cfg), *flags, "--output-dir", out]) == 0
+        assert (seen[-1].trust_remote_code, seen[-1].save_samples) == (want, want), (cfg.name, flags)
+
+
+def _escaping_result(field, value):
+    from retrieval_heads.results import make_record
+
+    kw = dict(method="summed_attention", model_key="m", model_name="m", question="inc_state",
+              question_prompt="q", total_tokens=256, needle_position=0.5, scores=torch.rand(2, 4),
+              samples_processed=2, seed=0, dtype="float32")
+    kw[field] = value
+    return make_record(**kw)
+
+
+@pytest.mark.parametrize("field", ["model_key", "method", "question"])
+def test_result_names_never_leave_the_folder(tmp_path, capsys, field):
+    """A result (checksum recomputed) whose model_key, method or question is ``../../../escape``: ``report``
+    refuses it on read with one line naming the field, and writes nothing outside (or inside) its folder."""
+    from retrieval_heads.cli import main
+
+    res = tmp_path / "a" / "b" / "results"
+    (res / "summed_attention").mkdir(parents=True)
+    (res / "summed_attention" / "r.json").write_text(json.dumps(_escaping_result(field, "../../../escape")))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["report", str(res), "--out", str(tmp_path / "a" / "b" / "report"), "--resamples", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"{field}: " in err[0], err
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_result_names_are_checked_on_write_and_read(tmp_path):
+    """One name check (``results.check_name``) for every file name made from a field: on write
+    (``result_path``), on read (``validate``, so a sweep recomputes such a file), and for the report's figures.
+    Numbers that go into names or settings are of their type."""
+    from retrieval_heads.experiments import write_result
+    from retrieval_heads.report.build import figure_path
+    from retrieval_heads.report.collect import Experiment
+    from retrieval_heads.results import _checksum, check_name, result_path, validate
+
+    for bad in ["", "..", "../x", "a/b", "a\\b", ".hidden", "a..b", "x" * 129, "sp ace", "new\nline", 5, None]:
+        with pytest.raises(UserError, match="model_key: "):
+            check_name(bad, "model_key")
+        with pytest.raises(UserError, match="question: "):
+            result_path(tmp_path, "summed_attention", "m", bad, 256)
+    assert check_name("org--SmolLM2-1.7B_v+1", "model_key") == "org--SmolLM2-1.7B_v+1"
+    with pytest.raises(UserError, match="model_key: "):
+        write_result(tmp_path, _escaping_result("model_key", "../x"), [], torch.zeros(0, 2, 4), False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="total_tokens: "):
+        result_path(tmp_path, "summed_attention", "m", "q", True)
+    with pytest.raises(UserError, match="method: "):
+        figure_path(Experiment(_escaping_result("method", "../.."), tmp_path / "r.json", "r.json"))
+    for field, value in [("model_key", "../x"), ("method", "a/b"), ("question", ".x"), ("total_tokens", "256"),
+                         ("total_tokens", True), ("needle_position", True), ("seed", "0"),
+                         ("samples_processed", 2.0)]:
+        rec = _escaping_result("model_key", "m")
+        rec[field] = value
+        rec["checksum"] = _checksum(rec)  # recomputed: only the field's own check can catch it
+        with pytest.raises(UserError, match=f"r.json: {field}: "):
+            validate(rec, "r.json")
+
+
+def test_local_names_become_safe_keys(tmp_path, tiny):
+    """A model folder or a dataset file may be named anything; the key of its results is made safe."""
+    from retrieval_heads import detect
+    from retrieval_heads.models import resolve
+    from retrieval_heads.results import check_name, safe_key
+
+    for name in ["my model (v2)", "..dots..", "-x", "Ünïcode", "a\\b", "x" * 200]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        key = resolve(str(d))[0]
+        assert check_name(key, "model_key") == key == safe_key(name)
+    assert safe_key("my model (v2)") == "my_model__v2_" and safe_key("..dots..") == "_dots_"
+    data = tmp_path / "my data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    res = detect(tiny[1], dataset=data, tokens=256, samples=1, output_dir=tmp_path / "out")
+    assert res.path == tmp_path / "out" / "summed_attention" / f"{tiny[1].key}_my_data_256.json"
+
+
+def test_ablate_never_loads_a_folder_named_by_a_result(tmp_path, tiny, monkeypatch, capsys):
+    """A result's model_key is loaded only when it is a built-in key: a result saying ``tiny`` must not load
+    ``./tiny`` (a folder that happens to be there, maybe with code); ``--model`` names the model."""
+    from retrieval_heads.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tiny[0], tmp_path / "tiny")
+    r = tmp_path / "r.json"
+    rec = _escaping_result("model_key", "tiny")
+    r.write_text(json.dumps(rec))
+    assert main(["ablate", str(r), "--k", "0", "--random-seeds", "0", "--samples", "1", "--tokens", "256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass the model with --model" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "tiny"]
+
+
+def test_empty_output_paths_are_errors(tmp_path, tiny, monkeypatch, capsys):
+    """``--output-dir ""`` (sweep, detect) and ``--out ""`` (report, export, ablate) are errors, never the
+    current folder."""
+    from retrieval_heads.cli import main
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    res = tmp_path / "res"
+    (res / "summed_attention").mkdir(parents=True)
+    r = res / "summed_attention" / "smollm2_inc_state_256.json"
+    r.write_text(json.dumps(_escaping_result("model_key", "smollm2")))
+    monkeypatch.chdir(work)
+    model = str(tiny[0])
+    for argv, opt in [(["sweep", "--models", model, "--tokens", "256", "--samples", "1", "--no-progress",
+                        "--output-dir", ""], "--output-dir"),
+                      (["detect", "--model", model, "--tokens", "256", "--samples", "1", "--output-dir", ""],
+                       "--output-dir"),
+                      (["report", str(res), "--out", "", "--resamples", "10"], "--out"),
+                      (["export", str(r), "--format", "qrhead", "--out", ""], "--out"),
+                      (["ablate", str(r), "--k", "0", "--random-seeds", "0", "--out", " "], "--out")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {opt} is empty; give a path (use . for the current folder)"], (argv, err)
+        assert list(work.iterdir()) == [], argv
+    assert sorted(p.name for p in res.rglob("*")) == ["smollm2_inc_state_256.json", "summed_attention"]
+
+
+def test_lock_is_never_written_through_a_link(tmp_path):
+    """``OUT/.sweep.lock`` as a symbolic link: an error line, the link's target untouched. As a hard link to
+    a user's file: that file keeps its content (the note is a new file). On leaving, the note goes."""
+    from retrieval_heads.sweep import sweep_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.symlink(victim, out / ".sweep.lock")
+    with pytest.raises(UserError, match="is a symbolic link"):
+        with sweep_lock(out):
+            pass
+    assert victim.read_text() == "precious\n" and os.path.islink(out / ".sweep.lock")
+    os.unlink(out / ".sweep.lock")
+    os.link(victim, out / ".sweep.lock")
+    with sweep_lock(out) as note:
+        assert note.read_text() == f"{os.getpid()}\n" and not os.path.samefile(note, victim)
+    assert victim.read_text() == "precious\n" and sorted(out.iterdir()) == []
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys
+    from retrieval_heads.sweep import sweep_lock
+    with sweep_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+""")
+
+
+def test_removing_the_lock_file_does_not_release_the_lock(tmp_path):
+    """Another process holds the sweep lock; deleting (or replacing) ``OUT/.sweep.lock`` does not let a
+    second sweep start on ``OUT``: the lock is on the folder itself."""
+    from retrieval_heads.sweep import sweep_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"another sweep \\(pid {holder.pid}\\) is running"):
+            with sweep_lock(out):
+                pass
+        os.unlink(out / ".sweep.lock")
+        with pytest.raises(UserError, match="another sweep \\(pid \\?\\) is running"):
+            with sweep_lock(out):
+                pass
+        (out / ".sweep.lock").write_text("1\n")  # a forged note changes only the message
+        with pytest.raises(UserError, match="another sweep \\(pid 1\\) is running"):
+            with sweep_lock(out):
+                pass
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+    with sweep_lock(out):  # released with its holder
+        pass
+
+
+def test_cleanup_removes_only_its_own_temp_files(tiny, grid, reference, tmp_path):
+    """Taking the lock removes the temp files of the writer's own naming for this sweep's result and
+    samples files, in its own method folder; a user's ``.notes.tmp``, other folders' files and the writer's
+    temp files of other targets stay."""
+    from retrieval_heads.io import TEMP_SUFFIX, TEMP_TAG
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    d = out / "summed_attention"
+    key = tiny[0].name
+    ours = [d / f".{key}_{QUESTIONS[0]}_{TOKENS[0]}.json{TEMP_TAG}k2x_9a0b{TEMP_SUFFIX}",
+            d / f".{key}_{QUESTIONS[1]}_{TOKENS[1]}.samples.jsonl{TEMP_TAG}abcdefgh{TEMP_SUFFIX}"]
+    keep = [d / ".notes.tmp", d / ".x.json.tmp", out / "mine" / ".notes.tmp",
+            out / "mine" / f".{key}_{QUESTIONS[0]}_{TOKENS[0]}.json{TEMP_TAG}k2x_9a0b{TEMP_SUFFIX}",
+            d / f".other_inc_state_256.json{TEMP_TAG}k2x_9a0b{TEMP_SUFFIX}",
+            out / "query_focused" / f".{key}_{QUESTIONS[0]}_{TOKENS[0]}.json{TEMP_TAG}k2x_9a0b{TEMP_SUFFIX}"]
+    for p in ours + keep:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("x")
+    s, _ = resume(tiny, grid, out)
+    assert len(s.skipped) == 4
+    assert not any(p.exists() for p in ours) and all(p.read_text() == "x" for p in keep)
+
+
+def test_failed_load_leaves_no_lock_no_folder_no_bar(tmp_path, grid, capsys):
+    """A model that fails to load after the lock is taken: the sweep's pid note and the folders it made go
+    with it, and no progress bar was drawn; an output dir that existed keeps what it had."""
+    def load(m, **kw):
+        raise UserError("cannot load model 'x': no weights")
+
+    for out, before in [(tmp_path / "new" / "out", None), (tmp_path / "old", ["keep.txt"])]:
+        if before:
+            out.mkdir()
+            (out / "keep.txt").write_text("x")
+        with pytest.raises(UserError, match="no weights"):
+            run_sweep(grid, out, load=load, progress=True, echo=lambda s: None)
+        assert capsys.readouterr().err == ""
+        if before:
+            assert sorted(p.name for p in out.iterdir()) == before
+        else:
+            assert not (tmp_path / "new").exists()

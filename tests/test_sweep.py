@@ -205,9 +205,10 @@ def test_second_sweep_on_a_locked_dir_fails_fast(tmp_path):
     out = tmp_path / "out"
     with sweep_lock(out):
         proc = cli(*ARGS, "--output-dir", str(out))
+        assert sorted(p.name for p in out.iterdir()) == [".sweep.lock"]
     line = one_error_line(proc)
     assert f"another sweep (pid {os.getpid()}) is running on {out}" in line
-    assert sorted(p.name for p in out.iterdir()) == [".sweep.lock"]
+    assert not out.exists()  # the lock made the folder; nothing was written, so it goes with the lock
 
 
 def test_kill9_mid_sweep_resumes_to_the_same_results(reference, tmp_path):

@@ -26,7 +26,7 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, check
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_provenance, make_record, ranking, result_path, samples_path
+from .results import make_provenance, make_record, ranking, result_path, safe_key, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -146,7 +146,7 @@ DATASET_SUFFIX = "+dataset"
 def dataset_key(dataset: str | Path) -> str:
     """The question key of a ``--dataset`` experiment: the file's stem, with ``+dataset`` appended when the
     stem is a built-in question (``inc_state.jsonl`` must not replace the synthetic ``inc_state`` result)."""
-    stem = Path(dataset).stem
+    stem = safe_key(Path(dataset).stem)  # a file name may hold any character; a result's name may not
     return stem + DATASET_SUFFIX if stem in QUESTIONS else stem
 
 

@@ -11,18 +11,34 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
 
+# The writer's temp files: ``.{target name}.rh-{8 random chars of mkstemp}.tmp`` beside the target. Only names
+# of this exact form are ever removed as stale (see :func:`temp_target`); a user's ``.notes.tmp`` is not.
+TEMP_TAG, TEMP_SUFFIX = ".rh-", ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)" + re.escape(TEMP_TAG) + r"[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+
+def temp_target(name: str) -> str | None:
+    """The target file name if ``name`` is a temp file of :func:`atomic_write_bytes`, else None.
+
+    >>> temp_target(".m_inc_state_256.json.rh-k2x_9a0b.tmp"), temp_target(".notes.tmp")
+    ('m_inc_state_256.json', None)
+    """
+    m = _TEMP_NAME.fullmatch(name)
+    return m["target"] if m else None
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     try:
@@ -40,10 +56,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def given_path(value: str | os.PathLike, option: str) -> Path:
+    """``value`` as a Path; UserError for an empty string (``Path("")`` would silently mean the current
+    folder). Give the CLI's raw string: a Path made from ``""`` can no longer be told from ``"."``."""
+    if not str(value).strip():
+        raise UserError(f"{option} is empty; give a path (use . for the current folder)")
+    return Path(value)
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """UserError unless ``folder`` exists as a writable directory or could be created; creates nothing.
     Called before any work, so that an unwritable output dir costs no computation."""
-    folder = Path(folder)
+    folder = given_path(folder, "the output folder")
     p = folder
     while not p.exists() and p != p.parent:
         p = p.parent

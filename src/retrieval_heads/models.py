@@ -144,7 +144,11 @@ def smollm2_path() -> Path:
 
 
 def resolve(model: str) -> tuple[str, str, str]:
-    """(model_key, model_name, path-or-hub-id) for a key, a local path or a hub id ("org/name")."""
+    """(model_key, model_name, path-or-hub-id) for a key, a local path or a hub id ("org/name"). The key
+    becomes part of file names, so it is made safe (``results.safe_key``: a folder named ``my model`` is
+    filed as ``my_model``)."""
+    from .results import safe_key
+
     if model in MODELS:
         spec = MODELS.get(model)
         path = str(smollm2_path()) if spec.source == "gguf-wheel" else spec.source
@@ -153,11 +157,11 @@ def resolve(model: str) -> tuple[str, str, str]:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise UserError(f"{model} is not a model directory (no config.json)")
-        return local_key(p.resolve().name), str(p), str(p)
+        return local_key(safe_key(p.resolve().name)), str(p), str(p)
     if model.startswith((".", "/", "~")) or p.exists():
         raise UserError(f"model path {model} does not exist or is not a directory")
     if model.count("/") == 1 and all(model.split("/")):
-        return model.replace("/", "--"), model, model
+        return safe_key(model.replace("/", "--")), model, model
     MODELS.get(model)  # raises: unknown model key, with the closest key as a hint
     raise AssertionError("unreachable")
 
@@ -210,6 +214,28 @@ DECODER_FLAG_FAMILIES = frozenset({
 })
 # Families whose attention is bidirectional whatever the config says (XLNet's permutation LM).
 BIDIRECTIONAL_FAMILIES = frozenset({"xlnet"})
+
+
+def check_device(device: str, available: bool = True) -> None:
+    """UserError unless ``device`` names a torch device (``cpu``, ``cuda``, ``cuda:1``, ``mps`` ...) to compute
+    on; with ``available``, also one this machine has (``cuda`` without CUDA, ``cuda:3`` on two GPUs, ``mps``
+    off a Mac are errors). ``meta`` holds no data and is refused."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use e.g. cpu, cuda, cuda:1, mps") from None
+    if d.type == "meta":
+        raise UserError(f"cannot compute on device {device!r} (it holds no data); use e.g. cpu or cuda")
+    if not available or d.type == "cpu":
+        return
+    backend = getattr(torch, d.type, None) if d.type != "mps" else torch.backends.mps
+    if backend is None or not backend.is_available():
+        raise UserError(f"device {device!r} is not available on this machine")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if d.index is not None and d.index >= count:
+        raise UserError(f"device {device!r} is not available on this machine ({count} {d.type} device(s))")
 
 
 def check_causal_lm(model: str, config) -> None:

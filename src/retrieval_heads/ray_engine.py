@@ -36,6 +36,7 @@ from .sweep import (
     _line,
     announce,
     model_key,
+    own_files,
     plan,
     preflight,
     sweep_lock,
@@ -183,7 +184,7 @@ def run_ray_sweep(
     summary = SweepSummary()
     if check_models:
         preflight(grid)
-    with sweep_lock(output_dir):
+    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
         statuses = [unit_status(output_dir, grid, u, keys[u.model]) for u in units]
         todo = announce(grid, output_dir, units, statuses, summary, say, where=" on Ray")
         if todo:

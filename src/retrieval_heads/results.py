@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,41 @@ def parse_head(name: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+NAME_CHARS = re.compile(r"[A-Za-z0-9._+-]+")
+MAX_NAME = 128
+
+
+def check_name(value: Any, field: str) -> str:
+    """``value`` if it can be part of a file name (a result's method, model_key and question are): a non-empty
+    string of at most 128 characters from ``A-Za-z0-9._+-``, not starting with '.', without '..' (so no
+    '/', '\\', hidden file or parent folder can come from it); else UserError naming ``field``."""
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{field}: expected a non-empty name, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_NAME or not NAME_CHARS.fullmatch(value) or value.startswith(".") or ".." in value:
+        raise UserError(f"{field}: {json.dumps(value)[:60]} cannot name a file (use at most {MAX_NAME} of "
+                        f"A-Za-z0-9._+-, not starting with '.', no '..')")
+    return value
+
+
+def safe_key(text: str) -> str:
+    """``text`` (e.g. a local folder's name) turned into a name that passes :func:`check_name`: every other
+    character becomes '_', runs of dots become '_', and leading dots go (empty: ``model``).
+
+    >>> safe_key("my model (v2)"), safe_key(".hidden..x"), safe_key("Ünï")
+    ('my_model__v2_', 'hidden_x', '_n_')
+    """
+    key = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._+-]", "_", text)).lstrip(".")[:MAX_NAME]
+    return key or "model"
+
+
 def result_path(output_dir: str | Path, method: str, model_key: str, question: str, tokens: int) -> Path:
+    """``output_dir/method/{model_key}_{question}_{tokens}.json``; the names are checked (:func:`check_name`)
+    and ``tokens`` must be a positive whole number, so the file always lies in ``output_dir/method/``."""
+    check_name(method, "method")
+    check_name(model_key, "model_key")
+    check_name(question, "question")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise UserError(f"total_tokens: expected a positive whole number, got {tokens!r}")
     return Path(output_dir) / method / f"{model_key}_{question}_{tokens}.json"
 
 
@@ -158,6 +193,7 @@ def validate(record: Any, where: str = "result") -> dict:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
     if record["checksum"] != _checksum(record):
         raise UserError(f"{where}: checksum mismatch (truncated or edited)")
+    _check_fields(record, where)
     why = structure_problem(record)
     if why:
         raise UserError(f"{where}: {why}")
@@ -261,6 +297,31 @@ def samples_problem(result: str | Path, record: dict) -> str | None:
     if not torch.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
         return "samples file does not add up to the result's scores"
     return None
+
+
+def _check_fields(record: dict, where: str) -> None:
+    """The fields that become file names, model names or settings: names checked, numbers of their type
+    (a JSON ``true`` is not a number, ``"0"`` is not a seed)."""
+    try:
+        for k in ("method", "model_key", "question"):
+            check_name(record[k], k)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    bad = next((k for k, ok in (
+        ("total_tokens", whole(record["total_tokens"]) and record["total_tokens"] > 0),
+        ("samples_processed", whole(record["samples_processed"]) and record["samples_processed"] >= 0),
+        ("num_layers", whole(record["num_layers"]) and record["num_layers"] > 0),
+        ("num_heads", whole(record["num_heads"]) and record["num_heads"] > 0),
+        ("seed", "seed" not in record or whole(record["seed"])),
+        ("needle_position", isinstance(record["needle_position"], (int, float))
+         and not isinstance(record["needle_position"], bool) and 0 <= record["needle_position"] <= 1),
+    ) if not ok), None)
+    if bad:
+        raise UserError(f"{where}: {bad}: unexpected value {json.dumps(record[bad])[:60]}")
 
 
 def load_result(path: str | Path) -> dict:

@@ -20,10 +20,20 @@ A unit always scores all the grid's questions (the suffix passes are cheap next 
 and writes those not done, so a resumed sweep computes exactly what an uninterrupted one does and ends with
 the same files, whichever of a unit's files a kill left behind.
 
-Lock: ``{output_dir}/.sweep.lock``, held with ``fcntl.flock`` for the whole sweep; a second sweep on the
-same directory stops at once with one line naming the first one's pid. The kernel drops the lock when its
-holder dies (even by SIGKILL), so it is never stale; the file itself stays. Whoever takes the lock removes
-the temp files that a writer killed between write and rename left in the method folders.
+Lock: ``fcntl.flock`` (exclusive) on the output directory itself, opened ``O_RDONLY | O_DIRECTORY``, held
+for the whole sweep; a second sweep on the same directory stops at once with one line naming the first
+one's pid. The kernel drops the lock when its holder dies (even by SIGKILL), so it is never stale, and no
+file inside the directory carries it: deleting or replacing ``.sweep.lock`` cannot let a second sweep in.
+``{output_dir}/.sweep.lock`` is only a note of the holder's pid: written as a new file (``O_CREAT | O_EXCL
+| O_NOFOLLOW``, an old note unlinked first) so that nothing is ever written through a link (a symbolic link
+there is an error), and removed when the sweep ends, with any folder the sweep created and left empty; a
+model that fails to load after the lock thus leaves nothing behind. A sweep killed by SIGKILL leaves its
+note, which the next sweep replaces. Whoever takes the lock removes the temp files that a writer killed
+between write and rename left: only names of the writer's own pattern (:func:`retrieval_heads.io.temp_target`)
+whose target is one of this sweep's result or samples files, in its own method folder.
+
+Grid files are typed strictly (:class:`GridSettings`, pydantic): a value of the wrong type is one line
+naming the field; flags given on the command line override the file, both ways.
 """
 
 from __future__ import annotations
@@ -37,13 +47,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
-from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, model_identity, resolve
+from .io import given_path
+from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
 from .registry import Registry
 from .results import identity_of, load_result, result_path, samples_path, samples_problem
 
@@ -121,67 +134,122 @@ def _names(value, what: str) -> tuple[str, ...]:
         value = [value]
     out = []
     for v in value:
-        if not isinstance(v, str):
-            raise UserError(f"{what}: expected names, got {v!r}")
         out.extend(x for x in v.split(",") if x)
     return _unique(out)
 
 
-def _int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise UserError(f"{what}: {value!r} is not a whole number")
+def _int(value: Any, what: str) -> Any:
+    """A CLI string of a whole number as an int; anything else unchanged (the schema checks its type)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{what}: {value!r} is not a whole number") from None
+    return value
+
+
+def _ints(value: Any, what: str) -> Any:
+    """``"1024,2048"``, ``["1024", 2048]`` -> ``[1024, 2048]``; anything else unchanged (checked by the schema)."""
+    if isinstance(value, str):
+        return [_int(x, what) for x in value.split(",") if x]
+    if isinstance(value, (list, tuple)):
+        return [y for v in value for y in (_ints(v, what) if isinstance(v, str) else [v])]
+    return value
+
+
+class GridSettings(BaseModel):
+    """The types of a grid's settings, strictly: a bool is ``true``/``false`` (never the string "false"), a
+    whole number is an int (not 2048.0, not a bool), a list of names is a string or a list of strings.
+    Every field may be left out."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    models: Optional[Union[str, list[str]]] = None
+    questions: Optional[Union[str, list[str]]] = None
+    tokens: Optional[Union[int, list[int]]] = None
+    samples: Optional[int] = None
+    needle_position: Optional[float] = None  # an int (0, 1) is a number too; a bool is not
+    seed: Optional[int] = None
+    method: Optional[str] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: Optional[int] = None
+    save_samples: Optional[bool] = None
+    trust_remote_code: Optional[bool] = None
+    save_attention: Optional[int] = None
+
+
+EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
+            "tokens": "a whole number or a list of whole numbers", "samples": "a whole number",
+            "needle_position": "a number", "seed": "a whole number", "method": "a name", "dtype": "a name",
+            "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
+            "trust_remote_code": "true or false", "save_attention": "a whole number"}
+
+
+def _shown(value: Any) -> str:
     try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"{what}: {value!r} is not a whole number") from None
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # e.g. a TOML date
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _ints(value, what: str) -> tuple[int, ...]:
-    if isinstance(value, (int, str)):
-        value = [value]
-    out = []
-    for v in value:
-        for x in str(v).split(","):
-            if not x:
-                continue
-            try:
-                out.append(int(x))
-            except ValueError:
-                raise UserError(f"{what}: {x!r} is not a whole number") from None
-    return _unique(out)
+def check_types(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``settings`` checked against :class:`GridSettings`; UserError naming the first field of the wrong
+    type (and ``where``, e.g. ``grid file G: ``), e.g. ``trust_remote_code: expected true or false, got
+    "false"``. Unknown keys are an error with the closest key as a hint."""
+    for k in settings:
+        try:
+            GRID_KEYS.get(k)
+        except UserError as e:
+            raise UserError(f"{where}{e}") from None
+    try:
+        GridSettings.model_validate(settings)
+    except ValidationError as e:
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the deepest: the list item, not the whole list
+        field_ = str(err["loc"][0])
+        raise UserError(f"{where}{field_}: expected {EXPECTED[field_]}, got {_shown(err['input'])}") from None
+    return settings
 
 
 def make_grid(**settings: Any) -> Grid:
     """A validated grid; settings left out (or None) take the defaults (the seed's grid). Raises UserError,
-    before anything is loaded, for an empty list, an unknown model key, question or method, and for
-    impossible numbers."""
+    before anything is loaded, for a value of the wrong type (:class:`GridSettings`; booleans must be real
+    booleans), an empty list, an unknown model key, question or method, and for impossible numbers. For the
+    CLI's sake, lists and numbers may be given as text (``tokens="1024,2048"``, ``samples="3"``)."""
     from .methods import METHODS
 
     given = {k: v for k, v in settings.items() if v is not None}
     for k in given:
         GRID_KEYS.get(k)
+    if "tokens" in given:
+        given["tokens"] = _ints(given["tokens"], "tokens")
+    for k in ("samples", "seed", "batch_size", "save_attention"):
+        if k in given:
+            given[k] = _int(given[k], k)
+    if isinstance(given.get("needle_position"), str):
+        try:
+            given["needle_position"] = float(given["needle_position"])
+        except ValueError:
+            raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
+    for k in ("models", "questions", "tokens"):
+        if isinstance(given.get(k), tuple):
+            given[k] = list(given[k])
+    check_types(given)
     values: dict[str, Any] = {}
     if "models" in given:
         values["models"] = _names(given["models"], "models")
     if "questions" in given:
         qs = _names(given["questions"], "questions")
-        values["questions"] = tuple(QUESTIONS) if "all" in qs else qs
+        values["questions"] = _unique(x for q in qs for x in (tuple(QUESTIONS) if q == "all" else (q,)))
     if "tokens" in given:
-        values["tokens"] = _ints(given["tokens"], "tokens")
-    for k in ("samples", "seed", "batch_size", "save_attention"):
+        values["tokens"] = _unique([given["tokens"]] if isinstance(given["tokens"], int) else given["tokens"])
+    for k in ("samples", "seed", "batch_size", "method", "dtype", "device", "save_samples", "trust_remote_code",
+              "save_attention"):
         if k in given:
-            values[k] = _int(given[k], k)
-    for k in ("method", "dtype", "device"):
-        if k in given:
-            values[k] = str(given[k])
+            values[k] = given[k]
     if "needle_position" in given:
-        try:
-            values["needle_position"] = float(given["needle_position"])
-        except (TypeError, ValueError):
-            raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
-    for k in ("save_samples", "trust_remote_code"):
-        if k in given:
-            values[k] = bool(given[k])
+        values["needle_position"] = float(given["needle_position"])
     grid = replace(Grid(), **values)
     for what in ("models", "questions", "tokens"):
         if not getattr(grid, what):
@@ -198,6 +266,7 @@ def make_grid(**settings: Any) -> Grid:
     METHODS.get(grid.method)
     if grid.dtype not in DTYPES:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
+    check_device(grid.device, available=False)
     for t in grid.tokens:
         check_args(None, t, grid.samples, grid.needle_position, grid.batch_size)
     if grid.save_attention < 0:
@@ -207,30 +276,36 @@ def make_grid(**settings: Any) -> Grid:
 
 def load_grid_file(path: str | Path) -> dict[str, Any]:
     """The settings of a grid file: JSON (``.json``) or TOML (``.toml``), one object of grid settings, e.g.
-    ``{"models": ["smollm2"], "questions": "all", "tokens": [1024, 2048], "samples": 4}``. A file that names
-    none of models, questions and tokens is an error (a grid that names nothing)."""
+    ``{"models": ["smollm2"], "questions": "all", "tokens": [1024, 2048], "samples": 4}``, typed strictly
+    (:class:`GridSettings`: ``"save_samples": "no"`` or ``"tokens": 2048.0`` is an error naming the field).
+    A file that names none of models, questions and tokens is an error (a grid that names nothing)."""
+    from .io import JSONError, parse_json
+
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read grid file {path}: {e.strerror or e}") from None
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"grid file {path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"grid file {path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    except ValueError as e:  # tomllib.TOMLDecodeError
-        raise UserError(f"grid file {path}: malformed TOML ({str(e).splitlines()[0]})") from None
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except (ValueError, RecursionError) as e:  # tomllib.TOMLDecodeError; an int beyond the digit limit
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(";")[0]
+            raise UserError(f"grid file {path}: malformed TOML ({first})") from None
+    else:
+        try:
+            data = parse_json(text)
+        except JSONError as e:
+            raise UserError(f"grid file {path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"grid file {path}: expected an object of grid settings")
-    for k in data:
-        GRID_KEYS.get(k)
+    check_types(data, f"grid file {path}: ")
     if not any(data.get(k) for k in ("models", "questions", "tokens")):
         raise UserError(f"grid file {path} names nothing: give at least one of models, questions, tokens")
     return data
@@ -362,33 +437,139 @@ def write(output_dir: str | Path, result: DetectResult, save_samples: bool = Fal
 # --- the lock -------------------------------------------------------------------------------------------
 
 
+def own_files(output_dir: str | Path, grid: Grid, keys: dict[str, str] | None = None) -> list[Path]:
+    """Every file the sweep of ``grid`` may write under ``output_dir``: its results and samples files."""
+    keys = keys or {m: model_key(m) for m in grid.models}
+    out = []
+    for u in plan(grid):
+        for q in u.questions:
+            path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens)
+            out += [path, samples_path(path)]
+    return out
+
+
+def remove_stale_temps(files: list[Path]) -> list[Path]:
+    """Remove the temp files that a writer killed between write and rename left for ``files``: only names
+    of the writer's own pattern (``io.temp_target``) whose target is one of ``files``, in their folders.
+    Returns what was removed."""
+    from .io import temp_target
+
+    by_folder: dict[Path, set[str]] = {}
+    for f in files:
+        by_folder.setdefault(f.parent, set()).add(f.name)
+    removed = []
+    for folder, names in by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not there (yet)
+            continue
+        for e in entries:
+            if temp_target(e.name) in names and e.is_file(follow_symlinks=False):
+                Path(e.path).unlink(missing_ok=True)
+                removed.append(Path(e.path))
+    return removed
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    out = []
+    p = folder
+    while not os.path.lexists(p) and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
 @contextmanager
-def sweep_lock(output_dir: str | Path) -> Iterator[Path]:
-    """Hold ``{output_dir}/.sweep.lock`` (``fcntl.flock``, exclusive) for the block; UserError at once if
-    another process holds it. Creates ``output_dir``."""
+def sweep_lock(output_dir: str | Path, own: list[Path] | None = None) -> Iterator[Path]:
+    """Hold the sweep lock on ``output_dir`` for the block; UserError at once if another process holds it.
+    Creates ``output_dir``; on leaving, removes the pid note and any folder it created that stayed empty.
+
+    The lock is ``fcntl.flock`` (exclusive) on the directory itself (opened ``O_RDONLY | O_DIRECTORY``), so
+    deleting or replacing a file inside it cannot release it. ``{output_dir}/.sweep.lock`` is only a note of
+    the holder's pid for the message of a second sweep: it is written by the holder as a new file
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``, after removing an old note), so no link there is ever written
+    through; a symbolic link in its place is an error. With ``own`` (the sweep's result and samples paths),
+    the temp files a killed writer left for those files are removed once the lock is held."""
     import fcntl
 
+    if isinstance(output_dir, str):
+        given_path(output_dir, "--output-dir")
     out = Path(output_dir)
-    path = out / LOCK_NAME
+    note = out / LOCK_NAME
+    created = _missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    mine = None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-            raise UserError(f"another sweep (pid {holder}) is running on {out}; wait for it to finish or use "
-                            f"another --output-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        for stale in out.glob("*/.*.tmp"):  # temp files of a writer killed before its rename
-            stale.unlink(missing_ok=True)
-        yield path
+            raise UserError(f"another sweep (pid {_holder(note)}) is running on {out}; wait for it to finish or "
+                            f"use another --output-dir") from None
+        mine = _write_note(note)
+        if own:
+            remove_stale_temps(own)
+        yield note
     finally:
-        os.close(fd)  # releases the lock
+        try:
+            if mine is not None:  # the note is ours (nobody replaced it): it goes with the lock
+                st = os.stat(note, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == mine:
+                    os.unlink(note)
+            for d in created:  # deepest first; a folder that holds anything stays
+                os.rmdir(d)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock, after the clean-up
+
+
+def _holder(note: Path) -> str:
+    """The pid in the lock holder's note, or '?' (no note, unreadable, or a link)."""
+    try:
+        fd = os.open(note, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return "?"
+    try:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return "?"
+    finally:
+        os.close(fd)
+    return text if text.isdigit() else "?"
+
+
+def _write_note(note: Path) -> tuple[int, int]:
+    """Write this process's pid to ``note`` as a new file; returns its (device, inode)."""
+    import stat
+
+    try:
+        st = os.stat(note, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UserError(f"cannot write {note}: {e.strerror or e}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{note} is a symbolic link; remove it (a sweep writes its pid there, never through a link)")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{note} is not a regular file; remove it")
+    try:
+        if st is not None:
+            os.unlink(note)  # a hard link elsewhere keeps its content: only this name goes
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise UserError(f"{note} was created by someone else while this sweep took the lock; retry") from None
+    except OSError as e:
+        raise UserError(f"cannot write {note}: {e.strerror or e}") from None
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
 
 
 # --- checks that need configs and tokenizers, not weights -------------------------------------------------
@@ -475,17 +656,15 @@ def run_sweep(
     units = plan(grid)
     keys = {m: model_key(m) for m in grid.models}
     summary = SweepSummary()
+    check_device(grid.device)  # before the lock, like every check below: bad input leaves nothing behind
     if check_models:
         preflight(grid)  # before the lock: bad input leaves no output dir behind
     idents = {m: model_identity(m) for m in grid.models}
-    with sweep_lock(output_dir):
+    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
         statuses = [unit_status(output_dir, grid, u, keys[u.model], idents[u.model]) for u in units]
         say = echo or (lambda s: tqdm.write(s, file=sys.stdout))
         already = grid.size - announce(grid, output_dir, units, statuses, summary, say)
-        bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} experiments "
-                              "[{elapsed}<{remaining}]")
+        bar = None  # drawn once the first model has loaded: a model that fails to load shows no bar
         lm: LoadedModel | None = None
         try:
             for unit, st in zip(units, statuses):
@@ -497,6 +676,11 @@ def run_sweep(
                     _release_memory()
                     lm = load(unit.model, dtype=grid.dtype, device=grid.device,
                               trust_remote_code=grid.trust_remote_code)
+                if bar is None:
+                    bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
+                               disable=not progress, dynamic_ncols=True,
+                               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} experiments "
+                                          "[{elapsed}<{remaining}]")
                 start, base = time.perf_counter(), bar.n
                 results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)))
                 seconds = time.perf_counter() - start
@@ -515,7 +699,8 @@ def run_sweep(
                         summary.done.append(path)
                 bar.update(base + len(todo) - bar.n)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -42,7 +42,7 @@ def ablate(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
     batch_size: int = typer.Option(1, help="Samples per forward pass."),
-    out: Optional[Path] = typer.Option(None, help="Output JSON, a name ending in .json (default: RESULT's name + "
+    out: Optional[str] = typer.Option(None, help="Output JSON, a name ending in .json (default: RESULT's name + "
                                                   ".ablation.json); the plot goes next to it as .png."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
 ) -> None:
@@ -53,12 +53,13 @@ def ablate(
     from ..data.questions import QUESTIONS
     from ..data.samples import dataset_samples
     from ..experiments import build_prompts, check_args, check_tokens
-    from ..io import atomic_write_json
-    from ..models import load_model
+    from ..io import atomic_write_json, given_path
+    from ..models import MODELS, load_model
     from ..results import load_result, samples_path
     from ._common import check_not_input
 
     ks = parse_ks(k, ctx.args)
+    out = None if out is None else given_path(out, "--out")
     record = load_result(result)
     ks = check_ks(ks, record["num_layers"] * record["num_heads"])
     for kk in ks if random_seeds > 0 else []:
@@ -74,6 +75,9 @@ def ablate(
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
+        raise UserError(f"{result} was made with model {str(record['model_name'])[:80]!r}, not a built-in key; "
+                        f"pass the model with --model")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":
         raise UserError(f"--out must name a .json file (the plot goes beside it as .png), got {out}")

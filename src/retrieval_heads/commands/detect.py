@@ -18,7 +18,7 @@ def detect(
     samples: int = typer.Option(6, help="Number of samples (synthetic filings, or the first records of --dataset)."),
     needle_position: float = typer.Option(0.5, help="Depth of the needle in the haystack, 0 (start) to 1 (end)."),
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
-    output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
     save_attention: int = typer.Option(0, help="Also save, per sample, the last token's attention rows of the "
                                                "top K heads (.attention.npz, for the report's explorer); 0: off."),
@@ -37,6 +37,7 @@ def detect(
 ) -> None:
     """Run one experiment and write its result JSON."""
     from ..experiments import check_args, detect as run, method_names
+    from ..io import given_path
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
     method = method_names(method)
@@ -47,9 +48,9 @@ def detect(
     quiet_transformers()
     res = run(model=model, question=question, tokens=tokens, samples=samples, needle_position=needle_position,
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,
-              output_dir=output_dir, save_samples=save_samples, progress=True, trust_remote_code=trust_remote_code,
-              success_only=success_only, answers=answers or None, max_new_tokens=max_new_tokens,
-              save_attention=save_attention)
+              output_dir=given_path(output_dir, "--output-dir"), save_samples=save_samples, progress=True,
+              trust_remote_code=trust_remote_code, success_only=success_only, answers=answers or None,
+              max_new_tokens=max_new_tokens, save_attention=save_attention)
     for res in (res.values() if isinstance(res, dict) else [res]):
         r = res.record
         acc = f", accuracy {r['extra']['accuracy']:.2f}" if "accuracy" in r["extra"] else ""

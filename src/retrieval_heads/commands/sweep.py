@@ -60,11 +60,13 @@ def sweep(
     batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass [default: 1]."),
     save_samples: Optional[bool] = typer.Option(None, "--save-samples/--no-save-samples",
                                                 help="Also write the per-sample audit files [default: off]."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the models' own Python code to run."),
+    trust_remote_code: Optional[bool] = typer.Option(
+        None, "--trust-remote-code/--no-trust-remote-code",
+        help="Allow the models' own Python code to run [default: off]."),
     save_attention: Optional[int] = typer.Option(None, help="Save the top K heads' last-token attention rows "
                                                             "beside each result (.attention.npz) [default: 0, off]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
-    output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
     engine: str = typer.Option("local", help="local (this process) or ray (actors on a Ray cluster)."),
     address: Optional[str] = typer.Option(
@@ -76,13 +78,15 @@ def sweep(
 ) -> None:
     """Run every model x question x length experiment not already done; resumable, one model load each."""
     from ..errors import UserError
+    from ..io import given_path
     from ..sweep import load_grid_file, make_grid, run_sweep
 
+    output_dir = given_path(output_dir, "--output-dir")
     settings = load_grid_file(config) if config else {}
     flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
                  needle_position=needle_position, seed=seed, method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples, save_attention=save_attention,
-                 trust_remote_code=trust_remote_code or None)
+                 trust_remote_code=trust_remote_code)
     settings.update({k: v for k, v in flags.items() if v is not None})
     grid = make_grid(**settings)
     quiet_transformers()

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, given_path
+from ..results import check_name
 from . import explorer, figures, html, markdown, stability, tables
 from .collect import Collection, collect, load_sample_scores
 from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
@@ -152,6 +153,13 @@ def _explorer(col: Collection) -> tuple[list[Block], Raw, dict, list[str]]:
     return blocks, Raw(explorer.panel_html(data)), {"experiments": summary}, notes
 
 
+def figure_path(e) -> str:
+    """``figures/METHOD/MODEL_QUESTION_TOKENS.png``, relative to the report folder; the names come from the
+    result's fields, so they are checked (``results.check_name``): never a path out of the folder."""
+    name = f"{check_name(e.model, 'model_key')}_{check_name(e.question, 'question')}_{int(e.tokens)}"
+    return f"figures/{check_name(e.method, 'method')}/{name}.png"
+
+
 def _figures(col: Collection) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [
         Heading("Heatmap per experiment"),
@@ -159,7 +167,7 @@ def _figures(col: Collection) -> tuple[list[Block], list[str]]:
     ]
     paths = []
     for i, e in enumerate(col.experiments):
-        path = f"figures/{e.method}/{e.slug}.png"
+        path = figure_path(e)
         regions: list = []
         png = figures.heatmap(e, regions=regions)
         blocks.append(Figure(path, png, f"{e.method} · {e.title}", width=460,
@@ -169,7 +177,7 @@ def _figures(col: Collection) -> tuple[list[Block], list[str]]:
 
 
 def default_out(results_dir: str | Path, out_dir: str | Path | None) -> Path:
-    return Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    return given_path(out_dir, "--out") if out_dir is not None else Path(results_dir) / "report"
 
 
 def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
