@@ -190,7 +190,10 @@ def test_sweep_saves_attention_and_resumes(tiny_lm, tmp_path):
 
     from retrieval_heads.sweep import make_grid, run_sweep
 
-    lm = replace(tiny_lm, key="smollm2")  # the grid names the embedded model; the tiny one stands in for it
+    from retrieval_heads.models import model_identity
+
+    # the grid names the embedded model; the tiny one stands in for it, identity included (resume checks it)
+    lm = replace(tiny_lm, key="smollm2", identity=model_identity("smollm2"))
     grid = make_grid(models=["smollm2"], questions=["inc_state", "hq_state"], tokens=[260], samples=2,
                      save_attention=3)
     s = run_sweep(grid, tmp_path, load=lambda *a, **k: lm, progress=False, echo=lambda line: None,

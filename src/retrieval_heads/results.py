@@ -212,17 +212,17 @@ def structure_problem(record: dict) -> str | None:
     """The first thing wrong with a result's fields and their consistency, or None."""
     for k in ("method", "model_key", "model_name", "question", "question_prompt", "timestamp", "checksum"):
         if not isinstance(record[k], str):
-            return f"field {k} is not a string"
+            return f"{k}: not a string"
     for k in ("dtype",):
         if k in record and not isinstance(record[k], str):
-            return f"field {k} is not a string"
+            return f"{k}: not a string"
     for k in ("total_tokens", "samples_processed", "num_layers", "num_heads"):
         if not _is_int(record[k]) or record[k] <= 0:
-            return f"field {k} is not a positive whole number ({record[k]!r})"
+            return f"{k}: not a positive whole number ({record[k]!r})"
     if "seed" in record and not _is_int(record["seed"]):
-        return f"field seed is not a whole number ({record['seed']!r})"
+        return f"seed: not a whole number ({record['seed']!r})"
     if not _is_num(record["needle_position"]) or not 0 <= record["needle_position"] <= 1:
-        return f"field needle_position is not a number in [0, 1] ({record['needle_position']!r})"
+        return f"needle_position: not a number in [0, 1] ({record['needle_position']!r})"
     L, H = record["num_layers"], record["num_heads"]
     scores = record["scores"]
     if not isinstance(scores, list) or len(scores) != L or any(not isinstance(r, list) or len(r) != H for r in scores):
@@ -300,28 +300,13 @@ def samples_problem(result: str | Path, record: dict) -> str | None:
 
 
 def _check_fields(record: dict, where: str) -> None:
-    """The fields that become file names, model names or settings: names checked, numbers of their type
-    (a JSON ``true`` is not a number, ``"0"`` is not a seed)."""
+    """The fields that become file names: each must pass :func:`check_name` (numbers that go into names or
+    settings are checked for their type by :func:`structure_problem`)."""
     try:
         for k in ("method", "model_key", "question"):
             check_name(record[k], k)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    bad = next((k for k, ok in (
-        ("total_tokens", whole(record["total_tokens"]) and record["total_tokens"] > 0),
-        ("samples_processed", whole(record["samples_processed"]) and record["samples_processed"] >= 0),
-        ("num_layers", whole(record["num_layers"]) and record["num_layers"] > 0),
-        ("num_heads", whole(record["num_heads"]) and record["num_heads"] > 0),
-        ("seed", "seed" not in record or whole(record["seed"])),
-        ("needle_position", isinstance(record["needle_position"], (int, float))
-         and not isinstance(record["needle_position"], bool) and 0 <= record["needle_position"] <= 1),
-    ) if not ok), None)
-    if bad:
-        raise UserError(f"{where}: {bad}: unexpected value {json.dumps(record[bad])[:60]}")
 
 
 def load_result(path: str | Path) -> dict:

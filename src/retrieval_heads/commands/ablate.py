@@ -75,14 +75,14 @@ def ablate(
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
-    if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
-        raise UserError(f"{result} was made with model {str(record['model_name'])[:80]!r}, not a built-in key; "
-                        f"pass the model with --model")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":
         raise UserError(f"--out must name a .json file (the plot goes beside it as .png), got {out}")
     for o in (out, out.with_suffix(".png")):
         check_not_input(o, [result, samples_path(result), dataset])
+    if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
+        raise UserError(f"{result} was made with model {str(record['model_name'])[:80]!r}, not a built-in key; "
+                        f"pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
     quiet_transformers()
     lm = load_model(model or record["model_key"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
