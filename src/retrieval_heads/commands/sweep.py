@@ -83,6 +83,10 @@ def sweep(
                  trust_remote_code=trust_remote_code or None)
     settings.update({k: v for k, v in flags.items() if v is not None})
     grid = make_grid(**settings)
+    if not device_map:
+        from ..models import check_device
+
+        check_device(grid.device)  # before the lock and the progress bar
     quiet_transformers()
     if engine == "ray":
         from ..ray_engine import run_ray_sweep
