@@ -666,6 +666,9 @@ def test_unwritable_model_cache_is_one_line(runs, readonly_dir):
 
 HUB_CHECK = textwrap.dedent("""
     import json, sys, time
+    import torch, transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # imported before the clock starts
+    import retrieval_heads.experiments
     from retrieval_heads.cli import main
 
     t = time.monotonic()
@@ -923,3 +926,21 @@ def test_killed_conversion_leaves_nothing_the_next_one_does_not_remove(tmp_path,
     assert ".smollm2-note.txt" in converted[0] and "other" in converted[0] and stale.name not in converted[0]
     assert sorted(p.name for p in cache.iterdir()) == sorted([".smollm2-note.txt", ".smollm2.lock", "other",
                                                               "smollm2-135m-instruct"])
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["plot", "json"])
+def test_full_disk_in_ablate_leaves_neither_file(tiny, reference, tmp_path, monkeypatch, capsys, fail_at):
+    """ablate writes its plot and its JSON as one: the disk filling at either leaves neither (before, the
+    JSON was written and the plot then failed)."""
+    from retrieval_heads.cli import main
+
+    result = min((reference / "summed_attention").glob("*.json"))
+    out = tmp_path / "abl.json"
+    monkeypatch.setattr(rio, "os", FullAfter(fail_at))
+    assert main(["ablate", str(result), "--model", str(tiny[0]), "--k", "0", "1", "--random-seeds", "0",
+                 "--samples", "1", "--out", str(out)]) == 2
+    monkeypatch.undo()
+    name = "abl.png" if fail_at == 1 else "abl.json"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / name}: " \
+                                                                "No space left on device"
+    assert list(tmp_path.iterdir()) == []
