@@ -136,7 +136,11 @@ LAUNCHER = textwrap.dedent("""
                 f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(f, fd)
                 os.close(f)
-            os.environ.update(job["env"])
+            for k, v in job["env"].items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             sys.argv = ["-c", *job["argv"]]
             try:
                 exec(compile(SCRIPTS[job["script"]], job["script"], "exec"), {"__name__": "__main__"})
@@ -353,18 +357,144 @@ def typed_cases(model, d):
         (sweep + ["--questions", "all,bogus"], "unknown question 'bogus'"),
         (sweep + ["--questions", "all", "bogus"], "unknown question 'bogus'"),
         (sweep + ["--device", "foo"], "unknown device 'foo'"),
-        (sweep + ["--device", "meta"], "cannot compute on device 'meta'"),
+        (sweep + ["--device", "meta"], "cannot use device 'meta'"),
     ]
     if not torch.cuda.is_available():
         out.append((sweep + ["--device", "cuda"], "device 'cuda' is not available on this machine"))
     return out
 
 
+def deep(n=100_000):
+    return "[" * n + "]" * n
+
+
+BIG = "9" * 5000  # an integer over Python's 4300-digit conversion limit
+
+
+def hostile_json_cases(tiny, d):
+    """Results, samples files and datasets nested too deep or holding huge numbers; files made under ``d``.
+    Nothing may be written: each case's third item is a path that must not appear."""
+    from retrieval_heads.results import make_record
+
+    good = make_record(method="summed_attention", model_key="tiny", model_name=str(tiny[0]), question="inc_state",
+                       question_prompt="Q", total_tokens=256, needle_position=0.5, scores=torch.rand(2, 4),
+                       samples_processed=2, seed=0, dtype="float32")
+    files = {}
+    for name, text in [("deep", deep()), ("big", '{"scores": ' + BIG + "}"), ("inf", '{"scores": 1e999}')]:
+        files[name] = d / f"{name}.json"
+        files[name].write_text(text)
+        folder = d / f"results_{name}" / "summed_attention"
+        folder.mkdir(parents=True)
+        (folder / "tiny_inc_state_256.json").write_text(text)
+    for name, row in [("deep_samples", deep()), ("big_samples", '{"scores": [[' + BIG + "]]}")]:
+        folder = d / f"results_{name}" / "summed_attention"
+        folder.mkdir(parents=True)
+        rio.atomic_write_json(folder / "tiny_inc_state_256.json", good)
+        (folder / "tiny_inc_state_256.samples.jsonl").write_text(json.dumps({"scores": [[0.1] * 4] * 2}) + "\n" +
+                                                                  row + "\n")
+        files[name] = folder / "tiny_inc_state_256.json"
+    for name, line in [("deep", deep()), ("big", '{"needle": ' + BIG + "}")]:
+        files[name + "_data"] = d / f"{name}.jsonl"
+        files[name + "_data"].write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    detect = ["detect", "--model", tiny[0], "--tokens", "256", "--samples", "1", "--output-dir", d / "det"]
+    return [
+        (["export", files["deep"], "--format", "kv", "--out", d / "x.json"], "deep.json: corrupt result JSON "
+         "(nested deeper than 64 levels)", d / "x.json"),
+        (["export", files["big"], "--format", "kv", "--out", d / "x.json"], "big.json: corrupt result JSON "
+         "(Exceeds the limit (4300 digits)", d / "x.json"),
+        (["export", files["inf"], "--format", "kv", "--out", d / "x.json"], "inf.json: corrupt result JSON "
+         "(number 1e999 is out of range)", d / "x.json"),
+        (["export", files["deep_samples"], "--format", "wu", "--out", d / "x.json"], "samples.jsonl: line 2 is "
+         "not a per-sample score row (nested deeper than 64 levels)", d / "x.json"),
+        (["export", files["big_samples"], "--format", "wu", "--out", d / "x.json"], "samples.jsonl: line 2 is "
+         "not a per-sample score row (Exceeds the limit", d / "x.json"),
+        (["ablate", files["deep"], "--out", d / "a.json"], "deep.json: corrupt result JSON", d / "a.json"),
+        (["ablate", files["big"], "--out", d / "a.json"], "big.json: corrupt result JSON", d / "a.json"),
+        (["report", d / "results_deep", "--out", d / "rep"], "tiny_inc_state_256.json: corrupt result JSON "
+         "(nested deeper than 64 levels)", d / "rep"),
+        (["report", d / "results_big", "--out", d / "rep"], "tiny_inc_state_256.json: corrupt result JSON", d / "rep"),
+        (["report", d / "results_deep_samples", "--out", d / "rep"], "samples.jsonl: line 2 is not a per-sample "
+         "score row (nested deeper than 64 levels)", d / "rep"),
+        (detect + ["--dataset", files["deep_data"]], "deep.jsonl:2: malformed JSON (nested deeper than 64 levels)",
+         d / "det"),
+        (detect + ["--dataset", files["big_data"]], "big.jsonl:2: malformed JSON (Exceeds the limit (4300 digits)",
+         d / "det"),
+    ]
+
+
+def odd_option_cases(tiny, d):
+    """Options and model configs that used to end in a traceback; (argv, message, path that must not appear)."""
+    model = tiny[0]
+    configs = {}
+    cfg = json.loads((model / "config.json").read_text())
+    for name, text in [("abc", json.dumps(dict(cfg, hidden_size="abc"))),
+                       ("nolayers", json.dumps(dict(cfg, num_hidden_layers=0))),
+                       ("deepcfg", json.dumps(cfg)[:-1] + ', "x": ' + deep() + "}")]:
+        configs[name] = d / name
+        shutil.copytree(model, configs[name])
+        (configs[name] / "config.json").write_text(text)
+    result = d / "r" / "tiny_inc_state_256.json"
+    from retrieval_heads.results import make_record
+
+    rio.atomic_write_json(result, make_record(
+        method="summed_attention", model_key="tiny", model_name=str(model), question="inc_state",
+        question_prompt="Q", total_tokens=256, needle_position=0.5, scores=torch.rand(2, 4), samples_processed=1,
+        seed=0, dtype="float32"))
+    out = d / "out"
+    run = ["--tokens", "256", "--samples", "1", "--output-dir", out]
+    return [
+        (["report", d / "r", "--seed", "-1", "--out", d / "rep"], "--seed must be >= 0, got -1", d / "rep"),
+        (["detect", "--model", model, "--device", "meta", *run], "cannot use device 'meta'", out),
+        (["sweep", "--models", model, "--device", "meta", *run[:-1], d / "sw"], "cannot use device 'meta'",
+         d / "sw" / "summed_attention"),
+        (["ablate", result, "--k", "0", "1", "--model", model, "--device", "meta", "--out", d / "a.json"],
+         "cannot use device 'meta'", d / "a.json"),
+        (["detect", "--model", model, "--top", "-1", *run], "--top must be >= 0, got -1", out),
+        (["detect", "--model", configs["abc"], *run], "Validation error for field 'hidden_size': TypeError: Field "
+         "'hidden_size' expected int, got str (value: 'abc')", out),
+        (["detect", "--model", configs["nolayers"], *run], "has no attention heads to score (0 layers, 4 heads)", out),
+        (["detect", "--model", configs["deepcfg"], *run], "cannot load model", out),
+        (["detect", "--model", "someorg/not-cached", *run], "cannot load model 'someorg/not-cached': it is not in "
+         "the local hub cache and HF_HUB_OFFLINE is set", out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def readonly_dir(tmp_path_factory):
+    """A read-only folder: a read-only tmpfs for root (permissions do not stop root), mode 0555 for others;
+    None where neither is possible."""
+    d = tmp_path_factory.mktemp("ro") / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True,
+                      check=False).returncode != 0:
+        yield None
+        return
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def cache_cases(d, readonly):
+    """An unwritable model cache for the embedded model's first conversion: (env, argv, message)."""
+    blocker = d / "a_file"
+    blocker.write_text("")
+    envs = [{"RETRIEVAL_HEADS_CACHE": str(blocker / "cache")}]
+    if readonly is not None:
+        envs += [{"RETRIEVAL_HEADS_CACHE": str(readonly)},  # the folder exists; its lock file cannot be made
+                 {"RETRIEVAL_HEADS_CACHE": None, "XDG_CACHE_HOME": None, "HOME": str(readonly)}]
+    return [(env, ["detect", "--model", "smollm2", "--tokens", "256", "--samples", "1", "--output-dir",
+                   d / f"out{i}"], "cannot write the model cache ") for i, env in enumerate(envs)]
+
+
 FAULTS = [(at, sig) for sig in ("KILL", "INT") for at in ("load", "compute", "write")] + [("write", "ENOSPC")]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
+def runs(tiny, readonly_dir, tmp_path_factory):
     """Every CLI run of this file: one launcher process (one import of torch and transformers) forks a
     child per fault scenario plus one driver child for the CLI cases; they run at once.
 
@@ -391,9 +521,20 @@ def runs(tiny, tmp_path_factory):
     data.write_text(json.dumps(GOOD) + "\n" + json.dumps(dict(GOOD, answer="Nevada")) + "\n")
     groups["warning"] = [(["detect", "--model", model, "--dataset", data, "--tokens", "256", "--samples", "2",
                            "--output-dir", base / "warn-out"], "")]
+    made = {}  # cases that check a path of their own; the others an --output-dir
+    for name, make in [("json", hostile_json_cases), ("odd", odd_option_cases)]:
+        (base / name).mkdir()
+        made[name] = make(tiny, base / name)
+        groups[name] = [(args, msg) for args, msg, _ in made[name]]
     flat = [[str(a) for a in args] for g in groups.values() for args, _ in g]
     (base / "cases.json").write_text(json.dumps(flat))
     job("driver", "driver", [base / "cases.json"])
+    (base / "cache").mkdir()
+    alone = {"cache": cache_cases(base / "cache", readonly_dir)}  # one driver each: their own environment
+    for g, cases in alone.items():
+        for i, (environ, args, _) in enumerate(cases):
+            (base / f"{g}{i}.json").write_text(json.dumps([[str(a) for a in args]]))
+            job(f"{g}{i}", "driver", [base / f"{g}{i}.json"], **environ)
     (base / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(base / "jobs.json")], capture_output=True,
                           text=True, env=env(), timeout=600, check=False)
@@ -401,10 +542,13 @@ def runs(tiny, tmp_path_factory):
     codes = json.loads(proc.stdout.strip().splitlines()[-1])
     text = {j["name"]: ((base / f"{j['name']}.out").read_text(), (base / f"{j['name']}.err").read_text())
             for j in jobs}
-    assert codes["driver"] == 0, text["driver"][1]
+    assert all(codes[j["name"]] == 0 for j in jobs if j["script"] == "driver"), text
     got = iter(json.loads(text["driver"][0].strip().splitlines()[-1]))
-    cli = {g: [(args, msg, next(got), args[args.index("--output-dir") + 1]) for args, msg in cases]
-           for g, cases in groups.items()}
+    cli = {g: [(args, msg, next(got), args[args.index("--output-dir") + 1] if g not in made else str(made[g][i][2]))
+               for i, (args, msg) in enumerate(cases)] for g, cases in groups.items()}
+    for g, cases in alone.items():
+        cli[g] = [(args, msg, json.loads(text[f"{g}{i}"][0].strip().splitlines()[-1])[0],
+                   str(args[args.index("--output-dir") + 1])) for i, (_, args, msg) in enumerate(cases)]
     fault = {(at, sig): (codes[f"{at}-{sig}"], text[f"{at}-{sig}"][1], base / f"{at}-{sig}")
              for at, sig in FAULTS}
     return {"fault": fault, "cli": cli}
@@ -536,6 +680,73 @@ def test_bad_input_matrix(runs):
         one_error_line(r, msg)
         assert "Traceback" not in r["stderr"] and r["stdout"] == ""
         assert not os.path.exists(out), args
+
+
+def test_hostile_json_is_one_line(runs):
+    """Results, samples files and datasets nested too deep, with integers over the digit limit or floats that
+    overflow: one line naming the file (and line), exit 2, nothing written (export, ablate, report, detect)."""
+    assert len(runs["cli"]["json"]) == 12
+    for args, msg, r, out in runs["cli"]["json"]:
+        one_error_line(r, msg)
+        assert "Traceback" not in r["stderr"] and r["stdout"] == ""
+        assert not os.path.exists(out), args
+
+
+def test_odd_options_devices_and_configs_are_one_line(runs):
+    """report --seed -1, --device meta (detect, sweep, ablate), detect --top -1, a config with a field of the
+    wrong type, no layers or nesting too deep, an uncached hub id offline: one line, exit 2, nothing written."""
+    assert len(runs["cli"]["odd"]) == 9
+    for args, msg, r, out in runs["cli"]["odd"]:
+        one_error_line(r, msg)
+        assert "Traceback" not in r["stderr"] and r["stdout"] == ""
+        assert not os.path.exists(out), args
+
+
+def test_unwritable_model_cache_is_one_line(runs, readonly_dir):
+    """The embedded model's cache under a file, on a read-only folder, or under a read-only HOME: one line
+    naming the cache folder, before the conversion starts (no "converting ..." line), nothing written."""
+    cases = runs["cli"]["cache"]
+    assert len(cases) == (1 if readonly_dir is None else 3)
+    for args, msg, r, out in cases:
+        line = one_error_line(r, msg)
+        assert line.endswith("(set RETRIEVAL_HEADS_CACHE to a writable folder)")
+        assert not os.path.exists(out), args
+    if readonly_dir is not None:
+        assert os.listdir(readonly_dir) == []
+
+
+HUB_CHECK = textwrap.dedent("""
+    import json, sys, time
+    import torch, transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # imported before the clock starts
+    import retrieval_heads.experiments
+    from retrieval_heads.cli import main
+
+    t = time.monotonic()
+    rc = main(sys.argv[1:])
+    print(json.dumps({"rc": rc, "seconds": time.monotonic() - t}))
+""")
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
+    """A hub id not in the local cache while the hub does not answer (a closed port): one line within a few
+    seconds, not minutes of retries with a warning per retry."""
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ = {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    environ.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", HUB_CHECK, "detect", "--model", "someorg/not-cached", "--tokens",
+                           "256", "--samples", "1", "--output-dir", str(out)], capture_output=True, text=True,
+                          env=environ, timeout=300, check=False)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    one_error_line({"rc": got["rc"], "stderr": proc.stderr}, f"cannot load model 'someorg/not-cached': it is not in "
+                   f"the local hub cache and the hub (http://127.0.0.1:{port}) cannot be reached")
+    assert got["seconds"] < 10, got
+    assert not out.exists()
 
 
 def test_answer_not_in_needle_is_a_warning(runs):
@@ -868,3 +1079,190 @@ def test_failed_load_leaves_no_lock_no_folder_no_bar(tmp_path, grid, capsys):
             assert sorted(p.name for p in out.iterdir()) == before
         else:
             assert not (tmp_path / "new").exists()
+
+
+# --- 5. all or nothing: detect's result and samples file, the report folder, the embedded model's conversion ---
+
+
+class FullAfter:
+    """Stands in for ``os`` in retrieval_heads.io: the disk is full from the ``n``-th fsync on (1-based)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fsync(self, fd):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.fsync(fd)
+
+
+def tree(d):
+    """{relative path: bytes} of every file under ``d`` (temp files included)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-earlier-run"])
+def test_full_disk_in_detect_leaves_no_samples_file_without_its_result(tiny, tmp_path, monkeypatch, earlier):
+    """The result write fails after the samples file is written: neither file of this run is left, and the
+    files of an earlier run of the same experiment stay as they were (a matching pair)."""
+    from retrieval_heads.experiments import detect
+
+    out = tmp_path / "out"
+    if earlier:
+        detect(tiny[1], question="inc_state", tokens=256, samples=2, seed=1, output_dir=out, save_samples=True)
+    before = tree(tmp_path)
+    monkeypatch.setattr(rio, "os", FullAfter(2))  # 1: the samples file, 2: the result
+    with pytest.raises(UserError, match=r"cannot write .*tiny_inc_state_256\.json: No space left on device"):
+        detect(tiny[1], question="inc_state", tokens=256, samples=2, seed=0, output_dir=out, save_samples=True)
+    monkeypatch.undo()
+    after = tree(tmp_path)
+    assert after == before  # no samples file alone, no temp file, the earlier pair untouched
+    assert len(after) == (2 if earlier else 0)
+
+
+@pytest.mark.parametrize("fail_at", ["first", "last"])
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-earlier-report"])
+def test_full_disk_in_report_leaves_the_earlier_report_or_nothing(reference, tmp_path, monkeypatch, fail_at,
+                                                                   earlier):
+    """The disk fills at the first figure or at report.html (the last file): no partial report folder, no
+    temp folder, and an earlier report is kept whole; the next run replaces it only when complete."""
+    from retrieval_heads.cli import main
+
+    results_dir = tmp_path / "results"
+    shutil.copytree(reference, results_dir)
+    out = tmp_path / "site" / "report"  # its parent is made by the run, and removed on failure
+    args = ["report", str(results_dir), "--out", str(out), "--resamples", "20"]
+    if earlier:
+        assert main(args) == 0
+        (out / "figures" / "stale.png").write_bytes(b"png")  # a figure of an experiment gone since
+    before = tree(tmp_path)
+    files = 3 + 1 + 4  # report.json/md/html, grid.png, one heatmap per experiment
+    full = FullAfter(1 if fail_at == "first" else files)
+    monkeypatch.setattr(rio, "os", full)
+    assert main(args) == 2
+    monkeypatch.undo()
+    assert full.calls == (1 if fail_at == "first" else files)
+    assert tree(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["results", "site"] if earlier else ["results"])
+    if earlier:
+        assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["report"]
+        assert main(args) == 0  # replaced when complete: the stale figure is gone with the old folder
+        assert not (out / "figures" / "stale.png").exists() and (out / "report.html").exists()
+
+
+def test_report_never_replaces_a_folder_with_other_files(reference, tmp_path, capsys):
+    """--out naming a folder that holds anything but a report: refused with one line, the folder untouched."""
+    from retrieval_heads.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["report", str(reference), "--out", str(out), "--resamples", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out} holds files that are not part of a report "
+                                                   "(notes.txt)")
+    assert tree(tmp_path) == {"mine/notes.txt": b"keep me"}
+
+
+def test_resume_recomputes_results_nested_too_deep_or_with_huge_numbers(tiny, grid, reference, tmp_path):
+    """Inside a sweep folder such a file is a corrupt result (named, with its reason) and is recomputed."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    d = out / "summed_attention"
+    files = sorted(d.glob("*.json"))
+    damage = {files[0].name: (deep(), "nested deeper than 64 levels"),
+              files[1].name: ('{"scores": ' + BIG + "}", "Exceeds the limit (4300 digits)"),
+              files[2].name: ('{"scores": -1e999}', "number -1e999 is out of range")}
+    for name, (text, _) in damage.items():
+        (d / name).write_text(text)
+    key = tiny[0].name
+    reasons = {}
+    for t in TOKENS:
+        st = unit_status(out, grid, Unit(str(tiny[0]), t, tuple(QUESTIONS)), key)
+        reasons.update({f"{key}_{q}_{t}.json": st.reason[q] for q in QUESTIONS if st.state[q] == "corrupt"})
+    assert sorted(reasons) == sorted(damage)
+    for name, (_, why) in damage.items():
+        assert reasons[name].startswith("corrupt result JSON (") and why in reasons[name], reasons[name]
+    s, _ = resume(tiny, grid, out)
+    assert sorted(p.name for p in s.recomputed) == sorted(damage) and len(s.skipped) == 1
+    assert results(out) == results(reference)
+
+
+KILLED_CONVERSION = textwrap.dedent("""
+    from retrieval_heads import models
+    models.smollm2_path()
+""")
+
+
+def test_killed_conversion_leaves_nothing_the_next_one_does_not_remove(tmp_path, monkeypatch):
+    """A first conversion killed by SIGKILL leaves its temp folder ``.smollm2-*``; the next conversion removes
+    it (and no other folder) while holding the cache's lock, which also serialises concurrent first runs."""
+    import fcntl
+    import threading
+    import time
+
+    from retrieval_heads import models
+
+    cache = tmp_path / "cache"
+    environ = dict(env(), RETRIEVAL_HEADS_CACHE=str(cache))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION], env=environ, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".smollm2-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    (stale,) = cache.glob(".smollm2-*")
+    (cache / ".smollm2-note.txt").write_text("a file, not ours")
+    (cache / "other").mkdir()
+
+    converted = []
+
+    def fake_convert(target):  # what the conversion leaves when it succeeds
+        converted.append(sorted(p.name for p in cache.iterdir()))
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"weights")
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(cache))
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    holder = os.open(cache / models.CONVERSION_LOCK, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process converting right now
+    got = []
+    runners = [threading.Thread(target=lambda: got.append(models.smollm2_path())) for _ in range(2)]
+    for r in runners:
+        r.start()
+    time.sleep(0.5)
+    assert got == [] and stale.exists()  # both wait; a temp folder that may be in use is not touched
+    os.close(holder)
+    for r in runners:
+        r.join(30)
+    assert got == [cache / "smollm2-135m-instruct"] * 2
+    assert len(converted) == 1  # the second found the first's model
+    assert ".smollm2-note.txt" in converted[0] and "other" in converted[0] and stale.name not in converted[0]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".smollm2-note.txt", ".smollm2.lock", "other",
+                                                              "smollm2-135m-instruct"])
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["plot", "json"])
+def test_full_disk_in_ablate_leaves_neither_file(tiny, reference, tmp_path, monkeypatch, capsys, fail_at):
+    """ablate writes its plot and its JSON as one: the disk filling at either leaves neither (before, the
+    JSON was written and the plot then failed)."""
+    from retrieval_heads.cli import main
+
+    result = min((reference / "summed_attention").glob("*.json"))
+    out = tmp_path / "abl.json"
+    monkeypatch.setattr(rio, "os", FullAfter(fail_at))
+    assert main(["ablate", str(result), "--model", str(tiny[0]), "--k", "0", "1", "--random-seeds", "0",
+                 "--samples", "1", "--out", str(out)]) == 2
+    monkeypatch.undo()
+    name = "abl.png" if fail_at == 1 else "abl.json"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {tmp_path / name}: " \
+                                                                "No space left on device"
+    assert list(tmp_path.iterdir()) == []

@@ -127,6 +127,11 @@ def summary(ks: Sequence[int], top: list[dict], rand: list[dict]) -> list[dict]:
 def plot(report: dict, path) -> None:
     """Accuracy and gold log-probability vs k: top heads as a line, the random control as its mean with a
     min..max band over seeds. Written atomically as PNG."""
+    atomic_write_bytes(path, plot_png(report))
+
+
+def plot_png(report: dict) -> bytes:
+    """The figure of :func:`plot` as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,4 +159,4 @@ def plot(report: dict, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()

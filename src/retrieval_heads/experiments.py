@@ -22,7 +22,7 @@ from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, check_writable
+from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
@@ -110,15 +110,18 @@ def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
     save_samples: bool, answers: Sequence | None = None, attention: bytes | None = None,
 ) -> Path:
-    """Samples and attention files first, result JSON last (its presence marks the experiment done); all atomic."""
+    """Samples and attention files first, result JSON last (its presence marks the experiment done), as one
+    atomic write: all are written to temp files before any is renamed, so a failure (a full disk) leaves none,
+    and an earlier set of the same name stays as it was."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
+    files = [(path, json_bytes(record))]
     if save_samples:
-        atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers))
+        files.insert(0, (samples_path(path), jsonl_bytes(sample_rows(prompts, sample_scores, answers))))
     if attention is not None:
         from .attention import attention_path
 
-        atomic_write_bytes(attention_path(path), attention)
-    atomic_write_json(path, record)
+        files.insert(0, (attention_path(path), attention))
+    atomic_write_files(files)
     return path
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from .errors import UserError
 
@@ -35,7 +35,30 @@ def temp_target(name: str) -> str | None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
+    atomic_write_files([(path, data)])
+
+
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write several files as one: each goes to a synced temp file beside its target first, and only when
+    all are written are they renamed into place, in the given order (put the file whose presence marks the
+    work done last). A failure while writing (a full disk) leaves every target as it was and no temp file."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            path = Path(path)
+            temps.append((_write_temp(path, data), path))
+        for tmp, path in temps:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for tmp, _ in temps:
+            _unlink_quietly(tmp)  # a no-op for those renamed into place
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """A synced temp file ``.NAME.*.tmp`` beside ``path`` holding ``data``; its name."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_TAG}", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -47,13 +70,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    return tmp
 
 
 def given_path(value: str | os.PathLike, option: str) -> Path:
@@ -82,11 +105,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    atomic_write_bytes(path, jsonl_bytes(rows))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The text of a JSON file of ours (indented, one trailing newline)."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def jsonl_bytes(rows: Iterable[Any]) -> bytes:
+    """The text of a JSONL file of ours (one compact object per line)."""
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode("utf-8")
 
 
 MAX_JSON_DEPTH = 64  # far deeper than any file of ours; deep enough for any grid, result or dataset record

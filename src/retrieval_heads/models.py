@@ -18,9 +18,10 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 from .registry import Registry
@@ -105,22 +106,67 @@ def _gguf_dir() -> Path:
     return d
 
 
+CONVERTED = "smollm2-135m-instruct"
+CONVERSION_TMP = ".smollm2-"  # prefix of the temp folders a conversion builds in (beside CONVERTED)
+CONVERSION_LOCK = ".smollm2.lock"
+
+
 def smollm2_path() -> Path:
     """The safetensors copy of the embedded model, converted from GGUF on first use.
 
     The conversion writes into a temp folder beside the target and renames it into place only when it is
-    complete, so an interrupted conversion never leaves a half-written model to be loaded.
+    complete, so an interrupted conversion never leaves a half-written model to be loaded. It holds an
+    exclusive ``flock`` on ``.smollm2.lock`` in the cache: two first runs at once convert once (the second
+    waits, then finds the model), and temp folders left by a killed conversion are removed by the next one.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    target = cache_dir() / CONVERTED
+    if _converted(target):
         return target
+    import fcntl
+
+    with _cache_errors(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent / CONVERSION_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or when the process dies
+        if _converted(target):  # converted by another process while this one waited
+            return target
+        _remove_stale_conversions(target.parent)
+        _convert(target)
+    finally:
+        os.close(fd)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "config.json").exists()
+
+
+def _remove_stale_conversions(root: Path) -> None:
+    """Temp folders of conversions that were killed; called under the lock, so none of them is in use."""
+    for p in root.glob(CONVERSION_TMP + "*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def _cache_errors(root: Path) -> Iterator[None]:
+    """OSError while writing the model cache -> one-line UserError naming the folder."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write the model cache {root}: {e.strerror or e} (set RETRIEVAL_HEADS_CACHE "
+                        "to a writable folder)") from None
+
+
+def _convert(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     src = _gguf_dir()
     print(f"converting the embedded model to safetensors in {target} (once, about 30 s)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    with _cache_errors(target.parent):
+        tmp = Path(tempfile.mkdtemp(prefix=CONVERSION_TMP, dir=target.parent))
     try:
         try:
             tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
@@ -132,15 +178,15 @@ def smollm2_path() -> Path:
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():  # a stale or partial folder from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with _cache_errors(target.parent):  # a full disk
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if target.exists():  # a stale or partial folder from an older version
+                shutil.rmtree(target)
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve(model: str) -> tuple[str, str, str]:
@@ -180,20 +226,25 @@ def load_model(
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
+    if not device_map:
+        check_device(device)
     key, name, path = resolve(model)
+    hub, offline_why = hub_access(path)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from None
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+    except Exception as e:  # missing or unreadable config.json, a field of the wrong type, nesting too deep ...
+        if offline_why and isinstance(e, OSError):
+            raise UserError(f"cannot load model {model!r}: it is not in the local hub cache and {offline_why}") from None
+        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
     check_causal_lm(model, config)
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **hub)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if device_map:
         kwargs["device_map"] = device_map
     try:
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
     if not device_map:
@@ -202,7 +253,10 @@ def load_model(
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"cannot use device {device!r}: {_first_line(e)}") from None
     m.eval()
-    return LoadedModel(m, tok, key, name, model_identity(model, config))
+    lm = LoadedModel(m, tok, key, name, model_identity(model, config))
+    if not (lm.num_layers or 0) > 0 or not (lm.num_heads or 0) > 0:
+        raise UserError(f"{model!r} has no attention heads to score ({lm.num_layers} layers, {lm.num_heads} heads)")
+    return lm
 
 
 # Families whose "causal LM" class is an encoder that attends causally only when ``config.is_decoder`` is set
@@ -224,10 +278,10 @@ def check_device(device: str, available: bool = True) -> None:
 
     try:
         d = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, ValueError, TypeError):
         raise UserError(f"unknown device {device!r}; use e.g. cpu, cuda, cuda:1, mps") from None
     if d.type == "meta":
-        raise UserError(f"cannot compute on device {device!r} (it holds no data); use e.g. cpu or cuda")
+        raise UserError(f"cannot use device {device!r}: it holds no data; use e.g. cpu or cuda")
     if not available or d.type == "cpu":
         return
     backend = getattr(torch, d.type, None) if d.type != "mps" else torch.backends.mps
@@ -236,6 +290,55 @@ def check_device(device: str, available: bool = True) -> None:
     count = getattr(backend, "device_count", lambda: 1)()
     if d.index is not None and d.index >= count:
         raise UserError(f"device {device!r} is not available on this machine ({count} {d.type} device(s))")
+
+
+HUB_PROBE_S = 3.0  # how long to wait for a TCP connection to the hub before working from the local cache
+
+
+def hub_access(path: str) -> tuple[dict, str]:
+    """``from_pretrained`` keywords for ``path``, and why the hub is not used ("" when it is).
+
+    A local folder needs nothing. For a hub id, the hub is used only when it is allowed (``HF_HUB_OFFLINE``
+    unset) and answers a TCP connection within :data:`HUB_PROBE_S` seconds; otherwise everything is read from
+    the local hub cache (``local_files_only``), so a missing model fails at once instead of after minutes of
+    retries."""
+    if Path(path).is_dir():
+        return {}, ""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return {"local_files_only": True}, "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not _reachable(endpoint, HUB_PROBE_S):
+        return {"local_files_only": True}, f"the hub ({endpoint}) cannot be reached"
+    return {}, ""
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to ``url``'s host (or the HTTPS proxy in the environment) opens within
+    ``timeout`` seconds; name resolution included (run in a thread, since it takes no timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    u = urlsplit(proxy if proxy and url.startswith("https") else url)
+    if not u.hostname:
+        return False
+    port = u.port or (443 if u.scheme == "https" else 80)
+    ok = []
+
+    def connect():
+        try:
+            socket.create_connection((u.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
 
 
 def check_causal_lm(model: str, config) -> None:
@@ -368,5 +471,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
+    s = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if len(s) > 1 and s[0].endswith(":"):  # "Validation error for field 'x':" + the reason on the next line
+        return f"{s[0]} {s[1]}"
     return s[0] if s else type(e).__name__

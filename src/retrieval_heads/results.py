@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .io import JSONError, parse_json
 
 SEED_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
                "needle_position", "samples_processed", "timestamp", "head_rankings", "top_50_heads")
@@ -93,8 +94,12 @@ def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor
         if not line.strip():
             continue
         try:
-            scores = torch.tensor(json.loads(line)["scores"], dtype=torch.float64)  # (L, H)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            row = parse_json(line)
+        except JSONError as e:
+            raise UserError(f"{path}: line {n} is not a per-sample score row ({e})") from None
+        try:
+            scores = torch.tensor(row["scores"], dtype=torch.float64)  # (L, H)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):  # RuntimeError: an int too large
             raise UserError(f"{path}: line {n} is not a per-sample score row") from None
         if tuple(scores.shape) != tuple(shape) or not bool(torch.isfinite(scores).all()):
             raise UserError(f"{path}: line {n} has scores of shape {tuple(scores.shape)}, expected {tuple(shape)}")
@@ -316,9 +321,9 @@ def load_result(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read result {path}: {e}") from None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt result JSON ({e.msg} at line {e.lineno})") from None
+        record = parse_json(text)
+    except JSONError as e:
+        raise UserError(f"{path}: corrupt result JSON ({e})") from None
     return validate(record, str(path))
 
 

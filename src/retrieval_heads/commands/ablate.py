@@ -47,13 +47,13 @@ def ablate(
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
 ) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
-    from ..ablation import check_ks, plot, random_heads, run_ablation
+    from ..ablation import check_ks, plot_png, random_heads, run_ablation
     from ..data.dataset import load_jsonl
     from ..data.prompt import PromptFormat
     from ..data.questions import QUESTIONS
     from ..data.samples import dataset_samples
     from ..experiments import build_prompts, check_args, check_tokens
-    from ..io import atomic_write_json, given_path
+    from ..io import atomic_write_files, given_path, json_bytes
     from ..models import MODELS, load_model
     from ..results import load_result, samples_path
     from ._common import check_not_input
@@ -98,8 +98,8 @@ def ablate(
     report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=True,
                           tokens=t, seed=s if synthetic else None)
     report["result"] = str(result)
-    atomic_write_json(out, report)
-    plot(report, out.with_suffix(".png"))
+    # the plot first, the JSON last, as one write: a full disk leaves neither
+    atomic_write_files([(out.with_suffix(".png"), plot_png(report)), (out, json_bytes(report))])
     for row in report["summary"]:
         rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \
               f"{row['random_accuracy_max']:.2f}]" if "random_accuracy_mean" in row else ""

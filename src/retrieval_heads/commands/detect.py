@@ -45,6 +45,8 @@ def detect(
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
+    if top < 0:
+        raise UserError(f"--top must be >= 0, got {top}")
     quiet_transformers()
     res = run(model=model, question=question, tokens=tokens, samples=samples, needle_position=needle_position,
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,

@@ -25,7 +25,10 @@ def report(
         raise UserError(f"--resamples must be positive, got {resamples}")
     if top <= 0:
         raise UserError(f"--top must be positive, got {top}")
-    rep, folder = make_report(results_dir, None if out is None else given_path(out, "--out"), resamples=resamples, seed=seed, top=top)
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    rep, folder = make_report(results_dir, None if out is None else given_path(out, "--out"), resamples=resamples,
+                              seed=seed, top=top)
     n = len(rep.collection.experiments)
     print(f"read {n} result(s); wrote {folder / 'report.html'}, report.md, report.json and "
           f"{len(rep.figures)} figure(s) in {folder / 'figures'}")

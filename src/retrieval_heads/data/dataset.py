@@ -15,12 +15,12 @@ warning on stderr, not an error: the record still measures attention, but its ac
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import JSONError, parse_json
 from .questions import QUESTIONS, answer_matches
 
 
@@ -52,9 +52,9 @@ def load_jsonl(path: str | Path, warn=lambda msg: print(f"warning: {msg}", file=
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON ({e.msg})") from None
+            obj = parse_json(line)
+        except JSONError as e:  # malformed, nested too deep, a number out of range
+            raise UserError(f"{where}: malformed JSON ({str(e).removesuffix(' at line 1')})") from None
         records.append(_record(obj, where, n, warn))
     if not records:
         raise UserError(f"dataset {path} has no records")

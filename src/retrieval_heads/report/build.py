@@ -1,6 +1,7 @@
 """Assemble the report: collect results, compute every number and figure in memory, then write.
 
-Nothing is written until everything is computed, so bad input leaves no partial report. Output folder:
+Nothing is written until everything is computed, so bad input leaves no partial report; the files are then
+written into a temp folder beside the output folder, which is renamed into place when complete. Output folder:
 
 - ``report.html``: one self-contained page (figures as data URIs; opens offline);
 - ``report.md``: the same content in Markdown, figures linked from ``figures/``;
@@ -10,10 +11,14 @@ Nothing is written until everything is computed, so bad input leaves no partial 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, given_path
+from ..errors import UserError
+from ..io import atomic_write_bytes, given_path, json_bytes
 from ..results import check_name
 from . import explorer, figures, html, markdown, stability, tables
 from .collect import Collection, collect, load_sample_scores
@@ -213,18 +218,92 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     return Report(blocks, data, col)
 
 
-def write(report: Report, out_dir: str | Path) -> list[Path]:
-    """Figures first, then report.json, report.md, and report.html last; each atomic."""
+REPORT_FILES = ("report.html", "report.md", "report.json")
+
+
+def check_out(out_dir: str | Path) -> None:
+    """UserError unless ``out_dir`` is absent, or a folder holding nothing but an earlier report (which the new
+    one replaces): a folder with anything else in it is never replaced."""
     out = Path(out_dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{out} exists and is not a report folder; choose another --out")
+    other = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not _ours(out, p))
+    if other:
+        raise UserError(f"{out} holds files that are not part of a report ({', '.join(other[:3])}); "
+                        "choose another --out")
+
+
+def _ours(out: Path, p: Path) -> bool:
+    parts = p.relative_to(out).parts
+    if p.is_symlink():
+        return False
+    if len(parts) == 1:
+        return parts[0] in REPORT_FILES or (parts[0] == "figures" and p.is_dir())
+    return parts[0] == "figures" and (p.is_dir() or p.suffix == ".png")
+
+
+def write(report: Report, out_dir: str | Path) -> list[Path]:
+    """The whole report is written into a temp folder beside ``out_dir`` and renamed into place when complete;
+    an earlier report there is replaced only then. A failure (a full disk) leaves the earlier report, or no
+    folder, and nothing of this run."""
+    out = Path(out_dir)
+    check_out(out)
     md, page = markdown.render(TITLE, report.blocks), html.render(TITLE, report.blocks)
-    written = []
-    for f in report.figures:
-        atomic_write_bytes(out / f.path, f.png)
-        written.append(out / f.path)
-    atomic_write_json(out / "report.json", report.data)
-    atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.html", page)
-    return written + [out / "report.json", out / "report.md", out / "report.html"]
+    files = [(f.path, f.png) for f in report.figures] + [
+        ("report.json", json_bytes(report.data)), ("report.md", md.encode("utf-8")),
+        ("report.html", page.encode("utf-8"))]
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this run creates
+    tmp = None
+    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a report is an ordinary folder
+        except OSError as e:
+            raise UserError(f"cannot write to {out.parent}: {e.strerror or e}") from None
+        for rel, data in files:
+            try:
+                atomic_write_bytes(tmp / rel, data)
+            except UserError as e:  # name the file the user asked for, not the temp folder
+                raise UserError(str(e).replace(str(tmp), str(out))) from None
+        _move_into_place(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # deepest first; only while empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return [out / rel for rel, _ in files]
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed
+    after (put back if the rename fails)."""
+    try:
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
+        os.replace(out, old)  # onto the empty folder mkdtemp made
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def make_report(results_dir: str | Path, out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,

@@ -9,7 +9,6 @@ and listed. The report's own output folder is never read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..data.questions import QUESTIONS
 from ..errors import UserError
+from ..io import JSONError, parse_json
 from ..results import read_sample_scores, samples_path, validate
 
 
@@ -114,20 +114,20 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     found: dict[tuple, Experiment] = {}
     skipped: list[str] = []
     for path in sorted(root.rglob("*.json")):
-        if path.name.startswith(".") or not path.is_file():
-            continue
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or not path.is_file():
+            continue  # temp files and folders (ours are all named .NAME...tmp)
         mine = skip is not None and (path.resolve() == skip or skip in path.resolve().parents)
         rel = path.relative_to(root).as_posix()
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             if mine:
                 continue
             raise UserError(f"cannot read result {path}: {e}") from None
-        except json.JSONDecodeError as e:
+        except JSONError as e:
             if mine:
                 continue
-            raise UserError(f"{path}: corrupt result JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{path}: corrupt result JSON ({e})") from None
         if mine:  # the report's own folder is not read, so it must hold no result that would go unreported
             if _looks_like_result(obj):
                 raise UserError(f"the report folder {exclude} holds the result {path}, which the report would "
