@@ -371,6 +371,7 @@ def one_error_line(r, msg):
 
 @pytest.mark.parametrize("at, kept", [("load", 0), ("compute", 2), ("write", 2)])
 @pytest.mark.parametrize("sig", ["KILL", "INT"])
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_uninterrupted_results(runs, tiny, grid, reference, at, sig, kept):
     """Killed after the weights load, mid-unit (one sample of the second unit scored), or mid-write (the
     third result's temp file synced, not renamed): the finished results are whole, and a resumed sweep ends
@@ -394,6 +395,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(runs, tiny, grid, ref
     assert list(d.glob(".*.tmp")) == []  # the resumed sweep removed the killed write's temp file
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_earlier_results(runs, reference):
     """The third write hits ENOSPC: one line, exit 2, the two finished results intact, no temp file."""
     rc, stderr, out = runs["fault"][("write", "ENOSPC")]
@@ -467,6 +469,7 @@ def test_corrupt_results_are_detected_and_recomputed(tiny, grid, reference, tmp_
     assert results(out) == results(reference)
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_fails_before_any_work(runs):
     """One line, exit 2, before any model is loaded or anything computed (nothing on stdout)."""
     for args, msg, r, out in runs["cli"]["unwritable"]:
@@ -478,6 +481,7 @@ def test_unwritable_output_dir_fails_before_any_work(runs):
 # --- 2. bad input through the CLI ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_input_matrix(runs):
     """Each case: one line on stderr starting ``error: ``, exit 2, no traceback, no output dir."""
     assert len(runs["cli"]["bad"]) == 23
@@ -487,6 +491,7 @@ def test_bad_input_matrix(runs):
         assert not os.path.exists(out), args
 
 
+@pytest.mark.slow
 def test_answer_not_in_needle_is_a_warning(runs):
     """Documented as a warning: the run goes on (exit 0) and says which record on stderr."""
     ((_, _, r, out),) = runs["cli"]["warning"]
@@ -523,6 +528,7 @@ def test_per_sample_masses_are_finite_and_in_unit_interval(tiny, grid):
 # --- 4. security ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nothing_user_supplied_is_executed(runs):
     """All refused with one line; the code that would leave a marker never ran."""
     cases = runs["cli"]["untrusted"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,7 @@ from .io import atomic_write_json, atomic_write_jsonl, check_writable
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_record, ranking, result_path, samples_path
+from .results import make_record, ranking, result_path, sample_rows, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -41,7 +41,6 @@ class DetectResult:
     prompts: list[PromptSample]
     record: dict
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
@@ -115,24 +114,6 @@ def write_result(
         atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers))
     atomic_write_json(path, record)
     return path
-
-
-def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
-    """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
-    whether it is ``correct``."""
-    cpu = sample_scores.detach().double().cpu()
-    for i, p in enumerate(prompts):
-        yield {
-            "index": i,
-            "input_ids": p.input_ids,
-            "needle_start": p.needle_start,
-            "needle_end": p.needle_end,
-            "question": p.question,
-            "answer": p.answer,
-            "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
-            **(answers[i].row() if answers is not None else {}),
-            **({"meta": p.meta} if p.meta else {}),
-        }
 
 
 def method_names(method: str | Sequence[str]) -> list[str]:

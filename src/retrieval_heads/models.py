@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -126,7 +126,7 @@ def smollm2_path() -> Path:
                 src, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
             )
         except Exception as e:  # a missing gguf/accelerate package, a damaged file ...
-            raise UserError(f"cannot convert the embedded model: {type(e).__name__}: {_first_line(e)}") from None
+            raise UserError(f"cannot convert the embedded model: {type(e).__name__}: {first_line(e)}") from None
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -178,7 +178,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load model {model!r}: {first_line(e)}") from None
     check_causal_lm(model, config)
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     if not allow_pickle:
@@ -189,12 +189,12 @@ def load_model(
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
-        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
     if not device_map:
         try:
             m = m.to(device)
         except (RuntimeError, AssertionError) as e:
-            raise UserError(f"cannot use device {device!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot use device {device!r}: {first_line(e)}") from None
     m.eval()
     return LoadedModel(m, tok, key, name)
 
@@ -205,8 +205,3 @@ def check_causal_lm(model: str, config) -> None:
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
         raise UserError(f"{model!r} is not a causal language model (model_type {config.model_type!r})")
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.questions import QUESTIONS
-from .errors import UserError
+from .errors import UserError, first_line
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, resolve
 from .registry import Registry
@@ -217,7 +217,7 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UserError(f"grid file {path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     except ValueError as e:  # tomllib.TOMLDecodeError
-        raise UserError(f"grid file {path}: malformed TOML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"grid file {path}: malformed TOML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"grid file {path}: expected an object of grid settings")
     for k in data:
@@ -378,8 +378,7 @@ def preflight(grid: Grid) -> None:
                 raise UserError(f"--tokens {max(grid.tokens)} exceeds the {limit} positions of {name}")
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot load model {m!r}: {first}{hint}") from None
+            raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
         synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, grid.needle_position,
                           grid.seed)
 

@@ -42,7 +42,3 @@ class Figure:
 
 
 Block = Heading | Paragraph | Bullets | Table | Figure
-
-
-def figures(blocks: list[Block]) -> list[Figure]:
-    return [b for b in blocks if isinstance(b, Figure)]
