@@ -114,27 +114,29 @@ def experiment(smollm2, tmp_path_factory):
 
 
 @torch.no_grad()
-def slow_greedy(model, tokenizer, prompt_ids, max_new_tokens=DEFAULT_MAX_NEW_TOKENS) -> list[int]:
-    """The obvious greedy decode: one full forward pass over prompt + answer so far per token, no cache, no
-    probe; the same stop rule."""
+def hf_greedy(model, tokenizer, prompt_ids, max_new_tokens=DEFAULT_MAX_NEW_TOKENS) -> list[int]:
+    """transformers' own greedy ``generate`` (an independent decoding loop), cut by the same stop rule."""
+    ids = torch.tensor([list(prompt_ids)])  # (1, N)
+    full = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                          max_new_tokens=max_new_tokens)[0, ids.shape[1]:].tolist()
     stop = stop_rule(model, tokenizer)
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=torch.tensor([list(prompt_ids) + out]), use_cache=False).logits  # (1, N, V)
-        tok = int(logits[0, -1].argmax())
+    for tok in full:
         if stop(out, tok):
-            break
+            return out
         out.append(tok)
+    assert len(out) == max_new_tokens, "generate stopped where the stop rule does not"
     return out
 
 
 def test_answers_and_accuracy(smollm2, experiment):
+    """The answers (ids, text, correctness) are those of an independent greedy decode, whatever they are."""
     out, res = experiment
     assert list(res) == ["summed_attention_success", "query_focused_success", "retrieval_score"]
     r = res["retrieval_score"]
     answers = r.answers
     for p, a in zip(r.prompts, answers):
-        ids = slow_greedy(smollm2.model, smollm2.tokenizer, p.input_ids)
+        ids = hf_greedy(smollm2.model, smollm2.tokenizer, p.input_ids)
         text = smollm2.tokenizer.decode(ids, skip_special_tokens=True).strip()
         assert (a.ids, a.text, a.correct) == (ids, text, answer_matches(text, p.answer))
     n = sum(a.correct for a in answers)
@@ -202,6 +204,26 @@ def test_methods_share_samples_and_differ(experiment):
     assert ids[0] == ids[1] == ids[2]
     tops = [r.record["top_50_heads"][:10] for r in res.values()]
     assert len({tuple(t) for t in tops}) == 3  # every pair of methods differs
+
+
+@torch.no_grad()
+def slow_greedy(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The obvious greedy decode: one full forward pass over prompt + answer so far per token, no cache."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        ids = torch.cat([prompt_ids, torch.tensor(out, dtype=torch.long)])[None]  # (1, N + t)
+        out.append(int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_decoding_equals_a_full_recompute(family):
+    """greedy_decode (KV cache, batched, probe active for the argmax track) gives the tokens of a decode that
+    recomputes the whole sequence for every token."""
+    model = peaky(family)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(12))
+    got, _ = greedy_decode(model, ids, 6, never, track_argmax=True)
+    assert got == [slow_greedy(model, ids[b], 6) for b in range(2)]
 
 
 def test_decoding_is_batch_invariant():
