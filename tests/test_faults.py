@@ -418,6 +418,7 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", str(d)], check=True)
 
 
+@pytest.mark.slow  # mounts a real tmpfs and fills it
 def test_really_full_disk(tiny, grid, reference, tiny_tmpfs):
     """On a filled tmpfs: the sweep stops with a clear error, the result already there stays valid."""
     out = tiny_tmpfs / "out"
