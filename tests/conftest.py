@@ -1,4 +1,10 @@
-"""Fixtures shared by the tests: tiny random models of several families, and the embedded SmolLM2."""
+"""Fixtures shared by the tests: tiny random models of several families, and the embedded SmolLM2.
+
+Every test that uses a fixture loading SmolLM2's weights (``smollm2``, ``smollm2_bf16``, directly or through
+another fixture) is marked ``slow`` here; tests that run the real model otherwise (through the CLI) carry
+the mark themselves. ``pytest -m "not slow"`` is the fast loop; the tokenizer alone (``smollm2_tokenizer``)
+is cheap and stays in it.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +52,26 @@ def tiny_model(family: str, seed: int = 0):
     logging.set_verbosity_error()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+# fixtures that load SmolLM2's weights, and the fault matrix's launcher (one process per scenario)
+MODEL_FIXTURES = {"smollm2", "smollm2_bf16", "runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (the model is converted from GGUF on the first run on a machine)."""
+    from transformers import AutoTokenizer
+
+    from retrieval_heads.models import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
 
 
 @pytest.fixture(scope="session")

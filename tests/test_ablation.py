@@ -115,6 +115,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "retrieval_heads", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_ablate_end_to_end(tmp_path):
     r = run_cli("detect", "--question", "hq_state", "--tokens", "256", "--samples", "1", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -138,6 +139,7 @@ def test_cli_ablate_end_to_end(tmp_path):
     (["--k", "300"], "--k 300 is outside 0..270"),
     (["--k", "200"], "only 70 heads lie outside the top 200"),
 ])
+@pytest.mark.slow
 def test_cli_ablate_bad_input(tmp_path, args, msg):
     scores = torch.arange(270, dtype=torch.float32).view(30, 9)
     rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="inc_state",

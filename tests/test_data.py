@@ -13,8 +13,8 @@ from retrieval_heads.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def fmt(smollm2):
-    return PromptFormat(smollm2.tokenizer)
+def fmt(smollm2_tokenizer):
+    return PromptFormat(smollm2_tokenizer)
 
 
 def test_generator_is_deterministic_and_index_addressed():
@@ -23,6 +23,12 @@ def test_generator_is_deterministic_and_index_addressed():
     assert make_sample(7, 4).needle != a.needle
     for key in ("inc_state", "inc_year", "employee_count", "hq_state"):
         assert a.company.facts[key] in a.needle
+
+
+def test_section_1_is_the_same_on_every_call():
+    """A company's needle does not consume its generator: every call gives the sample's needle."""
+    company = make_sample(7, 3).company
+    assert company.section_1() == company.section_1() == make_sample(7, 3).needle
 
 
 def test_questions_registry():
@@ -61,9 +67,9 @@ def test_prompt_lengths_and_exact_spans(fmt, tokens, pos):
         assert abs(before - pos * haystack) <= 80  # depth within about one sentence
 
 
-def test_prompt_ends_with_generation_prompt(fmt, smollm2):
+def test_prompt_ends_with_generation_prompt(fmt, smollm2_tokenizer):
     p = synthetic_samples(fmt, ["hq_state"], 512, 1, 0.5, 0)[0]["hq_state"]
-    tail = smollm2.tokenizer.decode(p.input_ids[-30:])
+    tail = smollm2_tokenizer.decode(p.input_ids[-30:])
     assert tail.endswith("<|im_start|>assistant\n")
     assert "Question: In what state is the company headquartered?" in tail
 

@@ -11,7 +11,7 @@ from retrieval_heads import detect
 from retrieval_heads.data.prompt import PromptFormat
 from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.methods.summed_attention import SummedAttention, reference_scores, seed_reference_scores
-from retrieval_heads.results import SEED_FIELDS, load_result, validate
+from retrieval_heads.results import SEED_FIELDS, load_result, parse_head, validate
 
 
 def test_probe_equals_seed_reference_on_smollm2(smollm2):
@@ -42,7 +42,7 @@ def test_detect_writes_seed_format(smollm2, tmp_path):
     assert scores == sorted(scores, reverse=True)
     assert rec["top_50_heads"] == [r["head"] for r in rec["head_rankings"][:50]]
     top = rec["head_rankings"][0]
-    layer, head = map(int, top["head"][1:].split("H"))
+    layer, head = parse_head(top["head"])
     assert top["score"] == pytest.approx(res.scores[layer, head].item(), abs=1e-6)
     validate(rec)
     rows = [json.loads(line) for line in path.with_suffix(".samples.jsonl").read_text().splitlines()]
@@ -86,6 +86,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "retrieval_heads", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_detect_end_to_end(tmp_path):
     r = run_cli("detect", "--tokens", "384", "--samples", "1", "--output-dir", str(tmp_path), "--top", "3")
     assert r.returncode == 0, r.stderr
@@ -106,6 +107,7 @@ def test_cli_detect_end_to_end(tmp_path):
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--tokens", "many"], "Invalid value for '--tokens'"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_one_line_exit_2(tmp_path, args, msg):
     r = run_cli("detect", *args, "--output-dir", str(tmp_path / "out"))
     assert r.returncode == 2
@@ -115,6 +117,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, msg):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_malformed_dataset_names_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"needle": "a", "haystack": "b", "question": "q", "answer": "a"}\n{oops\n')

@@ -1,9 +1,10 @@
 """Exports, each loaded back in its own format and checked against the result it came from."""
 
+import contextlib
 import csv
+import io
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +31,14 @@ def result(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "retrieval_heads", "export", *args], capture_output=True, text=True)
+    """``retrieval-heads export ARGS`` in this process (the CLI's own entry, ``cli.main``): exit code and
+    what it printed. (The one-line error contract through a real process is tested on detect and sweep.)"""
+    from retrieval_heads.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["export", *map(str, args)])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def export_to(path, fmt, out, *extra):

@@ -566,6 +566,7 @@ def one_error_line(r, msg):
 
 @pytest.mark.parametrize("at, kept", [("load", 0), ("compute", 2), ("write", 2)])
 @pytest.mark.parametrize("sig", ["KILL", "INT"])
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_uninterrupted_results(runs, tiny, grid, reference, at, sig, kept):
     """Killed after the weights load, mid-unit (one sample of the second unit scored), or mid-write (the
     third result's temp file synced, not renamed): the finished results are whole, and a resumed sweep ends
@@ -589,6 +590,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(runs, tiny, grid, ref
     assert list(d.glob(".*.tmp")) == []  # the resumed sweep removed the killed write's temp file
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_earlier_results(runs, reference):
     """The third write hits ENOSPC: one line, exit 2, the two finished results intact, no temp file."""
     rc, stderr, out = runs["fault"][("write", "ENOSPC")]
@@ -611,6 +613,7 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", str(d)], check=True)
 
 
+@pytest.mark.slow  # mounts a real tmpfs and fills it
 def test_really_full_disk(tiny, grid, reference, tiny_tmpfs):
     """On a filled tmpfs: the sweep stops with a clear error, the result already there stays valid."""
     out = tiny_tmpfs / "out"
@@ -662,6 +665,7 @@ def test_corrupt_results_are_detected_and_recomputed(tiny, grid, reference, tmp_
     assert results(out) == results(reference)
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_fails_before_any_work(runs):
     """One line, exit 2, before any model is loaded or anything computed (nothing on stdout)."""
     for args, msg, r, out in runs["cli"]["unwritable"]:
@@ -673,6 +677,7 @@ def test_unwritable_output_dir_fails_before_any_work(runs):
 # --- 2. bad input through the CLI ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_input_matrix(runs):
     """Each case: one line on stderr starting ``error: ``, exit 2, no traceback, no output dir."""
     assert len(runs["cli"]["bad"]) == 23
@@ -749,6 +754,7 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_answer_not_in_needle_is_a_warning(runs):
     """Documented as a warning: the run goes on (exit 0) and says which record on stderr."""
     ((_, _, r, out),) = runs["cli"]["warning"]
@@ -785,6 +791,7 @@ def test_per_sample_masses_are_finite_and_in_unit_interval(tiny, grid):
 # --- 4. security ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nothing_user_supplied_is_executed(runs):
     """All refused with one line; the code that would leave a marker never ran."""
     cases = runs["cli"]["untrusted"]

@@ -7,14 +7,21 @@ import torch
 
 from conftest import tiny_model
 from retrieval_heads import models
-from retrieval_heads.errors import UserError
+from retrieval_heads.errors import UserError, first_line
 from retrieval_heads.methods.base import needle_mass
 from retrieval_heads.models import load_model, resolve
 
 
-def save_tiny(path, family="llama"):
+def save_tiny(path, family="llama", tokenizer=False):
     m = tiny_model(family)
     m.save_pretrained(path)
+    if tokenizer:  # a word-level tokenizer over the tiny vocabulary, so that the model loads completely
+        from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
     return m
 
 
@@ -47,11 +54,23 @@ def test_not_a_causal_lm(tmp_path):
 
 
 def test_pickle_weights_are_refused(tmp_path):
-    m = save_tiny(tmp_path / "m")
+    """A complete model (config, tokenizer, weights) whose only weights are a pickle: refused by default for
+    want of safetensors, and loaded, with the same weights, only when pickle is allowed explicitly."""
+    m = save_tiny(tmp_path / "m", tokenizer=True)
+    safe = load_model(str(tmp_path / "m"))  # the complete model loads: only the weights' format is refused below
+    assert torch.equal(safe.model.lm_head.weight, m.lm_head.weight)
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(m.state_dict(), tmp_path / "m" / "pytorch_model.bin")
-    with pytest.raises(UserError, match="cannot load model"):
+    with pytest.raises(UserError, match="cannot load model .*: .*model\\.safetensors"):
         load_model(str(tmp_path / "m"))
+    pickled = load_model(str(tmp_path / "m"), allow_pickle=True)
+    assert torch.equal(pickled.model.lm_head.weight, m.lm_head.weight)
+
+
+def test_first_line():
+    assert first_line(ValueError("first\nsecond")) == "first"
+    assert first_line(ValueError("  \n  padded  \n")) == "padded"
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError(""), default="") == ""
 
 
 def test_remote_code_is_not_run_without_the_flag(tmp_path):

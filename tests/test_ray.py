@@ -19,6 +19,8 @@ from retrieval_heads.models import smollm2_path
 from retrieval_heads.ray_engine import ModelWorker, run_ray_sweep
 from retrieval_heads.sweep import make_grid, run_sweep
 
+pytestmark = pytest.mark.slow  # a local Ray instance and its worker processes
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama (SmolLM2's vocabulary) with SmolLM2's tokenizer, in a model directory."""

@@ -99,6 +99,7 @@ def test_list_options_take_several_values():
     (["--models", "smollm2", "--questions", "inc_state", "ceo_name"], "unknown question 'ceo_name'"),
     (["--models", "smollm2", "--tokens", "1024", "9000"], "--tokens 9000 exceeds the 8192 positions"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path, args, msg):
     """Through a real process: one line on stderr, exit 2, no traceback, no output dir."""
     out = tmp_path / "out"
@@ -199,6 +200,7 @@ def test_lock_in_process(tmp_path):
     assert st.todo == ALL
 
 
+@pytest.mark.slow
 def test_second_sweep_on_a_locked_dir_fails_fast(tmp_path):
     """While one sweep holds the output dir, another process's sweep there stops with one line, exit 2,
     and writes nothing."""

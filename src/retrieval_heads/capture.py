@@ -12,6 +12,14 @@ padding and sliding windows reach it). For every attention layer it
 3. hands the probabilities to a callback, and optionally zeroes chosen heads' outputs (ablation: the head
    is removed before the output projection).
 
+The probe's presence is a property of the model: :func:`prepare` switches it to the probe's function once
+(``attention_probe`` does so on first use) and nothing switches it back. With no probe active in the calling
+context the function is exactly sdpa (or the family's eager path where it soft-caps). What a probe does is
+scoped to one ``attention_probe`` block in one context (a :class:`contextvars.ContextVar`): two threads
+probing one model each see only their own rows; a probe nested in another in one context is an error.
+Every layer reports to the active probe; callers check after each forward pass that each layer reported
+exactly once (:meth:`ProbeState.end_pass`), so a layer that bypasses the attention interface fails loudly.
+
 >>> scores = torch.zeros(lm.num_layers, lm.num_heads)                   # doctest: +SKIP
 >>> def on_layer(layer, probs):                                          # probs: (B, H, S, K)
 ...     scores[layer] += probs[0, :, -1, start:end].sum(-1)
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import contextvars
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -40,19 +49,39 @@ OnLayer = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
-class _ProbeState:
+class ProbeState:
+    """What one ``attention_probe`` block does, and how often each layer has reported in the current pass."""
+
     on_layer: OnLayer | None
     query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
     ablate: dict[int, list[int]] = field(default_factory=dict)
     num_layers: int = 1
-    calls: int = 0  # attention calls so far; gives the layer index of modules that carry none
+    counts: list[int] = field(default_factory=list)  # reports per layer since the last end_pass
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * self.num_layers
 
     def layer_index(self, module) -> int:
         idx = getattr(module, "layer_idx", None)
-        return idx if isinstance(idx, int) else self.calls % self.num_layers
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < self.num_layers:
+            raise UserError(f"{type(module).__name__} has no layer index in 0..{self.num_layers - 1} "
+                            f"(layer_idx={idx!r}); it cannot be probed")
+        return idx
+
+    def end_pass(self, model=None) -> None:
+        """Check that every layer reported exactly once since the last call (one forward pass), then reset.
+        Raises UserError naming the layers that did not (a layer that bypasses the attention interface)."""
+        counts, self.counts = self.counts, [0] * self.num_layers
+        wrong = [(layer, n) for layer, n in enumerate(counts) if n != 1]
+        if wrong:
+            name = type(model).__name__ if model is not None else "the model"
+            said = ", ".join(f"layer {layer} {n} times" for layer, n in wrong[:4])
+            more = f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""
+            raise UserError(f"in one forward pass of {name} each layer must reach the probe once: {said}{more}; "
+                            "its attention does not go through transformers' attention interface")
 
 
-_ACTIVE: contextvars.ContextVar[_ProbeState | None] = contextvars.ContextVar("retrieval_heads_probe", default=None)
+_ACTIVE: contextvars.ContextVar[ProbeState | None] = contextvars.ContextVar("retrieval_heads_probe", default=None)
 
 
 def _base_attention(module, softcap) -> Callable:
@@ -138,7 +167,7 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if state is None:
         return out, weights
     layer = state.layer_index(module)
-    state.calls += 1
+    state.counts[layer] += 1
     if state.on_layer is not None:
         rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
         state.on_layer(layer, rows)
@@ -150,19 +179,36 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
 
 _installed = False
+_lock = threading.Lock()
 
 
 def install() -> None:
     """Register the probe and its mask builder with transformers (idempotent)."""
     global _installed
-    if _installed:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    with _lock:
+        if _installed:
+            return
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(PROBE, probe_attention)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
-    _installed = True
+        AttentionInterface.register(PROBE, probe_attention)
+        AttentionMaskInterface.register(PROBE, sdpa_mask)
+        _installed = True
+
+
+def prepare(model) -> None:
+    """Switch ``model`` to the probe's attention function, once (idempotent; nothing switches it back).
+
+    With no probe active the function computes exactly what sdpa (or, where the family soft-caps, its eager
+    path) computes, so the model's outputs are unchanged. Raises UserError for a model that does not use
+    transformers' attention interface."""
+    install()
+    with _lock:
+        if model.config._attn_implementation == PROBE:
+            return
+        if not model._can_set_attn_implementation():
+            raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
+        model.set_attn_implementation(PROBE)
 
 
 @contextmanager
@@ -171,28 +217,33 @@ def attention_probe(
     on_layer: OnLayer | None,
     query_positions: torch.Tensor | None = None,
     ablate: dict[int, list[int]] | None = None,
-) -> Iterator[_ProbeState]:
-    """Within this block every forward pass of ``model`` calls ``on_layer(layer, probs)`` per layer, with
-    probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries (default: the last row), and
-    zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]})."""
-    install()
-    previous = model.config._attn_implementation
-    if not model._can_set_attn_implementation():
-        raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
-    model.set_attn_implementation(PROBE)
-    state = _ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
+) -> Iterator[ProbeState]:
+    """Within this block every forward pass of ``model`` in this context (thread) calls ``on_layer(layer,
+    probs)`` per layer, with probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries
+    (default: the last row), and zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]}).
+
+    Yields the :class:`ProbeState`; call its ``end_pass(model)`` after each forward pass to check that every
+    layer reported exactly once. Probes in other threads are independent; nesting one in another in the same
+    context raises RuntimeError. The model stays switched to the probe's function afterwards (see
+    :func:`prepare`)."""
+    prepare(model)
+    if _ACTIVE.get() is not None:
+        raise RuntimeError("attention_probe is already active in this context: nested probes are not supported "
+                           "(combine the callbacks and ablations in one probe)")
+    state = ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
     token = _ACTIVE.set(state)
     try:
         yield state
     finally:
         _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
 
 
 @contextmanager
 def eager_attention(model) -> Iterator[None]:
     """Within this block ``model`` runs its family's own eager attention, which returns the full (B, H, Q, K)
-    weights with ``output_attentions=True``: the slow references are built on it."""
+    weights with ``output_attentions=True``: the slow references are built on it. The model's previous
+    function (the probe's, once prepared) is restored afterwards. This switches the model itself, for every
+    thread: a probe running meanwhile in another thread fails its per-pass layer check."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:

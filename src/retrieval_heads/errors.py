@@ -1,4 +1,7 @@
-"""The one exception type that reaches the user as a single line and exit code 2."""
+"""The one exception type that reaches the user as a single line and exit code 2, and its one-line helper."""
+
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -10,3 +13,14 @@ class UserError(Exception):
 
 class NumericalError(UserError):
     """A forward pass produced NaN or inf (e.g. float16 overflow); names the first bad layer."""
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for one-line errors; ``default`` (else the exception's type
+    name) when the message is empty."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Validation error for field 'x':" + the reason on the next line
+        return f"{lines[0]} {lines[1]}"
+    if lines:
+        return lines[0]
+    return type(e).__name__ if default is None else default

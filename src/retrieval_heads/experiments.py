@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,7 @@ from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
 from .methods.base import batches
 from .models import LoadedModel, load_model
-from .results import make_provenance, make_record, ranking, result_path, safe_key, samples_path
+from .results import make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -41,7 +41,6 @@ class DetectResult:
     prompts: list[PromptSample]
     record: dict
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
     attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
 
@@ -123,24 +122,6 @@ def write_result(
         files.insert(0, (attention_path(path), attention))
     atomic_write_files(files)
     return path
-
-
-def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
-    """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
-    whether it is ``correct``."""
-    cpu = sample_scores.detach().double().cpu()
-    for i, p in enumerate(prompts):
-        yield {
-            "index": i,
-            "input_ids": p.input_ids,
-            "needle_start": p.needle_start,
-            "needle_end": p.needle_end,
-            "question": p.question,
-            "answer": p.answer,
-            "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
-            **(answers[i].row() if answers is not None else {}),
-            **({"meta": p.meta} if p.meta else {}),
-        }
 
 
 DATASET_SUFFIX = "+dataset"

@@ -110,10 +110,12 @@ def greedy_decode(
     tracks: list[list[torch.Tensor]] = [[] for _ in range(B)]
     done = [False] * B
     feed, cache, kw = input_ids, None, cache_kwarg(model)
-    with probe:
+    with probe as state:
         for _ in range(max_new_tokens):
             step["argmax"] = torch.zeros(B, L, H, dtype=torch.long)  # (B, L, H)
             out = model(input_ids=feed, use_cache=True, logits_to_keep=1, **{kw: cache})
+            if state is not None:
+                state.end_pass(model)  # every layer reported (and was ablated) exactly once
             cache = returned_cache(out)
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             for b in range(B):
@@ -188,8 +190,10 @@ def gold_logprob(
     gold = list(tokenizer(prompt.answer, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([prompt.input_ids + gold[:-1]], device=input_device(model))  # (1, N + T - 1)
     probe = attention_probe(model, None, ablate=ablate) if ablate else nullcontext()
-    with probe:
+    with probe as state:
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(gold)).logits[0]  # (T, V)
+        if state is not None:
+            state.end_pass(model)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
     target = torch.tensor(gold, device=logp.device)
     return float(logp[torch.arange(len(gold), device=logp.device), target].mean())

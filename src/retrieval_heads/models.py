@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -174,7 +174,7 @@ def _convert(target: Path) -> None:
                 src, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
             )
         except Exception as e:  # a missing gguf/accelerate package, a damaged file ...
-            raise UserError(f"cannot convert the embedded model: {type(e).__name__}: {_first_line(e)}") from None
+            raise UserError(f"cannot convert the embedded model: {type(e).__name__}: {first_line(e)}") from None
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -235,7 +235,7 @@ def load_model(
     except Exception as e:  # missing or unreadable config.json, a field of the wrong type, nesting too deep ...
         if offline_why and isinstance(e, OSError):
             raise UserError(f"cannot load model {model!r}: it is not in the local hub cache and {offline_why}") from None
-        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
     check_causal_lm(model, config)
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **hub)
     if not allow_pickle:
@@ -246,12 +246,12 @@ def load_model(
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
-        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
     if not device_map:
         try:
             m = m.to(device)
         except (RuntimeError, AssertionError) as e:
-            raise UserError(f"cannot use device {device!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot use device {device!r}: {first_line(e)}") from None
     m.eval()
     lm = LoadedModel(m, tok, key, name, model_identity(model, config))
     if not (lm.num_layers or 0) > 0 or not (lm.num_heads or 0) > 0:
@@ -468,10 +468,3 @@ def _file_sha256(path: Path) -> str:
     except UserError:  # an unwritable cache only costs hashing again next time
         pass
     return digest
-
-
-def _first_line(e: BaseException) -> str:
-    s = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    if len(s) > 1 and s[0].endswith(":"):  # "Validation error for field 'x':" + the reason on the next line
-        return f"{s[0]} {s[1]}"
-    return s[0] if s else type(e).__name__

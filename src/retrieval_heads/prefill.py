@@ -96,7 +96,8 @@ def shared_needle_mass(
 
     context_ids (B, C); each suffix_ids[q] (B, n_q), n_q >= 1; needle (B, C) a 0/1 mask over the context.
     Returns one (B, L, H) tensor per suffix, on the device of ``needle``. Raises NumericalError naming the
-    first layer whose attention is not finite. Falls back to full passes (context + suffix, no cache) for a
+    first layer whose attention is not finite, and UserError when a layer did not report exactly once to the
+    probe in a pass. Falls back to full passes (context + suffix, no cache) for a
     model whose cache holds more than keys and values.
     """
     cfg = model.config.get_text_config()
@@ -107,8 +108,9 @@ def shared_needle_mass(
     if cache is None:
         return [_full_mass(model, context_ids, s, needle) for s in suffix_ids]
     kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
-    with attention_probe(model, None):  # same attention function as the suffix pass; no rows are built
+    with attention_probe(model, None) as probe:  # same attention function as the suffix pass; no rows are built
         model(input_ids=context_ids, **kw)
+        probe.end_pass(model)
     if cache.get_seq_length() != C:
         raise RuntimeError(f"{type(model).__name__} did not fill the cache it was given")
 
@@ -133,8 +135,9 @@ def shared_needle_mass(
         at = pick.to(probs.device)[:, None, None].expand(-1, per_row.shape[1], 1)  # (B*Q, H, 1)
         mass[:, layer] = per_row.gather(2, at)[..., 0].to(mass.device)  # (B*Q, H)
 
-    with attention_probe(model, on_layer, query_positions=query_positions):
+    with attention_probe(model, on_layer, query_positions=query_positions) as probe:
         result = model(input_ids=padded, **kw)
+        probe.end_pass(model)  # every layer reported exactly once
     check_finite(mass, result.logits)
     mass = mass.view(B, Q, L, H)
     return [mass[:, q] for q in range(Q)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .sweep import (
     Grid,
     SweepSummary,
@@ -122,8 +122,7 @@ def connect(address: str | None = None, **init: Any) -> bool:
         ray.init(**opts)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot connect to {where}: {first}") from None
+        raise UserError(f"cannot connect to {where}: {first_line(e)}") from None
     return True
 
 
@@ -245,8 +244,7 @@ def _get(ray, ref, retries: int, what: str):
         cause = getattr(e, "cause", None)
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
-        first = (str(cause).strip().splitlines() or [""])[0] if cause is not None else ""
+        first = first_line(cause, default="") if cause is not None else ""
         raise UserError(f"the Ray worker failed on {what}: {type(cause or e).__name__}: {first}") from None
     except ray.exceptions.ActorDiedError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"the Ray worker for {what} died {1 + retries} times; giving up: {first}") from None
+        raise UserError(f"the Ray worker for {what} died {1 + retries} times; giving up: {first_line(e)}") from None

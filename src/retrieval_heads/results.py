@@ -17,12 +17,15 @@ import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .errors import UserError
 from .io import JSONError, parse_json
+
+if TYPE_CHECKING:
+    from .data.prompt import PromptSample
 
 SEED_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
                "needle_position", "samples_processed", "timestamp", "head_rankings", "top_50_heads")
@@ -32,9 +35,16 @@ def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
+_HEAD = re.compile(r"L([0-9]+)H([0-9]+)")
+
+
 def parse_head(name: str) -> tuple[int, int]:
-    layer, head = name[1:].split("H")
-    return int(layer), int(head)
+    """(layer, head) of a head name as :func:`head_name` writes it (``L3H7``); UserError for anything else
+    (a leading zero, a sign, spaces or another form would name a head ambiguously)."""
+    m = _HEAD.fullmatch(name) if isinstance(name, str) else None
+    if m is None or head_name(int(m[1]), int(m[2])) != name:
+        raise UserError(f"bad head name {name!r}: expected L<layer>H<head>, e.g. L3H7")
+    return int(m[1]), int(m[2])
 
 
 NAME_CHARS = re.compile(r"[A-Za-z0-9._+-]+")
@@ -80,8 +90,26 @@ def samples_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".samples.jsonl")
 
 
+def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
+    """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
+    whether it is ``correct``."""
+    cpu = sample_scores.detach().double().cpu()
+    for i, p in enumerate(prompts):
+        yield {
+            "index": i,
+            "input_ids": p.input_ids,
+            "needle_start": p.needle_start,
+            "needle_end": p.needle_end,
+            "question": p.question,
+            "answer": p.answer,
+            "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
+            **(answers[i].row() if answers is not None else {}),
+            **({"meta": p.meta} if p.meta else {}),
+        }
+
+
 def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor:
-    """(S, L, H) float64 per-sample scores from a ``.samples.jsonl`` (rows as ``experiments.sample_rows``
+    """(S, L, H) float64 per-sample scores from a ``.samples.jsonl`` (rows as :func:`sample_rows`
     writes them); blank lines are skipped. UserError naming the line for an unreadable file, a malformed
     row, or scores that are not finite or not of ``shape`` (L, H)."""
     path = Path(path)
@@ -325,14 +353,6 @@ def load_result(path: str | Path) -> dict:
     except JSONError as e:
         raise UserError(f"{path}: corrupt result JSON ({e})") from None
     return validate(record, str(path))
-
-
-def is_valid_result(path: str | Path) -> bool:
-    try:
-        load_result(path)
-        return True
-    except UserError:
-        return False
 
 
 def scores_tensor(record: dict) -> torch.Tensor:

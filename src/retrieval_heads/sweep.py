@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
-from .errors import UserError
+from .errors import UserError, first_line
 from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
 from .io import given_path
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
@@ -596,8 +596,7 @@ def preflight(grid: Grid) -> None:
                 raise UserError(f"--tokens {max(grid.tokens)} exceeds the {limit} positions of {name}")
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot load model {m!r}: {first}{hint}") from None
+            raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
         synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, grid.needle_position,
                           grid.seed)
 

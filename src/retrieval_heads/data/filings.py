@@ -50,11 +50,11 @@ class Company:
     customers: str
     city: str
     facts: dict[str, str]  # question key -> answer text, exactly as it appears in the needle
-    rng_state: random.Random = field(repr=False)
+    wording_seed: float = field(repr=False)  # seeds the needle's wording: every call gives the same text
 
     def section_1(self) -> str:
-        """The needle: Item 1, Business, stating all four facts."""
-        r, f, n = self.rng_state, self.facts, self.name
+        """The needle: Item 1, Business, stating all four facts (the same text on every call)."""
+        r, f, n = random.Random(self.wording_seed), self.facts, self.name
         intro = r.choice([
             f"{n} (the \"Company\") designs, makes and sells {self.industry} to {self.customers}.",
             f"{n} is a supplier of {self.industry}, serving {self.customers} across North America.",
@@ -103,7 +103,7 @@ def make_company(r: random.Random) -> Company:
         "hq_state": r.choice(states),
     }
     return Company(f"{_word(r, 2)} {r.choice(_SUFFIX)}", industry, customers, r.choice(_CITIES), facts,
-                   random.Random(r.random()))
+                   r.random())
 
 
 def haystack_paragraphs(r: random.Random, company_name: str) -> list[str]:

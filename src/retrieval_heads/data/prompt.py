@@ -35,6 +35,11 @@ INSTRUCTION = "Read the following excerpts from company filings, then answer the
 ANSWER_HINT = "Answer with the fact only."
 _CTX = "<<<RH-CONTEXT>>>"
 MAX_SHORTFALL = 64  # a prompt is never more than this many tokens under --tokens
+# Sentences tokenized per batch call when a haystack is read up to a budget: a haystack stream holds hundreds
+# of sentences of which a prompt often needs only a few dozen, so encoding all of them at once wastes time,
+# and one at a time pays the tokenizer's per-call overhead. Any value gives the same ids (each sentence is
+# encoded on its own); about 64 sentences (~1.5K tokens) keeps the overshoot small at every --tokens.
+ENCODE_CHUNK = 64
 _SENT = re.compile(r"(?<=[a-z%)\"][.!?])\s+(?=[A-Z\"$])")
 
 
@@ -126,8 +131,8 @@ def _take_forward(fmt: PromptFormat, paragraphs: Sequence[str], budget: int) -> 
     """Whole sentences from the start of ``paragraphs``, as many as fit in ``budget`` ids."""
     ids: list[int] = []
     units = _units(paragraphs)
-    for chunk_at in range(0, len(units), 64):
-        for u in fmt.encode_many(units[chunk_at : chunk_at + 64]):
+    for chunk_at in range(0, len(units), ENCODE_CHUNK):
+        for u in fmt.encode_many(units[chunk_at : chunk_at + ENCODE_CHUNK]):
             if len(ids) + len(u) > budget:
                 return ids
             ids.extend(u)
@@ -144,7 +149,7 @@ def _take_backward(fmt: PromptFormat, paragraphs: Sequence[str], n: int) -> list
     have = 0
     end = len(units)
     while have < n and end > 0:
-        start = max(0, end - 64)
+        start = max(0, end - ENCODE_CHUNK)
         for u in reversed(fmt.encode_many(units[start:end])):
             pieces.append(u)
             have += len(u)

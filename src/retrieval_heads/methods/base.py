@@ -60,7 +60,8 @@ def needle_mass(
 
     input_ids (B, N); key_mask (B, N). Returns (B, L, H, S) on the model's device. One forward pass with
     ``use_cache=False`` and ``logits_to_keep=1``; nothing leaves the device. Raises NumericalError naming the
-    first layer whose attention is not finite (e.g. float16 overflow).
+    first layer whose attention is not finite (e.g. float16 overflow), and UserError when a layer did not
+    report exactly once (its attention bypasses the probe).
     """
     cfg = model.config.get_text_config()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -72,8 +73,9 @@ def needle_mass(
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, S, N)
         out[:, layer] = (probs * weights[..., : probs.shape[-1]].to(probs.device)).sum(-1).to(out.device)
 
-    with attention_probe(model, on_layer, query_positions=positions):
+    with attention_probe(model, on_layer, query_positions=positions) as probe:
         result = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
+        probe.end_pass(model)  # every layer reported exactly once
     check_finite(out, result.logits)
     return out
 

@@ -51,7 +51,3 @@ class Raw:
 
 
 Block = Heading | Paragraph | Bullets | Table | Figure | Raw
-
-
-def figures(blocks: list[Block]) -> list[Figure]:
-    return [b for b in blocks if isinstance(b, Figure)]

@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..results import parse_head
 from .collect import Experiment
 from .tables import score_text
 
@@ -34,11 +35,11 @@ def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = Tru
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
     lo, hi = float(grid.min()), float(grid.max())
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
-        layer, head = map(int, name[1:].split("H"))
+        layer, head = parse_head(name)
         light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6
         ax.text(head, layer, str(rank), ha="center", va="center", fontsize=fontsize,
                 color="white" if light else "black", fontweight="bold")
-    top_l, top_h = map(int, exp.ranked[0][1:].split("H"))
+    top_l, top_h = parse_head(exp.ranked[0])
     ax.add_patch(Rectangle((top_h - 0.5, top_l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     if ticks:
         ax.set_xticks(range(0, H, max(1, H // 16)))

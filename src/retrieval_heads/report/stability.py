@@ -22,7 +22,7 @@ from itertools import combinations
 import numpy as np
 from scipy import stats
 
-from ..results import ranking
+from ..results import parse_head, ranking
 from .collect import Experiment
 
 TOP_K = (10, 50)
@@ -152,7 +152,7 @@ def bootstrap_reference(per_sample: np.ndarray, resamples: int = 1000, seed: int
     for b in range(resamples):
         total = sum(per_sample[i] for i in idx[b])  # (L, H)
         for r, (name, _) in enumerate(ranking(torch.tensor(total)), 1):
-            layer, head = map(int, name[1:].split("H"))
+            layer, head = parse_head(name)
             out[b, layer * H + head] = r
     return out
 
@@ -165,7 +165,7 @@ def rank_intervals(exp: Experiment, per_sample: np.ndarray, top: int = 20, resam
     lo, mid, hi = np.percentile(ranks, [2.5, 50, 97.5], axis=0)  # (N,) each
     rows = []
     for r, entry in enumerate(exp.record["head_rankings"][:top], 1):
-        layer, head = map(int, entry["head"][1:].split("H"))
+        layer, head = parse_head(entry["head"])
         j = layer * H + head
         rows.append({"head": entry["head"], "rank": r, "score": entry["score"], "median": float(mid[j]),
                      "lo": float(lo[j]), "hi": float(hi[j]), "share_first": float((ranks[:, j] == 1).mean())})
