@@ -14,7 +14,7 @@ from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.generation import greedy_decode
 from retrieval_heads.methods import METHODS
 from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
-from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
+from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits, whole_word_spans
 from retrieval_heads.results import load_result
 
 ALL = "summed_attention,query_focused,retrieval_score"
@@ -64,6 +64,105 @@ def test_retrieval_hits_by_hand():
     assert hits.tolist() == [[2, 2, 2]]
     assert retrieval_hits(prompt, (1, 4), [7, 8, 6], argmax).tolist() == [[2, 2, 1]]
     assert retrieval_hits(prompt, (1, 4), [], argmax).tolist() == [[0, 0, 0]]
+
+
+# --- the gold span: whole words ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    """SmolLM2's tokenizer alone (byte-level BPE whose tokens carry their leading space), loaded offline."""
+    from transformers import AutoTokenizer
+
+    from retrieval_heads.models import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+class PieceTok:
+    """A SentencePiece-like tokenizer: pieces mark a leading space with "▁", decoding drops the text's first
+    space; words are split into pieces that do not follow word boundaries ("▁Ar", "kansas")."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, **kw):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def needle_prompt(ids, answer, before=(1, 2), after=(3,)):
+    """A prompt with ``ids`` as its needle between a few filler ids."""
+    full = list(before) + list(ids) + list(after)
+    return PromptSample(full, len(before), len(before) + len(ids), len(full), "q", answer)
+
+
+def test_whole_word_spans_by_hand():
+    text = "Arkansas and West Virginia; Kansas, then Virginia. 12,400,000 or 112,400 or 12,400 staff in 19905, 1990."
+    assert whole_word_spans(text, "Kansas") == [(28, 34)]  # not inside "Arkansas"
+    assert whole_word_spans(text, "kansas") == [(28, 34)]  # case-insensitive
+    assert whole_word_spans(text, "Virginia") == [(41, 49)]  # not inside "West Virginia"
+    assert whole_word_spans(text, "West Virginia") == [(13, 26)]
+    assert whole_word_spans(text, "12,400") == [(76, 82)]  # not inside 12,400,000 nor 112,400
+    assert whole_word_spans(text, "1990") == [(99, 103)]  # not inside 19905
+    assert whole_word_spans("in West\nVirginia", "Virginia") == []  # the longer name across a line break
+    assert whole_word_spans(text, "Arkansas and") == [(0, 12)]
+    assert whole_word_spans(text, "  ") == [] and whole_word_spans(text, "Ohio") == []
+
+
+@pytest.mark.parametrize("answer, text, expect", [
+    ("Kansas", "Formed in Arkansas; incorporated in| Kansas|.", " Kansas"),
+    ("Virginia", "Offices in West Virginia, incorporated in| Virginia| in 1990.", " Virginia"),
+    ("West Virginia", "Offices in| West Virginia|, incorporated in Virginia in 1990.", " West Virginia"),
+    ("Kansas", "|Kansas| law governs; the company is in Arkansas.", "Kansas"),
+    ("12,400", "Revenue 112,400; it employs |12,400| people.", "12,400"),  # digits split, space apart
+])
+def test_gold_span_matches_whole_words(smol_tok, answer, text, expect):
+    """The span is exactly the tokens between the bars (where the text is cut into segments), leading space
+    included."""
+    parts = text.split("|")
+    ids = [t for part in parts for t in smol_tok(part, add_special_tokens=False)["input_ids"]]
+    at = len(smol_tok(parts[0], add_special_tokens=False)["input_ids"])
+    n = len(smol_tok(parts[1], add_special_tokens=False)["input_ids"])
+    p = needle_prompt(ids, answer)
+    assert gold_span(smol_tok, p) == (2 + at, 2 + at + n)
+    assert smol_tok.decode(p.input_ids[2 + at : 2 + at + n]) == expect
+
+
+@pytest.mark.parametrize("answer, text", [
+    ("Kansas", "The company was incorporated in Arkansas."),
+    ("Virginia", "Headquarters: West Virginia; incorporated in West Virginia."),
+    ("1990", "Founded in 19905 BC."),
+    ("Atlantis", "Nothing here."),
+])
+def test_gold_span_is_empty_when_the_answer_is_only_inside_longer_words(smol_tok, answer, text):
+    ids = smol_tok(text, add_special_tokens=False)["input_ids"]
+    assert gold_span(smol_tok, needle_prompt(ids, answer)) is None
+
+
+def test_gold_span_maps_word_pieces_exactly():
+    """Pieces that split words ("▁Ar" "kansas") and carry the leading space: the span is exactly the pieces
+    that spell the whole-word answer."""
+    pieces = ["▁in", "▁Ar", "kansas", "▁and", "▁Kan", "sas", ".", "▁West", "▁Virginia", "▁or", "▁Virginia"]
+    tok = PieceTok(pieces)
+    ids = list(range(len(pieces)))
+    assert gold_span(tok, needle_prompt(ids, "Kansas", before=(), after=())) == (4, 6)
+    assert gold_span(tok, needle_prompt(ids, "Virginia", before=(), after=())) == (10, 11)
+    assert gold_span(tok, needle_prompt(ids, "West Virginia", before=(), after=())) == (7, 9)
+    assert gold_span(tok, needle_prompt(ids[:7], "Kansas", before=(), after=())) == (4, 6)
+    assert gold_span(tok, needle_prompt(ids[:4], "Kansas", before=(), after=())) is None  # only in "Arkansas"
+
+
+def test_retrieval_score_is_zero_without_a_whole_word_gold_span(smol_tok):
+    """A correctly answered sample whose needle holds "Kansas" only inside "Arkansas" scores 0 everywhere
+    (before the whole-word match, heads copying " Arkansas" scored on it)."""
+    from retrieval_heads.generation import Answer
+
+    ids = smol_tok("Incorporated in Arkansas.", add_special_tokens=False)["input_ids"]
+    p = needle_prompt(ids, "Kansas")
+    ark = ids.index(smol_tok(" Arkansas", add_special_tokens=False)["input_ids"][0])
+    argmax = torch.full((1, 2, 3), 2 + ark)  # every head attends the " Arkansas" token
+    a = Answer("Kansas", [p.input_ids[2 + ark]], True, argmax)
+    scores = METHODS.get("retrieval_score").score_batch(tiny_model("llama"), [p], [a], smol_tok)
+    assert scores.shape == (1, 2, 3) and scores.abs().sum() == 0
 
 
 # --- query focused on tiny models --------------------------------------------------------------------------
