@@ -13,6 +13,7 @@ from retrieval_heads.data.prompt import PromptFormat, PromptSample
 from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.generation import greedy_decode
 from retrieval_heads.methods import METHODS
+from retrieval_heads.methods.qrhead import filtered_sum
 from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
 from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits, whole_word_spans
 from retrieval_heads.results import load_result
@@ -182,6 +183,84 @@ def test_question_mass_equals_reference(family):
         assert torch.allclose(fast[i], ref, atol=1e-5)
 
 
+# --- qrhead: QRHead's recipe against a plain reference ------------------------------------------------------
+
+class CharTok:
+    """A tokenizer without a chat template: one id per character (mod 128), for tiny random models."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        enc = lambda t: [ord(c) % 128 for c in t]  # noqa: E731
+        return {"input_ids": [enc(t) for t in text] if isinstance(text, list) else enc(text)}
+
+    def decode(self, ids, **kw):
+        return "".join(chr(i) for i in ids)
+
+
+def qrhead_reference(model, tokenizer, p: PromptSample, drop_outliers: bool = True) -> torch.Tensor:
+    """QRHead's recipe written out plainly, one prompt at a time: eager attention with output_attentions (full
+    N x N matrices); query rows = the suffix after its blank line ("\n\n"), to the last token; the same with
+    the question replaced by "N/A" in the suffix's text; per needle token the difference of the mean rows;
+    per head, drop tokens at or below mean - 2 std (torch's std) and sum the rest. (L, H)."""
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(p.input_ids[p.context_end :])
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == p.input_ids[p.context_end :]
+    null_ids = p.input_ids[: p.context_end] + tokenizer(text.replace(p.question, "N/A"),
+                                                        add_special_tokens=False)["input_ids"]
+
+    def mean_rows(ids):
+        start = p.context_end + (len(sep) if ids[p.context_end : p.context_end + len(sep)] == sep else 0)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+        finally:
+            model.set_attn_implementation(previous)
+        return [a[0, :, start:, :].float().mean(1) for a in out.attentions]  # L x (H, N)
+
+    real, null = mean_rows(p.input_ids), mean_rows(null_ids)
+    scores = torch.zeros(len(real), real[0].shape[0])
+    for layer in range(len(real)):
+        for head in range(real[0].shape[0]):
+            c = real[layer][head, p.needle_start : p.needle_end] - null[layer][head, p.needle_start : p.needle_end]
+            scores[layer, head] = c[c > c.mean() - 2 * c.std()].sum() if drop_outliers else c.sum()
+    return scores
+
+
+def test_filtered_sum_by_hand():
+    c = torch.tensor([1.0] * 9 + [-5.0, 7.0])  # the last one is padding
+    valid = torch.tensor([[True] * 10 + [False]])
+    # mean 0.4, std sqrt(32.4 / 9) = 1.897, threshold -3.395: -5 is dropped, the nine 1s kept
+    assert filtered_sum(c[None, None, None, :], valid).item() == pytest.approx(9.0)
+    c2 = torch.tensor([0.2, 0.1, 0.0, 0.3])  # mean 0.15, std 0.129: threshold -0.108, nothing dropped
+    assert filtered_sum(c2[None, None, None, :], torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(0.6)
+    assert filtered_sum(torch.tensor([[[[0.5, 1.0]]]]), torch.tensor([[True, False]])).item() == 0  # one token: NaN std
+
+
+def tiny_qr_batch():
+    """Two prompts of one length with different contexts, questions, needle positions and lengths."""
+    tok = CharTok()
+    g = torch.Generator().manual_seed(3)
+    batch = []
+    for question, needle in [("Where is it?", (12, 30)), ("Where was it made?", (20, 29))]:
+        suffix = tok("\n\nQuestion: " + question + "\nAnswer:")["input_ids"]
+        ctx = torch.randint(0, 128, (80 - len(suffix),), generator=g).tolist()
+        batch.append(PromptSample(ctx + suffix, needle[0], needle[1], len(ctx), question, "a"))
+    return tok, batch
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2"])
+def test_qrhead_equals_plain_reference(family):
+    model = tiny_model(family)
+    tok, batch = tiny_qr_batch()
+    fast = METHODS.get("qrhead").score_batch(model, batch, tokenizer=tok)  # (B, L, H)
+    assert fast.shape == (2, 3, 4)
+    for i, p in enumerate(batch):
+        assert torch.allclose(fast[i], qrhead_reference(model, tok, p), atol=1e-5), f"{family} sample {i}"
+
+
 # --- SmolLM2 --------------------------------------------------------------------------------------------
 
 def test_question_span_is_the_question(smollm2):
@@ -199,6 +278,20 @@ def test_query_focused_equals_reference_on_smollm2(smollm2):
     assert fast.shape == ref.shape == (1, 30, 9)
     assert torch.allclose(fast, ref, atol=1e-5)
     assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
+
+
+@pytest.mark.slow
+def test_qrhead_equals_plain_reference_on_smollm2(smollm2):
+    p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    fast = METHODS.get("qrhead").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]  # (L, H)
+    ref = qrhead_reference(smollm2.model, smollm2.tokenizer, p)
+    assert fast.shape == ref.shape == (30, 9)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
+    qf = METHODS.get("query_focused").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]
+    assert (fast - qf).abs().max() > 1e-3  # another recipe than query_focused's
+    unfiltered = qrhead_reference(smollm2.model, smollm2.tokenizer, p, drop_outliers=False)
+    assert (fast - unfiltered).abs().max() > 1e-3  # the filter drops tokens on some heads
 
 
 @pytest.fixture(scope="module")

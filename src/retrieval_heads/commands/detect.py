@@ -21,7 +21,7 @@ def detect(
     output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
     method: List[str] = typer.Option(["summed_attention"], help="Scoring method(s): summed_attention, query_focused, "
-                                     "retrieval_score; comma-separated or repeated, all on the same samples."),
+                                     "retrieval_score, qrhead; comma-separated or repeated, all on the same samples."),
     success_only: bool = typer.Option(False, help="Count only correctly answered samples (written as METHOD_success)."),
     answers: bool = typer.Option(False, help="Also decode and record the model's answers and accuracy (automatic "
                                              "with retrieval_score or --success-only)."),
