@@ -3,14 +3,16 @@
     python bench/accuracy.py                                   # 256..2048 tokens, four questions, 8 samples
     python bench/accuracy.py --tokens 256 512 --samples 16 --threads 1
 
-Each cell (question, length) is one ``detect`` call on the library's synthetic samples (seed 0, needle at
-depth 0.5) with ``answers=True`` and the default method (``summed_attention``): the model's greedy answers
-(at most 12 new tokens) are checked by the library's lenient match, and the call is timed end to end (model
-already loaded), so the time is what ``retrieval-heads detect --answers`` spends on that cell minus loading;
-the process's CPU time is recorded beside the wall time, as a busy shared machine inflates it far less.
-Sample ``i`` depends only on (seed, i) and the four questions share one context per sample, so the
-cells of one length differ only in the question asked. The results are written after every cell
-(bench/results/accuracy.md and .json), so an interrupted run keeps the cells it finished.
+The samples are the library's synthetic ones (seed 0, needle at depth 0.5): ``experiments.build_prompts``
+builds each sample's four questions on one shared context, exactly the prompts ``detect`` builds for each
+question (checked on the first sample). Each cell (length, question) decodes the model's greedy answers
+(``generation.answer_prompts``, at most 12 new tokens) and checks them with the library's lenient match:
+the accuracy ``detect --answers`` records in ``extra``. Time: per cell, the answers; per length, one
+``summed_attention`` scoring pass over the samples of one question (the same for every question, whose
+prompts differ only in the question's few tokens). A ``detect --answers`` run of a cell costs about the sum
+of the two (model loaded). The process's CPU time is recorded beside the wall time: a busy shared machine
+inflates it far less. The results are written after every cell (bench/results/accuracy.md and .json), so
+an interrupted run keeps the cells it finished.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ import _common as C  # noqa: E402
 QUESTIONS = ["inc_state", "inc_year", "employee_count", "hq_state"]
 
 
+def timed(fn):
+    """(result, wall seconds, CPU seconds of this process) of fn()."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
 def markdown(record: dict) -> str:
-    """The result file: command, machine, the accuracy table (length x question) and the time per cell."""
+    """The result file: command, machine, the accuracy table (length x question) and the times."""
     cells = {(c["tokens"], c["question"]): c for c in record["cells"]}
-    tokens = record["tokens"]
+    scoring = {s["tokens"]: s for s in record["scoring"]}
     qs = record["questions"]
     acc_rows, time_rows = [], []
-    for n in tokens:
+    for n in record["tokens"]:
         row, trow, tot, tot_n = [str(n)], [str(n)], 0, 0
         for q in qs:
             c = cells.get((n, q))
@@ -42,34 +51,38 @@ def markdown(record: dict) -> str:
                 trow.append("-")
                 continue
             row.append(f"{c['n_correct']}/{c['n_answered']}")
-            trow.append(f"{c['seconds']:.0f} ({c['cpu_seconds']:.0f})")
+            trow.append(f"{c['cpu_seconds']:.0f} ({c['seconds']:.0f})")
             tot, tot_n = tot + c["n_correct"], tot_n + c["n_answered"]
         row.append(f"{tot}/{tot_n}" if tot_n else "-")
+        s = scoring.get(n)
+        trow.append(f"{s['cpu_seconds']:.0f} ({s['seconds']:.0f})" if s else "-")
         acc_rows.append(row)
         time_rows.append(trow)
-    lines = [
+    return "\n".join([
         "# Accuracy of the embedded model by question and length",
         "",
         f"Command: `{record['command']}`",
         "",
         *C.machine_lines(record["machine"]),
         "",
-        f"Model {record['model']}, synthetic samples (seed {record['seed']}, needle depth {record['needle_position']}), "
-        f"{record['samples']} samples per cell, greedy answers of at most {record['max_new_tokens']} tokens, "
-        "correct under the library's lenient match (`data/questions.answer_matches`).",
+        f"Model {record['model']}, float32, synthetic samples (seed {record['seed']}, needle depth "
+        f"{record['needle_position']}), {record['samples']} samples per cell (samples 0..{record['samples'] - 1}, the "
+        f"same contexts for the four questions of a length), greedy answers of at most {record['max_new_tokens']} "
+        "tokens, correct under the library's lenient match (`data/questions.answer_matches`).",
         "",
         "Correct answers / samples:",
         "",
         C.table(["tokens", *qs, "all"], acc_rows),
         "",
-        f"Seconds per cell, wall (CPU time of this process), for `detect(..., answers=True)` with the model loaded, "
-        f"{record['machine']['torch_threads']} torch thread(s): scoring plus greedy answers of every sample. On a "
-        "shared machine the wall time grows with the load; the CPU time is close to what the cell takes alone:",
+        f"CPU seconds (wall seconds) with {record['machine']['torch_threads']} torch thread(s), model loaded: the "
+        f"greedy answers of each cell's {record['samples']} samples, and one `summed_attention` scoring pass over "
+        "the samples of one question (`inc_state`) per length. A `detect --answers` run of a cell costs about the "
+        "sum of its answers and the scoring pass. The machine was shared: the wall time grew with its load, the "
+        "CPU time far less.",
         "",
-        C.table(["tokens", *qs], time_rows),
+        C.table(["tokens", *[f"answers {q}" for q in qs], "scoring"], time_rows),
         "",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 def main() -> None:
@@ -82,32 +95,34 @@ def main() -> None:
     ap.add_argument("--out", default="accuracy", help="name of the files under bench/results/")
     args = ap.parse_args()
 
-    from retrieval_heads.experiments import detect
-    from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS
+    from retrieval_heads.experiments import build_prompts, score_prompts
+    from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, answer_prompts
 
     machine, lm = C.setup(args.threads, args.model)
     seed, depth = 0, 0.5
     record = {
         "command": C.command_line(), "machine": machine, "model": lm.name, "seed": seed, "needle_position": depth,
         "samples": args.samples, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "tokens": args.tokens,
-        "questions": args.questions, "cells": [],
+        "questions": args.questions, "cells": [], "scoring": [],
     }
     for n in args.tokens:
+        groups = build_prompts(lm, args.questions, n, args.samples, depth, seed)
+        for q in args.questions:  # the prompts detect builds for one question alone
+            assert build_prompts(lm, [q], n, 1, depth, seed)[0][q].input_ids == groups[0][q].input_ids
+        _, dt, cpu = timed(lambda: score_prompts(lm, "summed_attention", [g[args.questions[0]] for g in groups]))
+        record["scoring"].append({"tokens": n, "question": args.questions[0], "seconds": round(dt, 2),
+                                  "cpu_seconds": round(cpu, 2)})
+        print(f"{n:5d} scoring {args.questions[0]:15s} {dt:7.1f} s wall {cpu:7.1f} s cpu", flush=True)
         for q in args.questions:
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = detect(lm, question=q, tokens=n, samples=args.samples, needle_position=depth, seed=seed,
-                         answers=True)
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            cell = {
+            prompts = [g[q] for g in groups]
+            got, dt, cpu = timed(lambda: answer_prompts(lm, prompts))
+            n_correct = sum(a.correct for a in got)
+            record["cells"].append({
                 "tokens": n, "question": q, "seconds": round(dt, 2), "cpu_seconds": round(cpu, 2),
-                "n_correct": res.record["extra"]["n_correct"],
-                "n_answered": res.record["extra"]["n_answered"], "accuracy": res.record["extra"]["accuracy"],
-                "answers": [{"gold": p.answer, "generated": a.text, "correct": a.correct}
-                            for p, a in zip(res.prompts, res.answers)],
-                "top_heads": [h for h, _ in res.top(3)],
-            }
-            record["cells"].append(cell)
-            print(f"{n:5d} {q:15s} {cell['n_correct']}/{cell['n_answered']}  {dt:6.1f} s wall  {cpu:6.1f} s cpu", flush=True)
+                "n_correct": n_correct, "n_answered": len(got), "accuracy": round(n_correct / len(got), 6),
+                "answers": [{"gold": p.answer, "generated": a.text, "correct": a.correct} for p, a in zip(prompts, got)],
+            })
+            print(f"{n:5d} answers {q:15s} {n_correct}/{len(got)} {dt:7.1f} s wall {cpu:7.1f} s cpu", flush=True)
             C.write_results(args.out, record, markdown(record))
     print()
     print(markdown(record))
