@@ -14,8 +14,9 @@ from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.data.questions import answer_matches
 from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, greedy_decode, stop_rule
 from retrieval_heads.methods import METHODS
+from retrieval_heads.methods.qrhead import filtered_sum
 from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
-from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
+from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits, whole_word_spans
 from retrieval_heads.results import load_result
 
 ALL = "summed_attention,query_focused,retrieval_score"
@@ -67,6 +68,105 @@ def test_retrieval_hits_by_hand():
     assert retrieval_hits(prompt, (1, 4), [], argmax).tolist() == [[0, 0, 0]]
 
 
+# --- the gold span: whole words ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    """SmolLM2's tokenizer alone (byte-level BPE whose tokens carry their leading space), loaded offline."""
+    from transformers import AutoTokenizer
+
+    from retrieval_heads.models import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+class PieceTok:
+    """A SentencePiece-like tokenizer: pieces mark a leading space with "▁", decoding drops the text's first
+    space; words are split into pieces that do not follow word boundaries ("▁Ar", "kansas")."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, **kw):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def needle_prompt(ids, answer, before=(1, 2), after=(3,)):
+    """A prompt with ``ids`` as its needle between a few filler ids."""
+    full = list(before) + list(ids) + list(after)
+    return PromptSample(full, len(before), len(before) + len(ids), len(full), "q", answer)
+
+
+def test_whole_word_spans_by_hand():
+    text = "Arkansas and West Virginia; Kansas, then Virginia. 12,400,000 or 112,400 or 12,400 staff in 19905, 1990."
+    assert whole_word_spans(text, "Kansas") == [(28, 34)]  # not inside "Arkansas"
+    assert whole_word_spans(text, "kansas") == [(28, 34)]  # case-insensitive
+    assert whole_word_spans(text, "Virginia") == [(41, 49)]  # not inside "West Virginia"
+    assert whole_word_spans(text, "West Virginia") == [(13, 26)]
+    assert whole_word_spans(text, "12,400") == [(76, 82)]  # not inside 12,400,000 nor 112,400
+    assert whole_word_spans(text, "1990") == [(99, 103)]  # not inside 19905
+    assert whole_word_spans("in West\nVirginia", "Virginia") == []  # the longer name across a line break
+    assert whole_word_spans(text, "Arkansas and") == [(0, 12)]
+    assert whole_word_spans(text, "  ") == [] and whole_word_spans(text, "Ohio") == []
+
+
+@pytest.mark.parametrize("answer, text, expect", [
+    ("Kansas", "Formed in Arkansas; incorporated in| Kansas|.", " Kansas"),
+    ("Virginia", "Offices in West Virginia, incorporated in| Virginia| in 1990.", " Virginia"),
+    ("West Virginia", "Offices in| West Virginia|, incorporated in Virginia in 1990.", " West Virginia"),
+    ("Kansas", "|Kansas| law governs; the company is in Arkansas.", "Kansas"),
+    ("12,400", "Revenue 112,400; it employs |12,400| people.", "12,400"),  # digits split, space apart
+])
+def test_gold_span_matches_whole_words(smol_tok, answer, text, expect):
+    """The span is exactly the tokens between the bars (where the text is cut into segments), leading space
+    included."""
+    parts = text.split("|")
+    ids = [t for part in parts for t in smol_tok(part, add_special_tokens=False)["input_ids"]]
+    at = len(smol_tok(parts[0], add_special_tokens=False)["input_ids"])
+    n = len(smol_tok(parts[1], add_special_tokens=False)["input_ids"])
+    p = needle_prompt(ids, answer)
+    assert gold_span(smol_tok, p) == (2 + at, 2 + at + n)
+    assert smol_tok.decode(p.input_ids[2 + at : 2 + at + n]) == expect
+
+
+@pytest.mark.parametrize("answer, text", [
+    ("Kansas", "The company was incorporated in Arkansas."),
+    ("Virginia", "Headquarters: West Virginia; incorporated in West Virginia."),
+    ("1990", "Founded in 19905 BC."),
+    ("Atlantis", "Nothing here."),
+])
+def test_gold_span_is_empty_when_the_answer_is_only_inside_longer_words(smol_tok, answer, text):
+    ids = smol_tok(text, add_special_tokens=False)["input_ids"]
+    assert gold_span(smol_tok, needle_prompt(ids, answer)) is None
+
+
+def test_gold_span_maps_word_pieces_exactly():
+    """Pieces that split words ("▁Ar" "kansas") and carry the leading space: the span is exactly the pieces
+    that spell the whole-word answer."""
+    pieces = ["▁in", "▁Ar", "kansas", "▁and", "▁Kan", "sas", ".", "▁West", "▁Virginia", "▁or", "▁Virginia"]
+    tok = PieceTok(pieces)
+    ids = list(range(len(pieces)))
+    assert gold_span(tok, needle_prompt(ids, "Kansas", before=(), after=())) == (4, 6)
+    assert gold_span(tok, needle_prompt(ids, "Virginia", before=(), after=())) == (10, 11)
+    assert gold_span(tok, needle_prompt(ids, "West Virginia", before=(), after=())) == (7, 9)
+    assert gold_span(tok, needle_prompt(ids[:7], "Kansas", before=(), after=())) == (4, 6)
+    assert gold_span(tok, needle_prompt(ids[:4], "Kansas", before=(), after=())) is None  # only in "Arkansas"
+
+
+def test_retrieval_score_is_zero_without_a_whole_word_gold_span(smol_tok):
+    """A correctly answered sample whose needle holds "Kansas" only inside "Arkansas" scores 0 everywhere
+    (before the whole-word match, heads copying " Arkansas" scored on it)."""
+    from retrieval_heads.generation import Answer
+
+    ids = smol_tok("Incorporated in Arkansas.", add_special_tokens=False)["input_ids"]
+    p = needle_prompt(ids, "Kansas")
+    ark = ids.index(smol_tok(" Arkansas", add_special_tokens=False)["input_ids"][0])
+    argmax = torch.full((1, 2, 3), 2 + ark)  # every head attends the " Arkansas" token
+    a = Answer("Kansas", [p.input_ids[2 + ark]], True, argmax)
+    scores = METHODS.get("retrieval_score").score_batch(tiny_model("llama"), [p], [a], smol_tok)
+    assert scores.shape == (1, 2, 3) and scores.abs().sum() == 0
+
+
 # --- query focused on tiny models --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
@@ -82,6 +182,84 @@ def test_question_mass_equals_reference(family):
         rows = reference_rows(model, torch.tensor([p.input_ids]), torch.arange(p.question_start, p.question_end))
         ref = torch.stack([r[0, :, :, 10:20].sum(-1).mean(-1) for r in rows])  # (L, H)
         assert torch.allclose(fast[i], ref, atol=1e-5)
+
+
+# --- qrhead: QRHead's recipe against a plain reference ------------------------------------------------------
+
+class CharTok:
+    """A tokenizer without a chat template: one id per character (mod 128), for tiny random models."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        enc = lambda t: [ord(c) % 128 for c in t]  # noqa: E731
+        return {"input_ids": [enc(t) for t in text] if isinstance(text, list) else enc(text)}
+
+    def decode(self, ids, **kw):
+        return "".join(chr(i) for i in ids)
+
+
+def qrhead_reference(model, tokenizer, p: PromptSample, drop_outliers: bool = True) -> torch.Tensor:
+    """QRHead's recipe written out plainly, one prompt at a time: eager attention with output_attentions (full
+    N x N matrices); query rows = the suffix after its blank line ("\n\n"), to the last token; the same with
+    the question replaced by "N/A" in the suffix's text; per needle token the difference of the mean rows;
+    per head, drop tokens at or below mean - 2 std (torch's std) and sum the rest. (L, H)."""
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(p.input_ids[p.context_end :])
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == p.input_ids[p.context_end :]
+    null_ids = p.input_ids[: p.context_end] + tokenizer(text.replace(p.question, "N/A"),
+                                                        add_special_tokens=False)["input_ids"]
+
+    def mean_rows(ids):
+        start = p.context_end + (len(sep) if ids[p.context_end : p.context_end + len(sep)] == sep else 0)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+        finally:
+            model.set_attn_implementation(previous)
+        return [a[0, :, start:, :].float().mean(1) for a in out.attentions]  # L x (H, N)
+
+    real, null = mean_rows(p.input_ids), mean_rows(null_ids)
+    scores = torch.zeros(len(real), real[0].shape[0])
+    for layer in range(len(real)):
+        for head in range(real[0].shape[0]):
+            c = real[layer][head, p.needle_start : p.needle_end] - null[layer][head, p.needle_start : p.needle_end]
+            scores[layer, head] = c[c > c.mean() - 2 * c.std()].sum() if drop_outliers else c.sum()
+    return scores
+
+
+def test_filtered_sum_by_hand():
+    c = torch.tensor([1.0] * 9 + [-5.0, 7.0])  # the last one is padding
+    valid = torch.tensor([[True] * 10 + [False]])
+    # mean 0.4, std sqrt(32.4 / 9) = 1.897, threshold -3.395: -5 is dropped, the nine 1s kept
+    assert filtered_sum(c[None, None, None, :], valid).item() == pytest.approx(9.0)
+    c2 = torch.tensor([0.2, 0.1, 0.0, 0.3])  # mean 0.15, std 0.129: threshold -0.108, nothing dropped
+    assert filtered_sum(c2[None, None, None, :], torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(0.6)
+    assert filtered_sum(torch.tensor([[[[0.5, 1.0]]]]), torch.tensor([[True, False]])).item() == 0  # one token: NaN std
+
+
+def tiny_qr_batch():
+    """Two prompts of one length with different contexts, questions, needle positions and lengths."""
+    tok = CharTok()
+    g = torch.Generator().manual_seed(3)
+    batch = []
+    for question, needle in [("Where is it?", (12, 30)), ("Where was it made?", (20, 29))]:
+        suffix = tok("\n\nQuestion: " + question + "\nAnswer:")["input_ids"]
+        ctx = torch.randint(0, 128, (80 - len(suffix),), generator=g).tolist()
+        batch.append(PromptSample(ctx + suffix, needle[0], needle[1], len(ctx), question, "a"))
+    return tok, batch
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gpt2"])
+def test_qrhead_equals_plain_reference(family):
+    model = tiny_model(family)
+    tok, batch = tiny_qr_batch()
+    fast = METHODS.get("qrhead").score_batch(model, batch, tokenizer=tok)  # (B, L, H)
+    assert fast.shape == (2, 3, 4)
+    for i, p in enumerate(batch):
+        assert torch.allclose(fast[i], qrhead_reference(model, tok, p), atol=1e-5), f"{family} sample {i}"
 
 
 # --- SmolLM2 --------------------------------------------------------------------------------------------
@@ -101,6 +279,20 @@ def test_query_focused_equals_reference_on_smollm2(smollm2):
     assert fast.shape == ref.shape == (1, 30, 9)
     assert torch.allclose(fast, ref, atol=1e-5)
     assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
+
+
+@pytest.mark.slow
+def test_qrhead_equals_plain_reference_on_smollm2(smollm2):
+    p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    fast = METHODS.get("qrhead").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]  # (L, H)
+    ref = qrhead_reference(smollm2.model, smollm2.tokenizer, p)
+    assert fast.shape == ref.shape == (30, 9)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
+    qf = METHODS.get("query_focused").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]
+    assert (fast - qf).abs().max() > 1e-3  # another recipe than query_focused's
+    unfiltered = qrhead_reference(smollm2.model, smollm2.tokenizer, p, drop_outliers=False)
+    assert (fast - unfiltered).abs().max() > 1e-3  # the filter drops tokens on some heads
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def detect(
 ) -> DetectResult | dict[str, DetectResult]:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
-    ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``), a comma-separated
+    ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``, ``qrhead``), a comma-separated
     list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
     records are the samples (``samples`` caps how many are used) and the experiment is named after the file;
     otherwise ``samples`` synthetic filings are generated from ``seed``. With ``output_dir`` each method's

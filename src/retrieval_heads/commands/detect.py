@@ -23,7 +23,7 @@ def detect(
     save_attention: int = typer.Option(0, help="Also save, per sample, the last token's attention rows of the "
                                                "top K heads (.attention.npz, for the report's explorer); 0: off."),
     method: List[str] = typer.Option(["summed_attention"], help="Scoring method(s): summed_attention, query_focused, "
-                                     "retrieval_score; comma-separated or repeated, all on the same samples."),
+                                     "retrieval_score, qrhead; comma-separated or repeated, all on the same samples."),
     success_only: bool = typer.Option(False, help="Count only correctly answered samples (written as METHOD_success)."),
     answers: bool = typer.Option(False, help="Also decode and record the model's answers and accuracy (automatic "
                                              "with retrieval_score or --success-only)."),

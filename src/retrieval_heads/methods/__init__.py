@@ -8,6 +8,6 @@ the model answers correctly.
 """
 
 from .base import METHODS, Method, needle_mass, register
-from . import summed_attention, query_focused, retrieval_score  # noqa: F401  (each registers itself)
+from . import summed_attention, query_focused, retrieval_score, qrhead  # noqa: F401  (each registers itself)
 
 __all__ = ["METHODS", "Method", "needle_mass", "register"]

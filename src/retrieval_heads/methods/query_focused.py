@@ -1,16 +1,20 @@
-"""Query-focused score (QRHead-style): attention from the question's tokens to the needle, calibrated.
+"""Query-focused score (after QRHead, simplified): attention from the question's tokens to the needle, calibrated.
 
 Per sample and head::
 
     score(l, h) = mean over question tokens q of mass(q -> needle)  -  the same for a content-free question
 
-where mass is the attention the query row puts on the needle span, the question's tokens are its own
-tokens inside the prompt (``PromptSample.question_start:question_end``, the text between "Question: " and
-the answer instruction), and the content-free question is "N/A" asked over the very same context (same ids
-up to the suffix). The mean over question tokens, as QRHead takes, keeps the two terms comparable although
-the questions differ in length; the calibration removes what a head pays to the needle whatever is asked
-(position, recency). A per-sample score lies in [-1, 1]; an experiment's score is the sum over samples.
-QRHead's per-token outlier filter (for ranking documents) has no counterpart here: the needle is one span.
+where mass is the attention the query row puts on the needle span (summed over the needle's tokens), the
+question's tokens are its own tokens inside the prompt (``PromptSample.question_start:question_end``, the
+text between "Question: " and the answer instruction), and the content-free question is "N/A" asked over
+the very same context (same ids up to the suffix), its mean taken over its own tokens ("N/A"). The
+calibration removes what a head pays to the needle whatever is asked (position, recency). A per-sample
+score lies in [-1, 1]; an experiment's score is the sum over samples.
+
+This is not QRHead's recipe, in two ways: QRHead averages over its whole query part (instruction, query and
+the chat template's end of turn, to the last token), not over the question's own tokens; and it calibrates
+each needle token's score and drops the tokens scoring at or below mean - 2 std (over the needle's tokens)
+before summing (an outlier filter). Registered method ``qrhead`` (:mod:`retrieval_heads.methods.qrhead`) computes QRHead's recipe.
 """
 
 from __future__ import annotations
