@@ -45,6 +45,7 @@ class _ProbeState:
     query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
     ablate: dict[int, list[int]] = field(default_factory=dict)
     num_layers: int = 1
+    on_visible: OnLayer | None = None  # gets (layer, allowed (B, 1 or H, S, K) bool): the keys each row may see
     calls: int = 0  # attention calls so far; gives the layer index of modules that carry none
 
     def layer_index(self, module) -> int:
@@ -111,6 +112,22 @@ def attention_rows(
     return torch.softmax(logits, dim=-1)  # (B, H, S, K)
 
 
+def allowed_keys(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys each selected query row may attend to, as :func:`attention_rows` masks them: (B, 1 or H, S, K)
+    bool. Under uniform attention (zero queries) a row spreads its mass evenly over exactly these keys."""
+    B, Q, K = query.shape[0], query.shape[2], key.shape[2]
+    pos = None if positions is None else positions.cpu() % Q  # (S,)
+    if attention_mask is None:
+        absolute = torch.tensor([Q - 1]) if pos is None else pos  # (S,) query index
+        allowed = torch.arange(K)[None, :] <= (absolute + (K - Q))[:, None]  # (S, K) lower-right causal
+        return allowed.to(query.device)[None, None].expand(B, 1, -1, -1)  # (B, 1, S, K)
+    m = attention_mask[..., :K]
+    m = m[:, :, -1:, :] if pos is None else m[:, :, pos.to(m.device), :]  # (B or 1, 1 or H, S, K)
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return allowed.expand(B, -1, -1, -1)
+
+
 def _additive_mask(attention_mask, query, key) -> torch.Tensor:
     """Eager paths add the mask to the logits and get causality only from it: turn the sdpa mask (boolean,
     or None for plain causal) into an additive one."""
@@ -142,6 +159,8 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if state.on_layer is not None:
         rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
         state.on_layer(layer, rows)
+    if state.on_visible is not None:
+        state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions))
     heads = state.ablate.get(layer)
     if heads:
         out = out.clone()
@@ -171,16 +190,19 @@ def attention_probe(
     on_layer: OnLayer | None,
     query_positions: torch.Tensor | None = None,
     ablate: dict[int, list[int]] | None = None,
+    on_visible: OnLayer | None = None,
 ) -> Iterator[_ProbeState]:
     """Within this block every forward pass of ``model`` calls ``on_layer(layer, probs)`` per layer, with
     probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries (default: the last row), and
-    zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]})."""
+    zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]}). ``on_visible(layer, allowed)``, if
+    given, gets the same rows' mask: allowed (B, 1 or H, S, K) bool, True where the row may attend."""
     install()
     previous = model.config._attn_implementation
     if not model._can_set_attn_implementation():
         raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
     model.set_attn_implementation(PROBE)
-    state = _ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
+    state = _ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers,
+                        on_visible=on_visible)
     token = _ACTIVE.set(state)
     try:
         yield state

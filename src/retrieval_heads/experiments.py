@@ -43,9 +43,25 @@ class DetectResult:
     path: Path | None = None
     extra: dict = field(default_factory=dict)
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
+    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (summed_attention results)
+    rank_by: str = "score"
+    spans: object | None = None  # chance.SpanScores: per-sample baselines, control masses, lifts
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
-        return ranking(self.scores)[:k]
+        """The top k heads as (head, score), ordered by ``rank_by``."""
+        return [(h, s) for h, s, _ in self.top_rows(k)]
+
+    def top_rows(self, k: int = 10) -> list[tuple[str, float, float | None]]:
+        """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
+        from .results import parse_head
+
+        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores)[:k]
+        out = []
+        for h, _ in order:
+            layer, head = parse_head(h)
+            out.append((h, float(self.scores[layer, head]),
+                        None if self.lift is None else float(self.lift[layer, head])))
+        return out
 
 
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
@@ -107,21 +123,29 @@ def score_prompts(
 
 def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
-    save_samples: bool, answers: Sequence | None = None,
+    save_samples: bool, answers: Sequence | None = None, spans=None,
 ) -> Path:
     """Samples file first, result JSON last (its presence marks the experiment done); both atomic."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
     if save_samples:
-        atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers))
+        atomic_write_jsonl(samples_path(path), sample_rows(prompts, sample_scores, answers, spans))
     atomic_write_json(path, record)
     return path
 
 
-def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
+def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None,
+                spans=None):
     """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
-    whether it is ``correct``."""
+    whether it is ``correct``; with ``spans`` (a chance.SpanScores), the per-sample ``baseline`` and
+    ``control`` masses ([L][H]) and whether the sample went into the test."""
     cpu = sample_scores.detach().double().cpu()
+
+    def grid(t: torch.Tensor) -> list:
+        return [[round(float(x), 8) for x in row] for row in t]
+
     for i, p in enumerate(prompts):
+        chance = {} if spans is None else {"baseline": grid(spans.baseline[i]), "control": grid(spans.control[i]),
+                                           "tested": bool(spans.tested[i])}
         yield {
             "index": i,
             "input_ids": p.input_ids,
@@ -132,6 +156,7 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, an
             "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
             **(answers[i].row() if answers is not None else {}),
             **({"meta": p.meta} if p.meta else {}),
+            **chance,
         }
 
 
@@ -174,6 +199,9 @@ def detect(
     success_only: bool = False,
     answers: bool | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    span: str | Sequence[str] = "needle",
+    rank_by: str = "score",
+    alpha: float = 0.05,
 ) -> DetectResult | dict[str, DetectResult]:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
@@ -188,12 +216,23 @@ def detect(
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
-    Returns a :class:`DetectResult` for a single method, else {result name: DetectResult}.
+    ``summed_attention`` results also get each head's chance baseline, lift, control-span mass and a
+    significance test against the control (:mod:`retrieval_heads.chance`), for each span kind in ``span``
+    (``needle``, ``answer``, ``fact``; each written under :func:`~retrieval_heads.chance.span_result_name`),
+    all from the same probed passes; ``rank_by="lift"`` ranks them by lift; ``alpha`` is the test's level.
+
+    Returns a :class:`DetectResult` for a single result, else {result name: DetectResult}.
     """
+    from . import chance
     from .generation import accuracy, answer_prompts
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
     names = method_names(method)
+    spans = chance.span_names(span)
+    chance.check_rank_by(rank_by)
+    chance.check_spans_for(spans, dataset is not None)
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     needs = {n: getattr(METHODS.get(n), "needs", ()) for n in names}
@@ -220,7 +259,16 @@ def detect(
         extra.update(accuracy(got), max_new_tokens=max_new_tokens)
     dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     out: dict[str, DetectResult] = {}
+    masses = None
     for name in names:
+        if name == "summed_attention":  # every span from the same probed passes
+            masses = chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
+            for sp in spans:
+                out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
+                                        dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
+                                             needle_position=needle_position, seed=seed, dtype=dtype_name,
+                                             extra=extra), output_dir, save_samples))
+            continue
         sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
         rname = result_name(name, success_only)
         if success_only and rname != name:
@@ -236,6 +284,34 @@ def detect(
         path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if output_dir else None
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got)
     return next(iter(out.values())) if len(out) == 1 else out
+
+
+def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident, output_dir,
+                 save_samples) -> dict[str, DetectResult]:
+    """One summed-attention result for span kind ``span`` from the probed masses (see :func:`detect`)."""
+    from .chance import chance_fields, span_result_name, span_scores
+
+    ss = span_scores(masses, prompts, span)
+    rname = result_name(name, success_only)
+    if success_only and rname != name:  # wrong answers count 0 and stay out of the test
+        keep = torch.tensor([a.correct for a in got], dtype=torch.bool)
+        for f in ("score", "baseline", "target", "control"):
+            setattr(ss, f, getattr(ss, f) * keep[:, None, None])
+        ss.tested = ss.tested & keep
+    rname = span_result_name(rname, span)
+    sample_scores = ss.score.to(lm.device, torch.float32)  # (S, L, H), the very float32 masses of the probe
+    total = sample_scores.sum(0)  # (L, H)
+    extra = ident["extra"]
+    added = chance_fields(ss, alpha, extra if "n_correct" in extra else None)
+    record = make_record(
+        method=rname, model_key=lm.key, model_name=lm.name, question=ident["qkey"],
+        question_prompt=ident["qprompt"], total_tokens=ident["tokens"], needle_position=ident["needle_position"],
+        scores=total, samples_processed=len(prompts), seed=ident["seed"], dtype=ident["dtype"],
+        extra=dict(extra, success_only=rname != span_result_name(name, span)), added=added, rank_by=rank_by,
+    )
+    path = write_result(output_dir, record, prompts, sample_scores, save_samples, got, ss) if output_dir else None
+    return {rname: DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got,
+                                lift=ss.lift.float(), rank_by=rank_by, spans=ss)}
 
 
 def synthetic_record(

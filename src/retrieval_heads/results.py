@@ -81,11 +81,20 @@ def _checksum(record: dict) -> str:
 def make_record(
     *, method: str, model_key: str, model_name: str, question: str, question_prompt: str, total_tokens: int,
     needle_position: float, scores: torch.Tensor, samples_processed: int, seed: int, dtype: str,
-    extra: dict | None = None,
+    extra: dict | None = None, added: dict | None = None, rank_by: str = "score",
 ) -> dict[str, Any]:
+    """The result record. ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
+    with its ``lift`` grid) goes after ``extra``; with it, every head_rankings entry also has its ``lift``,
+    and ``rank_by="lift"`` orders head_rankings and top_50_heads by lift instead of score."""
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
     ranked = ranking(torch.tensor(rounded, dtype=torch.float64))
+    lifts = (added or {}).get("lift")
+    if rank_by == "lift":
+        if lifts is None:
+            raise ValueError("rank_by='lift' needs the lift grid")
+        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64))
+        ranked = [(h, rounded[parse_head(h)[0]][parse_head(h)[1]]) for h, _ in by_lift]
     record: dict[str, Any] = {
         "method": method,
         "model_key": model_key,
@@ -96,7 +105,9 @@ def make_record(
         "needle_position": needle_position,
         "samples_processed": samples_processed,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "head_rankings": [{"head": h, "score": s, "rank": i + 1} for i, (h, s) in enumerate(ranked)],
+        "head_rankings": [{"head": h, "score": s, "rank": i + 1} for i, (h, s) in enumerate(ranked)]
+        if lifts is None else [{"head": h, "score": s, "rank": i + 1, "lift": lifts[parse_head(h)[0]][parse_head(h)[1]]}
+                               for i, (h, s) in enumerate(ranked)],
         "top_50_heads": [h for h, _ in ranked[:50]],
         "num_layers": scores.shape[0],
         "num_heads": scores.shape[1],
@@ -105,6 +116,8 @@ def make_record(
         "scores": rounded,
         "extra": extra or {},
     }
+    if added:
+        record.update(added, rank_by=rank_by)
     record["checksum"] = _checksum(record)
     return record
 
