@@ -28,7 +28,9 @@ Span kinds (``--span``), per sample and head:
 ``baseline``: the mass a row spreading its attention evenly over the keys it may see would put on the span
 (for ``fact``: on the asked fact). ``lift = sum of scores / sum of baselines`` (for ``fact``: the asked fact's
 own mass over its baseline). The test compares per-sample lifts (target vs control), so spans of different
-lengths, or partly outside a sliding window, compare fairly; under uniform attention both are 1.0.
+lengths, or partly outside a sliding window, compare fairly; under uniform attention both are 1.0. Where a
+layer cannot see the target or the control at all (a sliding window), the sample counts as a tie for that
+layer's heads (no evidence either way).
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def span_scores(sm: SpanMasses, prompts: Sequence[PromptSample], span: str) -> S
     L, H = next(iter(sm.mass.values())).shape[1:]
     S = len(prompts)
     z = lambda: torch.zeros(S, L, H, dtype=torch.float64)  # noqa: E731
-    score, baseline, target, control, t_lift, c_lift = z(), z(), z(), z(), z(), z()
+    score, baseline, target, control, t_lift, c_lift, c_base = z(), z(), z(), z(), z(), z(), z()
     tested = torch.zeros(S, dtype=torch.bool)
 
     def get(name: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +266,7 @@ def span_scores(sm: SpanMasses, prompts: Sequence[PromptSample], span: str) -> S
             baseline[i], target[i], control[i] = b, m, torch.stack([x for x, _ in om]).mean(0)
             t_lift[i] = lift_of(m, b)
             c_lift[i] = torch.stack([lift_of(x, y) for x, y in om]).mean(0)
+            c_base[i] = torch.stack([y for _, y in om]).min(0).values  # every other fact in sight
             tested[i] = True
             continue
         name = "needle" if span == "needle" else (f"fact:{_fact_key(p)}" if p.fact_spans else "answer")
@@ -273,8 +276,11 @@ def span_scores(sm: SpanMasses, prompts: Sequence[PromptSample], span: str) -> S
         score[i], baseline[i], target[i], t_lift[i] = m, b, m, lift_of(m, b)
         if sp.get(f"control:{name}") is not None:
             cm, cb = get(f"control:{name}", i)
-            control[i], c_lift[i] = cm, lift_of(cm, cb)
+            control[i], c_lift[i], c_base[i] = cm, lift_of(cm, cb), cb
             tested[i] = True
+    # A layer that cannot see the target or the control at all (sliding window) gives no evidence: a tie.
+    blind = (baseline == 0) | (c_base == 0)  # (S, L, H)
+    c_lift = torch.where(blind, t_lift, c_lift)
     return SpanScores(span, score, baseline, target, control, t_lift, c_lift, tested)
 
 

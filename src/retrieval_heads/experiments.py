@@ -316,15 +316,17 @@ def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, al
 
 def synthetic_record(
     lm: LoadedModel, method: str, question: str, tokens: int, needle_position: float, seed: int,
-    sample_scores: torch.Tensor,
+    sample_scores: torch.Tensor, added: dict | None = None, rank_by: str = "score",
 ) -> dict:
     """The result record ``detect`` writes for ``method`` on synthetic samples of ``question`` (no answers
-    asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill)."""
+    asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill);
+    ``added`` and ``rank_by`` as in :func:`~retrieval_heads.results.make_record`."""
     extra = {"num_key_value_heads": lm.num_kv_heads,
              "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
     return make_record(
         method=method, model_key=lm.key, model_name=lm.name, question=question,
         question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
         scores=sample_scores.sum(0), samples_processed=sample_scores.shape[0], seed=seed,
-        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra,
+        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
+        rank_by=rank_by,
     )

@@ -56,6 +56,7 @@ class Payload:
     sample_scores: Any = None  # numpy float32 (S, L, H), only with save_samples
     prompts: list | None = None  # PromptSample per sample, only with save_samples
     answers: list | None = None
+    spans: Any = None  # chance.SpanScores (per-sample baselines and control masses), only with save_samples
 
     def result(self):
         """The :class:`~retrieval_heads.experiments.DetectResult` the writer takes."""
@@ -65,7 +66,7 @@ class Payload:
 
         scores = torch.tensor(self.record["scores"])  # (L, H)
         samples = torch.from_numpy(self.sample_scores.copy()) if self.sample_scores is not None else scores[None]
-        return DetectResult(scores, samples, self.prompts or [], self.record, answers=self.answers)
+        return DetectResult(scores, samples, self.prompts or [], self.record, answers=self.answers, spans=self.spans)
 
 
 class ModelWorker:
@@ -98,7 +99,8 @@ class ModelWorker:
         return [Payload(r.record,
                         r.sample_scores.float().numpy() if keep else None,
                         list(r.prompts) if keep else None,
-                        r.answers)
+                        r.answers,
+                        r.spans if keep else None)
                 for r in results if r.record["question"] in todo], seconds
 
 

@@ -67,6 +67,7 @@ class Grid:
     batch_size: int = 1
     save_samples: bool = False
     trust_remote_code: bool = False
+    rank_by: str = "score"
 
     @property
     def size(self) -> int:
@@ -100,7 +101,7 @@ class Status:
 
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "seed", "method", "dtype", "device",
-           "batch_size", "save_samples", "trust_remote_code"):
+           "batch_size", "save_samples", "trust_remote_code", "rank_by"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -169,7 +170,7 @@ def make_grid(**settings: Any) -> Grid:
     for k in ("samples", "seed", "batch_size"):
         if k in given:
             values[k] = _int(given[k], k)
-    for k in ("method", "dtype", "device"):
+    for k in ("method", "dtype", "device", "rank_by"):
         if k in given:
             values[k] = str(given[k])
     if "needle_position" in given:
@@ -189,6 +190,9 @@ def make_grid(**settings: Any) -> Grid:
     for m in grid.models:
         model_key(m)
     METHODS.get(grid.method)
+    from .chance import check_rank_by
+
+    check_rank_by(grid.rank_by)
     if grid.dtype not in DTYPES:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
     for t in grid.tokens:
@@ -241,7 +245,7 @@ def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str,
 
 def _settings_mismatch(record: dict, grid: Grid) -> str | None:
     want = {"samples_processed": grid.samples, "needle_position": grid.needle_position, "seed": grid.seed,
-            "dtype": grid.dtype}
+            "dtype": grid.dtype, "rank_by": grid.rank_by}
     for k, v in want.items():
         if k in record and record[k] != v:
             return f"{k} {record[k]!r} (this sweep: {v!r})"
@@ -297,7 +301,9 @@ def compute_unit(
             progress((i + 1) / len(unit.questions))
         return out
 
-    from .prefill import score_shared
+    import torch
+
+    from .chance import chance_fields, probe_shared, span_scores
 
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, grid.needle_position, grid.seed)
     done = 0
@@ -307,18 +313,24 @@ def compute_unit(
         done += k
         progress(done / len(groups))
 
-    scores = score_shared(lm.model, groups, unit.questions, grid.batch_size, on_batch)  # {q: (S, L, H)}
+    # the shared prefill measures the needle, its control span and the facts in the same passes
+    masses = probe_shared(lm.model, lm.tokenizer, groups, unit.questions, grid.batch_size, on_batch)
     out = []
     for q in unit.questions:
-        record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores[q])
-        out.append(DetectResult(scores[q].sum(0).cpu(), scores[q].cpu(), [g[q] for g in groups], record))
+        prompts = [g[q] for g in groups]
+        ss = span_scores(masses[q], prompts, "needle")
+        scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
+        record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores,
+                                  added=chance_fields(ss), rank_by=grid.rank_by)
+        out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
+                                rank_by=grid.rank_by, spans=ss))
     return out
 
 
 def write(output_dir: str | Path, result: DetectResult, save_samples: bool = False) -> Path:
     """The one writer of sweep results: atomic, the same files and format as ``detect``."""
     result.path = write_result(output_dir, result.record, result.prompts, result.sample_scores, save_samples,
-                               result.answers)
+                               result.answers, result.spans)
     return result.path
 
 
@@ -397,7 +409,8 @@ class SweepSummary:
 
 def _line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
     top = record["head_rankings"][0]
-    return f"{state:<10} {key} {q:<14} {tokens:>6}  top {top['head']:<7} ({top['score']:.4f})  {timing}"
+    lift = f", lift {top['lift']:.2f}x" if "lift" in top else ""
+    return f"{state:<10} {key} {q:<14} {tokens:>6}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
 
 
 def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: list[Status], summary: SweepSummary,

@@ -61,6 +61,7 @@ def sweep(
     save_samples: Optional[bool] = typer.Option(None, "--save-samples/--no-save-samples",
                                                 help="Also write the per-sample audit files [default: off]."),
     trust_remote_code: bool = typer.Option(False, help="Allow the models' own Python code to run."),
+    rank_by: Optional[str] = typer.Option(None, help="Rank summed_attention's heads by score or lift [default: score]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
     output_dir: Path = typer.Option(Path("results"), help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
@@ -80,7 +81,7 @@ def sweep(
     flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
                  needle_position=needle_position, seed=seed, method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples,
-                 trust_remote_code=trust_remote_code or None)
+                 trust_remote_code=trust_remote_code or None, rank_by=rank_by)
     settings.update({k: v for k, v in flags.items() if v is not None})
     grid = make_grid(**settings)
     quiet_transformers()
