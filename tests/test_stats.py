@@ -62,3 +62,10 @@ def test_verdict_lines():
     assert stats.verdict(0, 0.05, 4, 1.3, "L0H4", 1, 8, too_few=True) == (
         "no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); "
         "accuracy 1/8: the model may not be retrieving at this length")
+
+
+def test_significance_with_no_sample_left():
+    got = stats.significance(np.zeros((0, 2, 3)), np.zeros((0, 2, 3)))
+    assert got["heads"] == [] and got["samples"] == 0 and got["min_attainable_p"] == 1.0
+    assert got["note"].startswith("too few samples: with 0 sample(s)")
+    assert got["p_adjusted"] == [[1.0] * 3] * 2

@@ -299,6 +299,10 @@ def chance_fields(ss: SpanScores, alpha: float = stats.DEFAULT_ALPHA, accuracy: 
     acc = accuracy or {}
     line = stats.verdict(len(sig["heads"]), alpha, int(t.sum()), top_lift, top_head, acc.get("n_correct"),
                          acc.get("n_answered"), too_few=sig["min_attainable_p"] > alpha)
+    if not bool(t.any()):  # e.g. prompts too short to hold a control span as long as the needle
+        line = f"no test: no sample has both the span and a control span; top lift {top_lift:.1f}x ({top_head})"
+        if acc.get("n_answered"):
+            line += f"; accuracy {acc.get('n_correct')}/{acc.get('n_answered')}"
     return {
         "span": ss.span,
         "baseline": [[round(float(x), 8) for x in row] for row in ss.baseline.sum(0)],

@@ -121,7 +121,8 @@ def significance(target: np.ndarray, control: np.ndarray, alpha: float = DEFAULT
     q = benjamini_hochberg(p)
     floor = min_attainable_p(S)
     sig = [k for k in np.argsort(q, kind="stable") if q[k] <= alpha]
-    t_mean, c_mean = target.reshape(S, -1).mean(0), control.reshape(S, -1).mean(0)
+    t_mean = target.reshape(S, L * H).mean(0) if S else np.zeros(L * H)
+    c_mean = control.reshape(S, L * H).mean(0) if S else np.zeros(L * H)
     heads = [{"head": head_label(int(k) // H, int(k) % H), "p": _r(p[k]), "p_adjusted": _r(q[k]),
               "target_mean": _r(t_mean[k]), "control_mean": _r(c_mean[k])} for k in sig]
     if floor > alpha:
