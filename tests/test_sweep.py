@@ -160,10 +160,17 @@ def test_sweep_writes_detects_results(reference, smollm2):
     assert any("smollm2 hq_state" in x and "top L" in x for x in lines)
     rec = load_result(out / "summed_attention" / "smollm2_hq_state_320.json")
     det = detect(smollm2, question="hq_state", tokens=320, samples=2).record
-    differ = {"timestamp", "checksum", "scores", "head_rankings", "top_50_heads"}
+    differ = {"timestamp", "checksum", "scores", "head_rankings", "top_50_heads", "lift", "control_scores",
+              "significance"}
     assert {k: v for k, v in rec.items() if k not in differ} == {k: v for k, v in det.items() if k not in differ}
     assert list(rec) == list(det)
     torch.testing.assert_close(torch.tensor(rec["scores"]), torch.tensor(det["scores"]), atol=2e-5, rtol=0)
+    # the chance fields: the same numbers within float tolerance (shared prefill vs full passes)
+    for k in ("lift", "control_scores"):
+        torch.testing.assert_close(torch.tensor(rec[k]), torch.tensor(det[k]), atol=2e-4, rtol=1e-4)
+    assert rec["baseline"] == det["baseline"]
+    sr, sd = rec["significance"], det["significance"]
+    assert {k: v for k, v in sr.items() if k != "p_adjusted"} == {k: v for k, v in sd.items() if k != "p_adjusted"}
 
 
 def test_rerun_skips_and_recomputes_corrupt(reference, smollm2, tmp_path):

@@ -103,8 +103,9 @@ def capture_rows(lm: LoadedModel, prompts: Sequence[PromptSample], heads: Sequen
                 ks, hs = [k for k, _ in sel], [h for _, h in sel]
                 rows[:, ks] = probs[:, hs, -1, :].float().cpu()  # (B, k_l, N)
 
-        with attention_probe(lm.model, on_layer):
+        with attention_probe(lm.model, on_layer) as probe:
             lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            probe.end_pass(lm.model)  # every layer reported exactly once
         if not bool(torch.isfinite(rows).all()):
             raise UserError("the forward pass produced NaN/inf attention while saving attention rows")
         for j, i in enumerate(idx):

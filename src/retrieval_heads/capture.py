@@ -56,6 +56,7 @@ class ProbeState:
     query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
     ablate: dict[int, list[int]] = field(default_factory=dict)
     num_layers: int = 1
+    on_visible: OnLayer | None = None  # gets (layer, allowed (B, 1 or H, S, K) bool): the keys each row may see
     counts: list[int] = field(default_factory=list)  # reports per layer since the last end_pass
 
     def __post_init__(self) -> None:
@@ -140,6 +141,22 @@ def attention_rows(
     return torch.softmax(logits, dim=-1)  # (B, H, S, K)
 
 
+def allowed_keys(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys each selected query row may attend to, as :func:`attention_rows` masks them: (B, 1 or H, S, K)
+    bool. Under uniform attention (zero queries) a row spreads its mass evenly over exactly these keys."""
+    B, Q, K = query.shape[0], query.shape[2], key.shape[2]
+    pos = None if positions is None else positions.cpu() % Q  # (S,)
+    if attention_mask is None:
+        absolute = torch.tensor([Q - 1]) if pos is None else pos  # (S,) query index
+        allowed = torch.arange(K)[None, :] <= (absolute + (K - Q))[:, None]  # (S, K) lower-right causal
+        return allowed.to(query.device)[None, None].expand(B, 1, -1, -1)  # (B, 1, S, K)
+    m = attention_mask[..., :K]
+    m = m[:, :, -1:, :] if pos is None else m[:, :, pos.to(m.device), :]  # (B or 1, 1 or H, S, K)
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return allowed.expand(B, -1, -1, -1)
+
+
 def _additive_mask(attention_mask, query, key) -> torch.Tensor:
     """Eager paths add the mask to the logits and get causality only from it: turn the sdpa mask (boolean,
     or None for plain causal) into an additive one."""
@@ -171,6 +188,8 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if state.on_layer is not None:
         rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
         state.on_layer(layer, rows)
+    if state.on_visible is not None:
+        state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions))
     heads = state.ablate.get(layer)
     if heads:
         out = out.clone()
@@ -217,10 +236,13 @@ def attention_probe(
     on_layer: OnLayer | None,
     query_positions: torch.Tensor | None = None,
     ablate: dict[int, list[int]] | None = None,
+    on_visible: OnLayer | None = None,
 ) -> Iterator[ProbeState]:
     """Within this block every forward pass of ``model`` in this context (thread) calls ``on_layer(layer,
     probs)`` per layer, with probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries
     (default: the last row), and zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]}).
+    ``on_visible(layer, allowed)``, if given, gets the same rows' mask: allowed (B, 1 or H, S, K) bool, True
+    where the row may attend.
 
     Yields the :class:`ProbeState`; call its ``end_pass(model)`` after each forward pass to check that every
     layer reported exactly once. Probes in other threads are independent; nesting one in another in the same
@@ -230,7 +252,8 @@ def attention_probe(
     if _ACTIVE.get() is not None:
         raise RuntimeError("attention_probe is already active in this context: nested probes are not supported "
                            "(combine the callbacks and ablations in one probe)")
-    state = ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
+    state = ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers,
+                       on_visible=on_visible)
     token = _ACTIVE.set(state)
     try:
         yield state

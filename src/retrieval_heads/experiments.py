@@ -43,9 +43,25 @@ class DetectResult:
     path: Path | None = None
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
     attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
+    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (summed_attention results)
+    rank_by: str = "score"
+    spans: object | None = None  # chance.SpanScores: per-sample baselines, control masses, lifts
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
-        return ranking(self.scores)[:k]
+        """The top k heads as (head, score), ordered by ``rank_by``."""
+        return [(h, s) for h, s, _ in self.top_rows(k)]
+
+    def top_rows(self, k: int = 10) -> list[tuple[str, float, float | None]]:
+        """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
+        from .results import parse_head
+
+        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores)[:k]
+        out = []
+        for h, _ in order:
+            layer, head = parse_head(h)
+            out.append((h, float(self.scores[layer, head]),
+                        None if self.lift is None else float(self.lift[layer, head])))
+        return out
 
 
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
@@ -107,7 +123,7 @@ def score_prompts(
 
 def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
-    save_samples: bool, answers: Sequence | None = None, attention: bytes | None = None,
+    save_samples: bool, answers: Sequence | None = None, attention: bytes | None = None, spans=None,
 ) -> Path:
     """Samples and attention files first, result JSON last (its presence marks the experiment done), as one
     atomic write: all are written to temp files before any is renamed, so a failure (a full disk) leaves none,
@@ -115,7 +131,7 @@ def write_result(
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
     files = [(path, json_bytes(record))]
     if save_samples:
-        files.insert(0, (samples_path(path), jsonl_bytes(sample_rows(prompts, sample_scores, answers))))
+        files.insert(0, (samples_path(path), jsonl_bytes(sample_rows(prompts, sample_scores, answers, spans))))
     if attention is not None:
         from .attention import attention_path
 
@@ -174,6 +190,9 @@ def detect(
     answers: bool | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     save_attention: int = 0,
+    span: str | Sequence[str] = "needle",
+    rank_by: str = "score",
+    alpha: float = 0.05,
 ) -> DetectResult | dict[str, DetectResult]:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
@@ -188,16 +207,27 @@ def detect(
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
+    ``summed_attention`` results also get each head's chance baseline, lift, control-span mass and a
+    significance test against the control (:mod:`retrieval_heads.chance`), for each span kind in ``span``
+    (``needle``, ``answer``, ``fact``; each written under :func:`~retrieval_heads.chance.span_result_name`),
+    all from the same probed passes; ``rank_by="lift"`` ranks them by lift; ``alpha`` is the test's level.
+
     With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
     methods), written beside it as ``.attention.npz`` and kept in ``DetectResult.attention``.
 
-    Returns a :class:`DetectResult` for a single method, else {result name: DetectResult}.
+    Returns a :class:`DetectResult` for a single result, else {result name: DetectResult}.
     """
+    from . import chance
     from .generation import accuracy, answer_prompts
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
     names = method_names(method)
+    spans = chance.span_names(span)
+    chance.check_rank_by(rank_by)
+    chance.check_spans_for(spans, dataset is not None)
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
@@ -227,7 +257,16 @@ def detect(
     dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
+    masses = None
     for name in names:
+        if name == "summed_attention":  # every span from the same probed passes
+            masses = chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
+            for sp in spans:
+                out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
+                                        dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
+                                             needle_position=needle_position, seed=seed, dtype=dtype_name,
+                                             extra=extra, provenance=provenance)))
+            continue
         sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
         rname = result_name(name, success_only)
         if success_only and rname != name:
@@ -241,33 +280,59 @@ def detect(
             extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
             provenance=provenance,
         )
-        write_now = output_dir and not save_attention  # else after the attention rows, below
-        path = write_result(output_dir, record, prompts, sample_scores, save_samples, got) if write_now else None
-        out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, path, answers=got)
+        out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
         from .attention import for_results
 
         files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
         for r, data in zip(out.values(), files):
             r.attention = data
-            if output_dir:
-                r.path = write_result(output_dir, r.record, r.prompts, r.sample_scores, save_samples, r.answers,
-                                      data)
+    for r in out.values() if output_dir else ():  # written once every result (and its attention) is complete
+        r.path = write_result(output_dir, r.record, r.prompts, r.sample_scores, save_samples, r.answers,
+                              attention=r.attention, spans=r.spans)
     return next(iter(out.values())) if len(out) == 1 else out
+
+
+def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident) -> dict[str, DetectResult]:
+    """One summed-attention result for span kind ``span`` from the probed masses (see :func:`detect`)."""
+    from .chance import chance_fields, span_result_name, span_scores
+
+    ss = span_scores(masses, prompts, span)
+    rname = result_name(name, success_only)
+    if success_only and rname != name:  # wrong answers count 0 and stay out of the test
+        keep = torch.tensor([a.correct for a in got], dtype=torch.bool)
+        for f in ("score", "baseline", "target", "control"):
+            setattr(ss, f, getattr(ss, f) * keep[:, None, None])
+        ss.tested = ss.tested & keep
+    rname = span_result_name(rname, span)
+    sample_scores = ss.score.to(lm.device, torch.float32)  # (S, L, H), the very float32 masses of the probe
+    total = sample_scores.sum(0)  # (L, H)
+    extra = ident["extra"]
+    added = chance_fields(ss, alpha, extra if "n_correct" in extra else None)
+    record = make_record(
+        method=rname, model_key=lm.key, model_name=lm.name, question=ident["qkey"],
+        question_prompt=ident["qprompt"], total_tokens=ident["tokens"], needle_position=ident["needle_position"],
+        scores=total, samples_processed=len(prompts), seed=ident["seed"], dtype=ident["dtype"],
+        extra=dict(extra, success_only=rname != span_result_name(name, span)), added=added, rank_by=rank_by,
+        provenance=ident["provenance"],
+    )
+    return {rname: DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got,
+                                lift=ss.lift.float(), rank_by=rank_by, spans=ss)}
 
 
 def synthetic_record(
     lm: LoadedModel, method: str, question: str, tokens: int, needle_position: float, seed: int,
-    sample_scores: torch.Tensor,
+    sample_scores: torch.Tensor, added: dict | None = None, rank_by: str = "score",
 ) -> dict:
     """The result record ``detect`` writes for ``method`` on synthetic samples of ``question`` (no answers
-    asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill)."""
+    asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill);
+    ``added`` and ``rank_by`` as in :func:`~retrieval_heads.results.make_record`."""
     extra = {"num_key_value_heads": lm.num_kv_heads,
              "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
     return make_record(
         method=method, model_key=lm.key, model_name=lm.name, question=question,
         question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
         scores=sample_scores.sum(0), samples_processed=sample_scores.shape[0], seed=seed,
-        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra,
-        provenance=make_provenance(lm.identity),
+        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
+        rank_by=rank_by, provenance=make_provenance(lm.identity),
     )

@@ -100,13 +100,26 @@ def shared_needle_mass(
     probe in a pass. Falls back to full passes (context + suffix, no cache) for a
     model whose cache holds more than keys and values.
     """
+    return [mass[..., 0] for mass, _ in shared_span_masses(model, context_ids, suffix_ids, needle[:, None])]
+
+
+@torch.no_grad()
+def shared_span_masses(
+    model, context_ids: torch.Tensor, suffix_ids: Sequence[torch.Tensor], masks: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`shared_needle_mass` for M spans at once, with their chance baselines (as
+    :func:`~retrieval_heads.methods.base.span_masses`): masks (B, M, C) 0/1 over the context. Returns per
+    suffix (mass, baseline), each (B, L, H, M); the mass of each span is bit-identical to
+    :func:`shared_needle_mass` with that span as the needle.
+    """
     cfg = model.config.get_text_config()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     B, C = context_ids.shape
+    M = masks.shape[1]
     Q = len(suffix_ids)
     cache = _new_cache(model)
     if cache is None:
-        return [_full_mass(model, context_ids, s, needle) for s in suffix_ids]
+        return [_full_mass(model, context_ids, s, masks) for s in suffix_ids]
     kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     with attention_probe(model, None) as probe:  # same attention function as the suffix pass; no rows are built
         model(input_ids=context_ids, **kw)
@@ -125,30 +138,41 @@ def shared_needle_mass(
     rows = sorted({k - 1 for k in lengths})  # the distinct last-token positions in the suffix
     query_positions = torch.tensor(rows)  # (S,) indices into this pass's n queries
     pick = torch.tensor([rows.index(k - 1) for k in lengths] * B)  # (B*Q,) which row is each row's last token
-    weights = torch.cat([needle.float(), needle.new_zeros(B, n).float()], dim=1)  # (B, C + n)
-    weights = weights.repeat_interleave(Q, dim=0)  # (B*Q, C + n)
-    mass = torch.zeros(B * Q, L, H, device=needle.device)  # (B*Q, L, H)
+    weights = torch.cat([masks.float(), masks.new_zeros(B, M, n).float()], dim=2)  # (B, M, C + n)
+    weights = weights.repeat_interleave(Q, dim=0)[:, None, None]  # (B*Q, 1, 1, M, C + n)
+    mass = torch.zeros(B * Q, L, H, M, device=masks.device)  # (B*Q, L, H, M)
+    baseline = torch.zeros(B * Q, L, H, M, device=masks.device)  # (B*Q, L, H, M)
+
+    def last_rows(per_row: torch.Tensor) -> torch.Tensor:  # (B*Q, H', S, M) -> (B*Q, H', M)
+        at = pick.to(per_row.device)[:, None, None, None].expand(-1, per_row.shape[1], 1, M)  # (B*Q, H', 1, M)
+        return per_row.gather(2, at)[:, :, 0]
 
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs (B*Q, H, S, K): the last K keys
-        w = weights[:, None, None, C + n - probs.shape[-1] :].to(probs.device)  # (B*Q, 1, 1, K)
-        per_row = (probs * w).sum(-1)  # (B*Q, H, S)
-        at = pick.to(probs.device)[:, None, None].expand(-1, per_row.shape[1], 1)  # (B*Q, H, 1)
-        mass[:, layer] = per_row.gather(2, at)[..., 0].to(mass.device)  # (B*Q, H)
+        w = weights[..., C + n - probs.shape[-1] :].to(probs.device)  # (B*Q, 1, 1, M, K)
+        per_row = (probs[..., None, :] * w).sum(-1)  # (B*Q, H, S, M)
+        mass[:, layer] = last_rows(per_row).to(mass.device)  # (B*Q, H, M)
 
-    with attention_probe(model, on_layer, query_positions=query_positions) as probe:
+    def on_visible(layer: int, allowed: torch.Tensor) -> None:  # allowed (B*Q, 1 or H, S, K)
+        a = allowed.double()[..., None, :]  # (B*Q, 1 or H, S, 1, K)
+        w = weights[..., C + n - a.shape[-1] :].to(a.device).double()  # (B*Q, 1, 1, M, K)
+        share = (a * w).sum(-1) / a.sum(-1).clamp(min=1)  # (B*Q, 1 or H, S, M)
+        baseline[:, layer] = last_rows(share).expand(B * Q, H, M).to(baseline.device, baseline.dtype)
+
+    with attention_probe(model, on_layer, query_positions=query_positions, on_visible=on_visible) as probe:
         result = model(input_ids=padded, **kw)
         probe.end_pass(model)  # every layer reported exactly once
     check_finite(mass, result.logits)
-    mass = mass.view(B, Q, L, H)
-    return [mass[:, q] for q in range(Q)]
+    mass, baseline = mass.view(B, Q, L, H, M), baseline.view(B, Q, L, H, M)
+    return [(mass[:, q], baseline[:, q]) for q in range(Q)]
 
 
-def _full_mass(model, context_ids, suffix, needle) -> torch.Tensor:
-    from .methods.base import needle_mass
+def _full_mass(model, context_ids, suffix, masks) -> tuple[torch.Tensor, torch.Tensor]:
+    from .methods.base import span_masses
 
     ids = torch.cat([context_ids, suffix.to(context_ids.device)], dim=1)  # (B, C + n)
-    mask = torch.cat([needle, needle.new_zeros(suffix.shape)], dim=1)  # (B, C + n)
-    return needle_mass(model, ids, mask)[..., 0].to(needle.device)  # (B, L, H)
+    full = torch.cat([masks, masks.new_zeros(masks.shape[0], masks.shape[1], suffix.shape[1])], dim=2)  # (B, M, C+n)
+    mass, baseline = span_masses(model, ids, full)  # (B, L, H, 1, M) each
+    return mass[:, :, :, 0].to(masks.device), baseline[:, :, :, 0].to(masks.device)
 
 
 def score_shared(

@@ -58,6 +58,7 @@ class Payload:
     prompts: list | None = None  # PromptSample per sample, only with save_samples
     answers: list | None = None
     attention: bytes | None = None  # the attention file, only with save_attention
+    spans: Any = None  # chance.SpanScores (per-sample baselines and control masses), only with save_samples
 
     def result(self):
         """The :class:`~retrieval_heads.experiments.DetectResult` the writer takes."""
@@ -68,7 +69,7 @@ class Payload:
         scores = torch.tensor(self.record["scores"])  # (L, H)
         samples = torch.from_numpy(self.sample_scores.copy()) if self.sample_scores is not None else scores[None]
         return DetectResult(scores, samples, self.prompts or [], self.record, answers=self.answers,
-                            attention=self.attention)
+                            attention=self.attention, spans=self.spans)
 
 
 class ModelWorker:
@@ -101,7 +102,8 @@ class ModelWorker:
         return [Payload(r.record,
                         r.sample_scores.float().numpy() if keep else None,
                         list(r.prompts) if keep else None,
-                        r.answers, r.attention)
+                        r.answers, r.attention,
+                        r.spans if keep else None)
                 for r in results if r.record["question"] in todo], seconds
 
 

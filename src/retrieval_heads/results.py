@@ -90,11 +90,19 @@ def samples_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".samples.jsonl")
 
 
-def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None):
+def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, answers: Sequence | None = None,
+                spans=None):
     """The .samples.jsonl rows; with ``answers``, each row also has the model's ``generated`` answer and
-    whether it is ``correct``."""
+    whether it is ``correct``; with ``spans`` (a chance.SpanScores), the per-sample ``baseline`` and
+    ``control`` masses ([L][H]) and whether the sample went into the test."""
     cpu = sample_scores.detach().double().cpu()
+
+    def grid(t: torch.Tensor) -> list:
+        return [[round(float(x), 8) for x in row] for row in t]
+
     for i, p in enumerate(prompts):
+        chance = {} if spans is None else {"baseline": grid(spans.baseline[i]), "control": grid(spans.control[i]),
+                                           "tested": bool(spans.tested[i])}
         yield {
             "index": i,
             "input_ids": p.input_ids,
@@ -105,6 +113,7 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, an
             "scores": [[round(float(x), 8) for x in row] for row in cpu[i]],
             **(answers[i].row() if answers is not None else {}),
             **({"meta": p.meta} if p.meta else {}),
+            **chance,
         }
 
 
@@ -151,11 +160,20 @@ def _checksum(record: dict) -> str:
 def make_record(
     *, method: str, model_key: str, model_name: str, question: str, question_prompt: str, total_tokens: int,
     needle_position: float, scores: torch.Tensor, samples_processed: int, seed: int, dtype: str,
-    extra: dict | None = None, provenance: dict | None = None,
+    extra: dict | None = None, provenance: dict | None = None, added: dict | None = None, rank_by: str = "score",
 ) -> dict[str, Any]:
+    """The result record. ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
+    with its ``lift`` grid) goes after ``extra``; with it, every head_rankings entry also has its ``lift``,
+    and ``rank_by="lift"`` orders head_rankings and top_50_heads by lift instead of score."""
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
     ranked = ranking(torch.tensor(rounded, dtype=torch.float64))
+    lifts = (added or {}).get("lift")
+    if rank_by == "lift":
+        if lifts is None:
+            raise ValueError("rank_by='lift' needs the lift grid")
+        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64))
+        ranked = [(h, rounded[parse_head(h)[0]][parse_head(h)[1]]) for h, _ in by_lift]
     record: dict[str, Any] = {
         "method": method,
         "model_key": model_key,
@@ -166,7 +184,9 @@ def make_record(
         "needle_position": needle_position,
         "samples_processed": samples_processed,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "head_rankings": [{"head": h, "score": s, "rank": i + 1} for i, (h, s) in enumerate(ranked)],
+        "head_rankings": [{"head": h, "score": s, "rank": i + 1} for i, (h, s) in enumerate(ranked)]
+        if lifts is None else [{"head": h, "score": s, "rank": i + 1, "lift": lifts[parse_head(h)[0]][parse_head(h)[1]]}
+                               for i, (h, s) in enumerate(ranked)],
         "top_50_heads": [h for h, _ in ranked[:50]],
         "num_layers": scores.shape[0],
         "num_heads": scores.shape[1],
@@ -176,6 +196,8 @@ def make_record(
         "extra": extra or {},
         "provenance": provenance if provenance is not None else make_provenance(None),
     }
+    if added:
+        record.update(added, rank_by=rank_by)
     record["checksum"] = _checksum(record)
     return record
 
@@ -262,6 +284,13 @@ def structure_problem(record: dict) -> str | None:
         return f"scores are not {L} x {H} (num_layers x num_heads)"
     if not all(_is_num(x) for row in scores for x in row):
         return "inconsistent or non-finite scores"
+    lifts = record.get("lift")
+    if lifts is not None and (not isinstance(lifts, list) or len(lifts) != L or any(
+            not isinstance(r, list) or len(r) != H or not all(_is_num(x) for x in r) for r in lifts)):
+        return f"lift is not {L} x {H} finite numbers"
+    if record.get("rank_by", "score") not in ("score", "lift") or (record.get("rank_by") == "lift" and lifts is None):
+        return "rank_by is neither score nor lift (with a lift grid)"
+    order = lifts if record.get("rank_by") == "lift" else scores  # what head_rankings is sorted by
     ranks = record["head_rankings"]
     if not isinstance(ranks, list) or len(ranks) != L * H:
         return f"head_rankings does not hold all {L * H} heads"
@@ -282,9 +311,12 @@ def structure_problem(record: dict) -> str | None:
             return f"head_rankings[{i}] has rank {r['rank']}, expected {i + 1}"
         if r["score"] != scores[lh[0]][lh[1]]:
             return f"head_rankings[{i}]: {r['head']} scores {r['score']}, the scores grid {scores[lh[0]][lh[1]]}"
-        here = (-r["score"], lh[0], lh[1])
+        if lifts is not None and r.get("lift") != lifts[lh[0]][lh[1]]:
+            return f"head_rankings[{i}]: {r['head']} has lift {r.get('lift')}, the lift grid {lifts[lh[0]][lh[1]]}"
+        here = (-order[lh[0]][lh[1]], lh[0], lh[1])
         if prev is not None and here < prev:
-            return f"head_rankings is not sorted by score (ties by layer, head) at rank {i + 1}"
+            by = "lift" if order is lifts else "score"
+            return f"head_rankings is not sorted by {by} (ties by layer, head) at rank {i + 1}"
         prev = here
     top = record["top_50_heads"]
     if not isinstance(top, list) or top != [r["head"] for r in ranks[:50]]:

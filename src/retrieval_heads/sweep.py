@@ -82,6 +82,7 @@ class Grid:
     save_samples: bool = False
     trust_remote_code: bool = False
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
+    rank_by: str = "score"
 
     @property
     def size(self) -> int:
@@ -115,7 +116,7 @@ class Status:
 
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "seed", "method", "dtype", "device",
-           "batch_size", "save_samples", "trust_remote_code", "save_attention"):
+           "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -177,13 +178,15 @@ class GridSettings(BaseModel):
     save_samples: Optional[bool] = None
     trust_remote_code: Optional[bool] = None
     save_attention: Optional[int] = None
+    rank_by: Optional[str] = None
 
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
             "tokens": "a whole number or a list of whole numbers", "samples": "a whole number",
             "needle_position": "a number", "seed": "a whole number", "method": "a name", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
-            "trust_remote_code": "true or false", "save_attention": "a whole number"}
+            "trust_remote_code": "true or false", "save_attention": "a whole number",
+            "rank_by": "score or lift"}
 
 
 def _shown(value: Any) -> str:
@@ -245,7 +248,7 @@ def make_grid(**settings: Any) -> Grid:
     if "tokens" in given:
         values["tokens"] = _unique([given["tokens"]] if isinstance(given["tokens"], int) else given["tokens"])
     for k in ("samples", "seed", "batch_size", "method", "dtype", "device", "save_samples", "trust_remote_code",
-              "save_attention"):
+              "save_attention", "rank_by"):
         if k in given:
             values[k] = given[k]
     if "needle_position" in given:
@@ -264,6 +267,9 @@ def make_grid(**settings: Any) -> Grid:
                             f"separate --output-dir folders")
         filed[k] = m
     METHODS.get(grid.method)
+    from .chance import check_rank_by
+
+    check_rank_by(grid.rank_by)
     if grid.dtype not in DTYPES:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
     check_device(grid.device, available=False)
@@ -325,7 +331,7 @@ def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str,
 
 def _settings_mismatch(record: dict, grid: Grid) -> str | None:
     want = {"samples_processed": grid.samples, "needle_position": grid.needle_position, "seed": grid.seed,
-            "dtype": grid.dtype}
+            "dtype": grid.dtype, "rank_by": grid.rank_by}
     for k, v in want.items():
         if k in record and record[k] != v:
             return f"{k} {record[k]!r} (this sweep: {v!r})"
@@ -407,7 +413,9 @@ def compute_unit(
             progress((i + 1) / len(unit.questions))
         return out
 
-    from .prefill import score_shared
+    import torch
+
+    from .chance import chance_fields, probe_shared, span_scores
 
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, grid.needle_position, grid.seed)
     done = 0
@@ -417,11 +425,17 @@ def compute_unit(
         done += k
         progress(done / len(groups))
 
-    scores = score_shared(lm.model, groups, unit.questions, grid.batch_size, on_batch)  # {q: (S, L, H)}
+    # the shared prefill measures the needle, its control span and the facts in the same passes
+    masses = probe_shared(lm.model, lm.tokenizer, groups, unit.questions, grid.batch_size, on_batch)
     out = []
     for q in unit.questions:
-        record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores[q])
-        out.append(DetectResult(scores[q].sum(0).cpu(), scores[q].cpu(), [g[q] for g in groups], record))
+        prompts = [g[q] for g in groups]
+        ss = span_scores(masses[q], prompts, "needle")
+        scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
+        record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores,
+                                  added=chance_fields(ss), rank_by=grid.rank_by)
+        out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
+                                rank_by=grid.rank_by, spans=ss))
     for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
         r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
     return out
@@ -430,7 +444,7 @@ def compute_unit(
 def write(output_dir: str | Path, result: DetectResult, save_samples: bool = False) -> Path:
     """The one writer of sweep results: atomic, the same files and format as ``detect``."""
     result.path = write_result(output_dir, result.record, result.prompts, result.sample_scores, save_samples,
-                               result.answers, result.attention)
+                               result.answers, attention=result.attention, spans=result.spans)
     return result.path
 
 
@@ -614,7 +628,8 @@ class SweepSummary:
 
 def _line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
     top = record["head_rankings"][0]
-    return f"{state:<10} {key} {q:<14} {tokens:>6}  top {top['head']:<7} ({top['score']:.4f})  {timing}"
+    lift = f", lift {top['lift']:.2f}x" if "lift" in top else ""
+    return f"{state:<10} {key} {q:<14} {tokens:>6}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
 
 
 def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: list[Status], summary: SweepSummary,

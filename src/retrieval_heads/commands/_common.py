@@ -16,16 +16,23 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def print_top(rows: list[tuple[str, float]], title: str) -> None:
+def print_top(rows: list[tuple], title: str) -> None:
+    """rows: (head, score) or (head, score, lift or None); a lift column is shown when any row has one."""
     from rich.console import Console
     from rich.table import Table
 
+    with_lift = any(len(r) > 2 and r[2] is not None for r in rows)
     table = Table(title=title)
     table.add_column("rank", justify="right")
     table.add_column("head")
     table.add_column("score", justify="right")
-    for i, (h, s) in enumerate(rows, 1):
-        table.add_row(str(i), h, f"{s:.4f}")
+    if with_lift:
+        table.add_column("lift", justify="right")
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r[0], f"{r[1]:.4f}"]
+        if with_lift:
+            cells.append("—" if r[2] is None else f"{r[2]:.2f}x")
+        table.add_row(*cells)
     Console().print(table)
 
 

@@ -34,13 +34,23 @@ def detect(
     seed: int = typer.Option(0, help="Seed of the synthetic filings."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run (off by default)."),
     top: int = typer.Option(10, help="Rows of the printed top-heads table."),
+    span: List[str] = typer.Option(["needle"], help="Span(s) scored by summed_attention: needle, answer, fact; "
+                                   "comma-separated or repeated, each written as its own result."),
+    rank_by: str = typer.Option("score", help="Rank summed_attention's heads by score (the seed's) or lift."),
+    alpha: float = typer.Option(0.05, help="Level of the test against the control span (Benjamini-Hochberg)."),
 ) -> None:
     """Run one experiment and write its result JSON."""
+    from ..chance import check_rank_by, check_spans_for, span_names
     from ..experiments import check_args, detect as run, method_names
     from ..io import given_path
 
     check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
     method = method_names(method)
+    span = span_names(span)
+    check_rank_by(rank_by)
+    check_spans_for(span, dataset is not None)
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
@@ -52,13 +62,19 @@ def detect(
               dataset=dataset, seed=seed, method=method, dtype=dtype, device=device, batch_size=batch_size,
               output_dir=given_path(output_dir, "--output-dir"), save_samples=save_samples, progress=True,
               trust_remote_code=trust_remote_code, success_only=success_only, answers=answers or None,
-              max_new_tokens=max_new_tokens, save_attention=save_attention)
+              max_new_tokens=max_new_tokens, save_attention=save_attention, span=span, rank_by=rank_by, alpha=alpha)
+    verdicts = []
     for res in (res.values() if isinstance(res, dict) else [res]):
         r = res.record
         acc = f", accuracy {r['extra']['accuracy']:.2f}" if "accuracy" in r["extra"] else ""
-        print_top(res.top(top), f"{r['method']}: {r['model_key']} {r['question']} {r['total_tokens']} tokens, "
-                                f"{r['samples_processed']} samples{acc}")
+        by = f", ranked by {res.rank_by}" if res.lift is not None else ""
+        print_top(res.top_rows(top), f"{r['method']}: {r['model_key']} {r['question']} {r['total_tokens']} tokens, "
+                                     f"{r['samples_processed']} samples{acc}{by}")
         print(f"wrote {res.path}")
+        if "verdict" in r:
+            verdicts.append(f"{r['method']}: {r['verdict']}" if len(span) > 1 else r["verdict"])
+    for line in verdicts:  # the command ends with the verdict (one line per span)
+        print(line)
 
 
 def register(app: typer.Typer) -> None:

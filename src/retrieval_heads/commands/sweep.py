@@ -65,6 +65,7 @@ def sweep(
         help="Allow the models' own Python code to run [default: off]."),
     save_attention: Optional[int] = typer.Option(None, help="Save the top K heads' last-token attention rows "
                                                             "beside each result (.attention.npz) [default: 0, off]."),
+    rank_by: Optional[str] = typer.Option(None, help="Rank summed_attention's heads by score or lift [default: score]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
     output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
     progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
@@ -86,7 +87,7 @@ def sweep(
     flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
                  needle_position=needle_position, seed=seed, method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples, save_attention=save_attention,
-                 trust_remote_code=trust_remote_code)
+                 trust_remote_code=trust_remote_code, rank_by=rank_by)
     settings.update({k: v for k, v in flags.items() if v is not None})
     grid = make_grid(**settings)
     quiet_transformers()

@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from .questions import STATES
@@ -54,7 +55,13 @@ class Company:
 
     def section_1(self) -> str:
         """The needle: Item 1, Business, stating all four facts (the same text on every call)."""
-        r, f, n = random.Random(self.wording_seed), self.facts, self.name
+        return self.section_1_with_spans()[0]
+
+    def section_1_with_spans(self) -> tuple[str, dict[str, tuple[int, int]]]:
+        """The needle and, per fact (question key), the character span ``[start, end)`` where the needle states
+        it: ``text[start:end] == facts[key]``. The same on every call (its wording comes from ``wording_seed``)."""
+        r, n = random.Random(self.wording_seed), self.name
+        f = {k: f"{_MARK[0]}{k}{_MARK[1]}{v}{_MARK[2]}" for k, v in self.facts.items()}  # located after joining
         intro = r.choice([
             f"{n} (the \"Company\") designs, makes and sells {self.industry} to {self.customers}.",
             f"{n} is a supplier of {self.industry}, serving {self.customers} across North America.",
@@ -84,7 +91,27 @@ class Company:
         body = [intro, inc, hq, emp, extra]
         head, tail = body[:1], body[1:]
         r.shuffle(tail)
-        return "Item 1. Business\n\n" + " ".join(head + tail)
+        return _unmark("Item 1. Business\n\n" + " ".join(head + tail))
+
+
+_MARK = ("\x1e", "\x1f", "\x1d")  # fact start, key/value separator, fact end: never in generated text
+
+
+def _unmark(marked: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The text without the fact markers, and each marked fact's character span in it."""
+    pattern = re.compile(f"{_MARK[0]}([^{_MARK[1]}]*){_MARK[1]}([^{_MARK[2]}]*){_MARK[2]}")
+    out: list[str] = []
+    spans: dict[str, tuple[int, int]] = {}
+    at, length = 0, 0
+    for m in pattern.finditer(marked):
+        out.append(marked[at : m.start()])
+        length += m.start() - at
+        spans[m.group(1)] = (length, length + len(m.group(2)))
+        out.append(m.group(2))
+        length += len(m.group(2))
+        at = m.end()
+    out.append(marked[at:])
+    return "".join(out), spans
 
 
 def _word(r: random.Random, k: int) -> str:
@@ -158,6 +185,7 @@ class FilingSample:
     needle: str
     haystack_before: list[str]  # paragraphs, read backwards from the needle (nearest last)
     haystack_after: list[str]  # paragraphs that follow the needle
+    fact_spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # question key -> [start, end) in needle
 
 
 def make_sample(seed: int, index: int, min_paragraphs: int = 250) -> FilingSample:
@@ -168,7 +196,7 @@ def make_sample(seed: int, index: int, min_paragraphs: int = 250) -> FilingSampl
     """
     r = random.Random(f"{seed}:{index}")
     company = make_company(r)
-    needle = company.section_1()
+    needle, spans = company.section_1_with_spans()
     own = haystack_paragraphs(r, company.name)
     before: list[str] = []
     after: list[str] = list(own)
@@ -176,4 +204,4 @@ def make_sample(seed: int, index: int, min_paragraphs: int = 250) -> FilingSampl
         other = make_company(r)
         side = before if len(after) >= min_paragraphs or (len(before) < min_paragraphs and r.random() < 0.5) else after
         side.extend(haystack_paragraphs(r, other.name))
-    return FilingSample(company, needle, before, after)
+    return FilingSample(company, needle, before, after, spans)

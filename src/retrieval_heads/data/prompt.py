@@ -55,6 +55,11 @@ class PromptSample:
     meta: dict = field(default_factory=dict)
     question_start: int | None = None  # ids[question_start:question_end] are the question's own tokens
     question_end: int | None = None
+    # added with the chance baselines: where the haystack lies (A: [haystack_start, separator_start); B:
+    # [needle_end, context_end)), and on synthetic samples each fact's token span {question key: (start, end)}
+    haystack_start: int | None = None
+    separator_start: int | None = None
+    fact_spans: dict = field(default_factory=dict)
 
 
 class PromptFormat:
@@ -206,4 +211,5 @@ def build_prompt(
         raise UserError(f"{what}: the haystack is too short for --tokens {tokens} (the prompt has {len(ids)} tokens)")
     q0, q1 = fmt.question_span(question)
     return PromptSample(ids, start, start + len(needle_ids), context_end, question, answer,
-                        question_start=context_end + q0, question_end=context_end + q1)
+                        question_start=context_end + q0, question_end=context_end + q1,
+                        haystack_start=len(prefix), separator_start=len(prefix) + len(a_ids))

@@ -14,6 +14,7 @@ from .dataset import Record, paragraphs
 from .filings import make_sample
 from .prompt import PromptFormat, PromptSample, build_prompt
 from .questions import QUESTIONS
+from .spans import char_spans_to_tokens
 
 
 def synthetic_samples(
@@ -28,14 +29,28 @@ def synthetic_samples(
     for i in range(n):
         fs = make_sample(seed, i)
         group = {}
+        facts = None
         for q in questions:
             p = build_prompt(fmt, fs.needle, fs.haystack_before, fs.haystack_after, q.prompt,
                              fs.company.facts[q.fact], tokens, needle_position, reserve, what=f"sample {i}")
             p.question_key = q.key
             p.meta = {"company": fs.company.name}
+            if facts is None:  # the needle's ids are the same for every question
+                facts = _fact_spans(fmt, fs.needle, p, fs.fact_spans)
+            p.fact_spans = dict(facts)
             group[q.key] = p
         out.append(group)
     return out
+
+
+def _fact_spans(fmt: PromptFormat, needle: str, p: PromptSample, chars: dict[str, tuple[int, int]]) -> dict:
+    """Each fact's prompt positions [start, end), from its character span in the needle; {} when the
+    tokenizer does not decode the needle back to its text (then only the needle and answer spans exist)."""
+    try:
+        spans = char_spans_to_tokens(fmt.tokenizer, needle, p.input_ids[p.needle_start : p.needle_end], chars)
+    except ValueError:
+        return {}
+    return {k: (p.needle_start + a, p.needle_start + b) for k, (a, b) in spans.items()}
 
 
 def dataset_samples(

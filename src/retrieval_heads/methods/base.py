@@ -80,6 +80,45 @@ def needle_mass(
     return out
 
 
+@torch.no_grad()
+def span_masses(
+    model, input_ids: torch.Tensor, key_masks: torch.Tensor, positions: torch.Tensor | None = None,
+    **forward_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mass that the query rows ``positions`` (default: the last) put on each of M key spans, and
+    each span's chance baseline, from one forward pass.
+
+    input_ids (B, N); key_masks (B, M, N) 0/1. Returns (mass, baseline), both (B, L, H, S, M) on the model's
+    device: ``mass`` is what the probe's rows put on the span; ``baseline`` is what a row spreading its
+    attention evenly over the keys it may see would put there, |span ∩ visible| / |visible|, with the
+    visible keys taken from the very mask the probe applies (causal, sliding windows, padding).
+    """
+    cfg = model.config.get_text_config()
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    B, M, _ = key_masks.shape
+    S = 1 if positions is None else positions.numel()
+    mass = torch.zeros(B, L, H, S, M, device=input_ids.device)  # (B, L, H, S, M)
+    baseline = torch.zeros(B, L, H, S, M, device=input_ids.device)  # (B, L, H, S, M)
+    weights = key_masks.float()[:, None, None]  # (B, 1, 1, M, N)
+
+    def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, S, K)
+        w = weights[..., : probs.shape[-1]].to(probs.device)  # (B, 1, 1, M, K)
+        # the same product and sum as needle_mass, one span at a time: bit-identical to it
+        mass[:, layer] = (probs[..., None, :] * w).sum(-1).to(mass.device)  # (B, H, S, M)
+
+    def on_visible(layer: int, allowed: torch.Tensor) -> None:  # allowed: (B, 1 or H, S, K)
+        a = allowed.double()[..., None, :]  # (B, 1 or H, S, 1, K)
+        w = weights[..., : a.shape[-1]].to(a.device).double()  # (B, 1, 1, M, K)
+        share = (a * w).sum(-1) / a.sum(-1).clamp(min=1)  # (B, 1 or H, S, M), exact counts
+        baseline[:, layer] = share.expand(B, H, S, M).to(baseline.device, baseline.dtype)
+
+    with attention_probe(model, on_layer, query_positions=positions, on_visible=on_visible) as probe:
+        result = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
+        probe.end_pass(model)  # every layer reported exactly once
+    check_finite(mass, result.logits)
+    return mass, baseline
+
+
 def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:
     """mass (B, L, ...): raise NumericalError naming the first layer with a non-finite value."""
     bad = ~torch.isfinite(mass.flatten(2)).all(dim=2).all(dim=0)  # (L,)

@@ -72,8 +72,9 @@ def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[
         at = mean.gather(-1, keys.to(probs.device)[:, None, :].expand(-1, probs.shape[1], -1))  # (B, H, P)
         out[:, layer] = (at * valid.to(probs.device)[:, None, :]).to(out.device)
 
-    with attention_probe(model, on_layer, query_positions=positions):
+    with attention_probe(model, on_layer, query_positions=positions) as probe:
         result = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        probe.end_pass(model)  # every layer reported exactly once
     check_finite(out, result.logits)
     return out
 

@@ -52,6 +52,23 @@ def _summary(col: Collection) -> list[Block]:
     return [Paragraph(text)]
 
 
+def _retrieve(col: Collection) -> tuple[list[Block], list[dict]]:
+    """First section: does the model retrieve at all? Accuracy, top lift and the heads beating the control."""
+    blocks: list[Block] = [Heading("Does the model retrieve?")]
+    rows = [tables.retrieval_row(e) for e in col.experiments if e.lift is not None]
+    if not rows:
+        blocks.append(Paragraph("No result here carries chance baselines (`lift`, `significance`): they come "
+                                "with `summed_attention` results of this version; run `detect` or `sweep` again."))
+        return blocks, rows
+    blocks.append(Paragraph(
+        "Per experiment: the model's accuracy (when answers were decoded: `--answers`), the highest lift (score "
+        "over the score of a head spreading its attention evenly over the keys it can see; 1.0x = chance), and "
+        "the heads whose per-sample lift on the span beats that on a control span of haystack text, one-sided "
+        "Wilcoxon signed-rank test over samples, Benjamini-Hochberg over all heads, at the result's alpha."))
+    blocks.append(tables.retrieval_table(rows))
+    return blocks, rows
+
+
 def _top_heads(col: Collection) -> tuple[list[Block], dict]:
     blocks: list[Block] = [Heading("Top head per configuration")]
     data: dict = {}
@@ -63,7 +80,8 @@ def _top_heads(col: Collection) -> tuple[list[Block], dict]:
         for e in mine:
             top = e.record["head_rankings"][0]
             data.setdefault(method, {}).setdefault(e.model, {}).setdefault(e.question, {})[str(e.tokens)] = {
-                "head": top["head"], "score": top["score"]}
+                "head": top["head"], "score": top["score"],
+                **({"lift": top["lift"]} if "lift" in top else {})}
     return blocks, data
 
 
@@ -190,6 +208,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     """Everything of the report, in memory; ``out_dir`` (default RESULTS_DIR/report) is not read."""
     col = collect(results_dir, exclude=default_out(results_dir, out_dir))
     blocks = _summary(col)
+    b_ret, d_ret = _retrieve(col)
     b_top, d_top = _top_heads(col)
     b_move, d_move = _movement(col)
     b_stab, d_stab, n_stab = _stability(col)
@@ -197,7 +216,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     b_fig, paths = _figures(col)
     b_exp, panel, d_exp, n_exp = _explorer(col)
     notes = n_stab + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
-    blocks += b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
+    blocks += b_ret + b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
     blocks += [Heading("Results read"), Table(
         ["Method", "Model", "Question", "Tokens", "Samples", "Top head", "File"],
         [[e.method, e.model, e.question, str(e.tokens), str(e.record["samples_processed"]), tables.top_head_cell(e),
@@ -213,7 +232,8 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
                          "top_head": e.record["head_rankings"][0]["head"],
                          "top_score": e.record["head_rankings"][0]["score"], "figure": p}
                         for e, p in zip(col.experiments, paths)],
-        "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp, "notes": notes,
+        "retrieval": d_ret, "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp,
+        "notes": notes,
     }
     return Report(blocks, data, col)
 

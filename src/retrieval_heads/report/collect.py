@@ -50,6 +50,21 @@ class Experiment:
         return np.asarray(self.record["scores"], dtype=np.float64)  # (L, H)
 
     @property
+    def lift(self) -> np.ndarray | None:
+        """(L, H) lift over the chance baseline, or None for a result without chance fields (another method,
+        or made before they existed). UserError for a malformed grid."""
+        grid = self.record.get("lift")
+        if grid is None:
+            return None
+        try:
+            out = np.asarray(grid, dtype=np.float64)
+        except (TypeError, ValueError):
+            out = None
+        if out is None or out.shape != self.shape or not np.isfinite(out).all():
+            raise UserError(f"{self.path}: malformed lift grid")
+        return out
+
+    @property
     def shape(self) -> tuple[int, int]:
         return int(self.record["num_layers"]), int(self.record["num_heads"])
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
+
+from ..results import parse_head
 from .collect import Experiment, question_order
 from .document import Table
 
@@ -36,8 +39,13 @@ def score_text(x: float, digits: int = 3) -> str:
 
 
 def top_head_cell(e: Experiment) -> str:
+    """``L16H1 (117.8)``, the seed's; ``L16H1 (117.8, 8.1x)`` with the head's lift where the result has one."""
     top = e.record["head_rankings"][0]
-    return f"{top['head']} ({score_text(top['score'])})"
+    lift = e.lift
+    if lift is None:
+        return f"{top['head']} ({score_text(top['score'])})"
+    layer, head = parse_head(top["head"])
+    return f"{top['head']} ({score_text(top['score'])}, {lift[layer, head]:.1f}x)"
 
 
 def top_head_table(exps: list[Experiment]) -> Table:
@@ -89,8 +97,53 @@ def pairs_table(rows: list[dict], group_names: list[str], a: str, b: str, label=
 
 
 def bootstrap_table(exp: Experiment, rows: list[dict]) -> Table:
+    lift = exp.lift
     body = [[str(r["rank"]), r["head"], score_text(r["score"]), f"{r['median']:g}", f"{r['lo']:g} – {r['hi']:g}",
              f"{r['share_first']:.1%}"] for r in rows]
-    return Table(["Rank", "Head", "Score", "Median rank", "95% interval", "Ranked first"], body,
-                 align=["r", "l", "r", "r", "r", "r"],
+    headers, align = ["Rank", "Head", "Score", "Median rank", "95% interval", "Ranked first"], ["r", "l", "r", "r", "r", "r"]
+    if lift is not None:  # the lift goes next to the score
+        for row, r in zip(body, rows):
+            layer, head = parse_head(r["head"])
+            row.insert(3, f"{lift[layer, head]:.2f}x")
+        headers.insert(3, "Lift")
+        align.insert(3, "r")
+    return Table(headers, body, align=align,
                  caption=f"{exp.method} · {exp.title}, {exp.record['samples_processed']} samples", inline=True)
+
+
+def retrieval_row(e: Experiment) -> dict:
+    """What "Does the model retrieve?" shows of one result: accuracy, top lift, significant heads."""
+    extra = e.record.get("extra") if isinstance(e.record.get("extra"), dict) else {}
+    sig = e.record.get("significance") if isinstance(e.record.get("significance"), dict) else {}
+    lift = e.lift
+    row = {"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens,
+           "samples": e.record["samples_processed"], "n_correct": extra.get("n_correct"),
+           "n_answered": extra.get("n_answered"), "top_lift": None, "top_lift_head": None,
+           "significant": [], "alpha": sig.get("alpha"), "note": str(sig.get("note", "")),
+           "verdict": str(e.record.get("verdict", ""))}
+    if lift is not None:
+        k = int(np.argmax(lift.reshape(-1)))
+        row["top_lift"], row["top_lift_head"] = round(float(lift.reshape(-1)[k]), 4), f"L{k // lift.shape[1]}H{k % lift.shape[1]}"
+    heads = sig.get("heads")
+    if isinstance(heads, list):
+        row["significant"] = [str(h.get("head")) for h in heads if isinstance(h, dict)]
+    return row
+
+
+def retrieval_table(rows: list[dict]) -> Table:
+    """One row per experiment with chance fields: accuracy, top lift, the heads beating the control."""
+    def acc(r):
+        return f"{r['n_correct']}/{r['n_answered']}" if r["n_correct"] is not None and r["n_answered"] else MISSING
+
+    def sig(r):
+        if r["significant"]:
+            shown = ", ".join(r["significant"][:5])
+            more = f" (+{len(r['significant']) - 5} more)" if len(r["significant"]) > 5 else ""
+            return f"{len(r['significant'])}: {shown}{more}"
+        return "none" + (" (too few samples)" if r["note"].startswith("too few samples") else "")
+
+    body = [[r["method"], r["model"], r["question"], tokens_label(r["tokens"]), str(r["samples"]), acc(r),
+             MISSING if r["top_lift"] is None else f"{r['top_lift']:.1f}x ({r['top_lift_head']})", sig(r)]
+            for r in rows]
+    return Table(["Method", "Model", "Question", "Length", "Samples", "Accuracy", "Top lift", "Heads beating the control"],
+                 body, align=["l", "l", "l", "r", "r", "r", "l", "l"])

@@ -1,0 +1,164 @@
+"""Statistics for telling a retrieval head from a diffuse one: lift over chance, a paired test against a control
+span, multiple-testing correction, and the one-line verdict. Pure functions on arrays; nothing here runs a model.
+
+- **Lift**: a head's score divided by its chance baseline, the score it would get by spreading its attention
+  evenly over the keys its query can see. 1.0 = chance; 8.0 = eight times the needle's share of the keys.
+- **Test**: per head, a one-sided Wilcoxon signed-rank test, paired over samples, of the head's per-sample lift
+  on the target span against its lift on the control span (:func:`signed_rank_greater`). Differences within
+  float32 precision count as zero and are dropped (Wilcoxon's own treatment of zeros); the null distribution
+  is exact for up to 50 non-zero differences without ties, else the normal approximation.
+- **Correction**: Benjamini-Hochberg over all heads (:func:`benjamini_hochberg`; :func:`holm` is here too).
+
+>>> signed_rank_greater(np.array([[0.3], [0.1], [0.2]]), np.zeros((3, 1)))[0].round(4).tolist()
+[0.125]
+>>> benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.2])).round(4).tolist()
+[0.04, 0.0533, 0.0533, 0.2]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TEST = "Wilcoxon signed-rank, one-sided (target > control), paired over samples, on per-sample lifts"
+CORRECTION = "Benjamini-Hochberg over all heads"
+DEFAULT_ALPHA = 0.05
+EXACT_UP_TO = 50  # non-zero differences; beyond (or with tied magnitudes) the normal approximation
+REL_TOL = 1e-5  # |difference| within this share of max(1, |target|, |control|) counts as zero
+
+
+def lift(score: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """score / baseline elementwise; 0 where the baseline is 0 (the span is out of the query's sight, so the
+    score is 0 too)."""
+    score, baseline = np.asarray(score, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    out = np.zeros(np.broadcast(score, baseline).shape)
+    np.divide(score, baseline, out=out, where=baseline > 0)
+    return out
+
+
+def paired_differences(target: np.ndarray, control: np.ndarray) -> np.ndarray:
+    """target - control (S, K), with differences within float32 precision set to exactly 0."""
+    t, c = np.asarray(target, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    d = t - c
+    scale = np.maximum(1.0, np.maximum(np.abs(t), np.abs(c)))
+    d[np.abs(d) <= REL_TOL * scale] = 0.0
+    return d
+
+
+def signed_rank_greater(target: np.ndarray, control: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided Wilcoxon signed-rank p-values, per column, that target exceeds control.
+
+    target, control (S, K): S paired samples of K heads. Zero differences are dropped (``zero_method="wilcox"``);
+    a column with none left gets p = 1. Returns (p (K,), number of non-zero differences (K,)).
+    """
+    from scipy.stats import wilcoxon
+
+    d = paired_differences(target, control)  # (S, K)
+    S, K = d.shape
+    p = np.ones(K)
+    used = np.zeros(K, dtype=np.int64)
+    for k in range(K):
+        x = d[:, k][d[:, k] != 0]
+        used[k] = x.size
+        if x.size == 0:
+            continue
+        ties = np.unique(np.abs(x)).size < x.size
+        method = "exact" if x.size <= EXACT_UP_TO and not ties else "approx"
+        p[k] = float(wilcoxon(x, alternative="greater", zero_method="wilcox", method=method).pvalue)
+    return p, used
+
+
+def min_attainable_p(n: int) -> float:
+    """The smallest one-sided p-value the exact signed-rank test can give with n paired samples: 2**-n (all n
+    differences positive); 1.0 with none."""
+    return 0.5**n if n > 0 else 1.0
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up; ``q_(i) = min_{j>=i} p_(j) m / j``, at most 1). A head is
+    significant at level alpha when its adjusted p is <= alpha (false discovery rate <= alpha)."""
+    p = np.asarray(p, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (``max_{j<=i} (m - j + 1) p_(j)``, at most 1): family-wise error."""
+    p = np.asarray(p, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * (m - np.arange(m))
+    out = np.empty(m)
+    out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return out
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def significance(target: np.ndarray, control: np.ndarray, alpha: float = DEFAULT_ALPHA) -> dict:
+    """The significance block of a result: per head, target vs control over samples, corrected over heads.
+
+    target, control (S, L, H): per-sample values of every head (here: lifts on the target and the control
+    span). Returns a JSON-ready dict: ``test``, ``correction``, ``alpha``, ``samples``, ``min_attainable_p``,
+    ``heads`` (the significant heads, by adjusted p: head, p, p_adjusted, lift means), ``p_adjusted`` ([L][H])
+    and ``note`` (a sentence when too few samples let no head reach alpha, or when none does).
+    """
+    target, control = np.asarray(target, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    S, L, H = target.shape
+    p, used = signed_rank_greater(target.reshape(S, L * H), control.reshape(S, L * H))
+    q = benjamini_hochberg(p)
+    floor = min_attainable_p(S)
+    sig = [k for k in np.argsort(q, kind="stable") if q[k] <= alpha]
+    t_mean = target.reshape(S, L * H).mean(0) if S else np.zeros(L * H)
+    c_mean = control.reshape(S, L * H).mean(0) if S else np.zeros(L * H)
+    heads = [{"head": head_label(int(k) // H, int(k) % H), "p": _r(p[k]), "p_adjusted": _r(q[k]),
+              "target_mean": _r(t_mean[k]), "control_mean": _r(c_mean[k])} for k in sig]
+    if floor > alpha:
+        note = (f"too few samples: with {S} sample(s) the smallest attainable one-sided p is "
+                f"1/{2 ** S} = {floor:.4g} > alpha {alpha:g}; no head can be significant (use at least "
+                f"{max(1, math.ceil(math.log2(1 / alpha)))} samples, more for many heads)")
+    elif not heads:
+        note = f"no head beats the control at alpha {alpha:g} ({S} samples, {L * H} heads)"
+    else:
+        note = ""
+    return {"test": TEST, "correction": CORRECTION, "alpha": alpha, "samples": S,
+            "min_attainable_p": _r(floor), "heads": heads,
+            "p_adjusted": [[_r(x) for x in row] for row in q.reshape(L, H)], "note": note}
+
+
+def _r(x: float) -> float:
+    """Six significant digits: small p-values keep their size (round(x, 6) would make 1e-8 zero)."""
+    return float(f"{float(x):.6g}")
+
+
+def verdict(significant: int, alpha: float, samples: int, top_lift: float | None, top_head: str | None,
+            n_correct: int | None = None, n_answered: int | None = None, too_few: bool = False) -> str:
+    """One line for people: how many heads beat the control, the top lift, and the accuracy when known.
+
+    >>> verdict(7, 0.05, 8, 8.1, "L12H3", 5, 8)
+    '7 heads beat the control at alpha 0.05; top lift 8.1x (L12H3); accuracy 5/8'
+    >>> verdict(0, 0.05, 4, 1.3, "L0H4", 1, 8, too_few=True)
+    'no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); accuracy 1/8: the model may not be retrieving at this length'
+    """
+    acc = f"; accuracy {n_correct}/{n_answered}" if n_correct is not None and n_answered else ""
+    top = f"; top lift {top_lift:.1f}x ({top_head})" if top_lift is not None and top_head else ""
+    if significant:
+        heads = "head beats" if significant == 1 else "heads beat"
+        return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}"
+    why = f" (too few samples for alpha {alpha:g})" if too_few else ""
+    weak = (n_correct is not None and bool(n_answered) and 2 * n_correct < n_answered) or \
+        (top_lift is not None and top_lift < 2)
+    tail = ": the model may not be retrieving at this length" if weak else ""
+    return f"no head beats the control on these {samples} samples{why}{top}{acc}{tail}"

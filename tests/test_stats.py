@@ -1,0 +1,71 @@
+"""The statistics module against hand-computed values: lift, the signed-rank test, BH and Holm, the verdict."""
+
+import numpy as np
+import pytest
+
+from retrieval_heads import stats
+
+
+def test_lift_is_score_over_baseline_and_zero_out_of_sight():
+    got = stats.lift(np.array([[0.5, 0.0], [0.2, 0.3]]), np.array([[0.1, 0.0], [0.2, 0.05]]))
+    np.testing.assert_allclose(got, [[5.0, 0.0], [1.0, 6.0]])
+
+
+@pytest.mark.parametrize("diffs, p, n", [
+    ([3, -1, 2, 4], 2 / 16, 4),       # W+ = 2+3+4 = 9 of 10: {1,2,3,4}, {2,3,4} -> 2 of 16 sign patterns
+    ([5, 4, 3, 2, -1], 2 / 32, 5),    # W+ = 14 of 15: 2 of 32
+    ([0, 1, 2], 1 / 4, 2),            # the zero is dropped: W+ = 3 of 3 over 2 differences
+    ([1, 2, 3, 4, 5, 6], 1 / 64, 6),  # all positive: the smallest p for 6 samples
+    ([-1, -2, -3], 1.0, 3),           # all negative: W+ = 0, P(W+ >= 0) = 1
+    ([0, 0, 0], 1.0, 0),              # nothing left to test
+    ([1e-7, 2e-7, 3e-7], 1.0, 0),     # float32 noise counts as zero
+])
+def test_signed_rank_by_hand(diffs, p, n):
+    d = np.array(diffs, dtype=np.float64)[:, None]
+    got_p, used = stats.signed_rank_greater(1.0 + d, np.ones_like(d))
+    assert got_p[0] == pytest.approx(p, abs=1e-12) and used[0] == n
+
+
+def test_corrections_by_hand():
+    p = np.array([0.01, 0.04, 0.03, 0.2])
+    # BH: sorted 0.01, 0.03, 0.04, 0.2 -> x 4/1, 4/2, 4/3, 4/4 = 0.04, 0.06, 0.0533, 0.2 -> running min from the top
+    np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    # Holm: x 4, 3, 2, 1 = 0.04, 0.09, 0.08, 0.2 -> running max
+    np.testing.assert_allclose(stats.holm(p), [0.04, 0.09, 0.09, 0.2])
+    np.testing.assert_allclose(stats.benjamini_hochberg(np.array([0.5, 0.9])), [0.9, 0.9])
+    assert stats.min_attainable_p(4) == 1 / 16 and stats.min_attainable_p(0) == 1.0
+
+
+def test_significance_lists_heads_and_says_when_samples_are_too_few():
+    rng = np.random.default_rng(0)
+    S, L, H = 6, 2, 3
+    control = rng.uniform(0.5, 1.5, (S, L, H))
+    target = control.copy()
+    target[:, 1, 2] += np.arange(1, S + 1)  # one head above its control in every sample
+    got = stats.significance(target, control, alpha=0.05)
+    # p = 1/64 for that head, 1 for the others; BH over 6 heads: 6/64 = 0.09375 > 0.05 -> none significant
+    assert got["heads"] == [] and got["p_adjusted"][1][2] == pytest.approx(6 / 64)
+    assert got["note"].startswith("no head beats the control at alpha 0.05")
+    got = stats.significance(target, control, alpha=0.1)
+    assert [h["head"] for h in got["heads"]] == ["L1H2"] and got["heads"][0]["p"] == pytest.approx(1 / 64)
+    assert got["note"] == "" and got["min_attainable_p"] == pytest.approx(1 / 64)
+    few = stats.significance(target[:4], control[:4], alpha=0.05)
+    assert few["heads"] == [] and few["min_attainable_p"] == 1 / 16
+    assert few["note"].startswith("too few samples: with 4 sample(s) the smallest attainable one-sided p is 1/16")
+    assert few["test"].startswith("Wilcoxon signed-rank") and few["correction"].startswith("Benjamini-Hochberg")
+
+
+def test_verdict_lines():
+    assert stats.verdict(7, 0.05, 8, 8.14, "L12H3", 5, 8) == \
+        "7 heads beat the control at alpha 0.05; top lift 8.1x (L12H3); accuracy 5/8"
+    assert stats.verdict(1, 0.05, 8, 3.0, "L1H1") == "1 head beats the control at alpha 0.05; top lift 3.0x (L1H1)"
+    assert stats.verdict(0, 0.05, 4, 1.3, "L0H4", 1, 8, too_few=True) == (
+        "no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); "
+        "accuracy 1/8: the model may not be retrieving at this length")
+
+
+def test_significance_with_no_sample_left():
+    got = stats.significance(np.zeros((0, 2, 3)), np.zeros((0, 2, 3)))
+    assert got["heads"] == [] and got["samples"] == 0 and got["min_attainable_p"] == 1.0
+    assert got["note"].startswith("too few samples: with 0 sample(s)")
+    assert got["p_adjusted"] == [[1.0] * 3] * 2
