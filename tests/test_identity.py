@@ -246,7 +246,7 @@ HOSTILE = {
     "five_rows_of_scores": (lambda r: r["scores"].extend([[0.0] * 4] * 3), "scores are not 2 x 4"),
     "a_short_row": (lambda r: r["scores"][1].pop(), "scores are not 2 x 4"),
     "layers_not_the_grid": (lambda r: r.update(num_layers=5), "scores are not 5 x 4"),
-    "non_finite_score": (lambda r: r["scores"][0].__setitem__(0, math.inf), "non-finite"),
+    "non_finite_score": (lambda r: r["scores"][0].__setitem__(0, math.inf), "non-standard JSON constant Infinity"),
     "rankings_out_of_order": (_swap_first_two, "not sorted by score"),
     "ranking_score_not_the_grids": (lambda r: r["head_rankings"][5].update(score=r["head_rankings"][5]["score"] + 1),
                                     "the scores grid"),
