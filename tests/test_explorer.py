@@ -135,7 +135,9 @@ def test_long_tables_are_folded_and_the_seed_table_comes_first(results, capsys):
     root, _ = results
     assert main(["report", str(root), "--resamples", "20", "--top", "20"]) == 0
     body = (root / "report" / "report.html").read_text().split("<body>", 1)[1]
-    assert body.index("Top head per configuration") < body.index("<table>") < body.index("Where the heads look")
+    # the verdict section first, then the seed's table, both before the explorer
+    assert body.index("Does the model retrieve?") < body.index("<table>") < body.index("Top head per configuration") \
+        < body.index("Where the heads look")
     assert "<details" not in body[:body.index("Heatmaps")]  # the seed's table is open
 
 
