@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import ablate_map, evaluate, random_heads, run_ablation, top_heads
+from retrieval_heads.ablation import (AblationResult, ablate, ablate_map, evaluate, random_heads, removal_mask,
+                                     run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
 from retrieval_heads.errors import UserError
@@ -95,6 +96,54 @@ def test_k0_reproduces_the_unablated_answers_exactly():
     assert report["summary"][1]["random_logprob_min"] <= report["summary"][1]["random_logprob_max"]
 
 
+def test_per_row_removal_equals_each_row_alone():
+    """The probe's (B, L, H) form: row b removes its own heads, exactly as the {layer: [heads]} form on that row
+    alone; an all-False row equals no probe at all."""
+    lm = tiny_lm()
+    ids = torch.tensor([tiny_prompts(1)[0].input_ids] * 3)  # (3, 32): one prompt, three conditions
+    sets = [[], ["L0H1", "L2H3"], ["L1H0", "L1H2", "L2H1"]]
+    mask = removal_mask(sets, 3, 4)  # (3, L, H)
+    assert mask.sum().item() == 5 and mask[1, 0, 1] and mask[2, 1, 2] and not mask[0].any()
+    with torch.no_grad():
+        with attention_probe(lm.model, None, ablate=mask):
+            rows = lm.model(input_ids=ids, use_cache=False).logits  # (3, 32, V)
+        plain = lm.model(input_ids=ids[:1], use_cache=False).logits  # (1, 32, V)
+        alone = []
+        for heads in sets[1:]:
+            with attention_probe(lm.model, None, ablate=ablate_map(heads)):
+                alone.append(lm.model(input_ids=ids[:1], use_cache=False).logits)
+    torch.testing.assert_close(rows[:1], plain, rtol=0, atol=1e-5)
+    for b, ref in enumerate(alone, 1):
+        torch.testing.assert_close(rows[b : b + 1], ref, rtol=0, atol=1e-5)
+        assert (ref - plain).abs().max() > 1e-3  # the removal does change the output
+    with pytest.raises(ValueError, match="boolean"):
+        with attention_probe(lm.model, None, ablate=torch.zeros(3, 2, 4, dtype=torch.bool)):
+            pass
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batched_conditions_equal_one_condition_at_a_time(batch_size):
+    """Rows of (sample, condition) in batches give the sequential reference's answers and log-probs (float32),
+    and the conditions do differ from one another, so the comparison can fail."""
+    lm = tiny_lm()
+    prompts = tiny_prompts(3) + tiny_prompts(4)[3:]  # 4 samples
+    record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(5)))
+    seq = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=1)
+    bat = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=batch_size)
+    for a, b in zip(seq["top"] + seq["random"], bat["top"] + bat["random"], strict=True):
+        assert a["heads"] == b["heads"] and a["k"] == b["k"] and a.get("seed") == b.get("seed")
+        assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
+        assert a["n_correct"] == b["n_correct"]
+        for x, y in zip(a["samples"], b["samples"]):
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
+    assert seq["summary"] == pytest.approx(bat["summary"], abs=1e-5)
+    assert seq["baseline"] == pytest.approx(bat["baseline"], abs=1e-5)
+    base = [s["generated"] for s in seq["top"][0]["samples"]]
+    changed = [c for c in seq["top"][1:] + seq["random"] if [s["generated"] for s in c["samples"]] != base]
+    assert len(changed) >= 3  # removal changes the greedy answers of several conditions
+    assert len({c["logprob"] for c in seq["top"] + seq["random"]}) >= 6
+
+
 def test_random_control_never_draws_a_top_head():
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(4)))
     names = [r["head"] for r in record["head_rankings"]]
@@ -109,6 +158,28 @@ def test_random_control_never_draws_a_top_head():
     with pytest.raises(UserError, match="outside the top 7"):
         random_heads(record, 7, 0)
     assert [parse_head(h) for h in random_heads(record, 3, 1)] == sorted(parse_head(h) for h in random_heads(record, 3, 1))
+
+
+@pytest.mark.slow
+def test_ablate_batched_equals_sequential_on_smollm2(smollm2):
+    """The library function on the real model: batch 8 (all conditions of a sample in one pass) gives the
+    one-condition-at-a-time numbers; removing the top heads changes the gold log-prob."""
+    scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
+    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="hq_state",
+                      question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
+                      seed=0, dtype="float32")
+    kw = dict(model=smollm2, ks=(0, 10, 40), random_seeds=2, max_new_tokens=6)
+    seq = ablate(rec, batch_size=1, **kw)
+    bat = ablate(rec, batch_size=8, **kw)
+    assert isinstance(bat, AblationResult) and len(bat.prompts) == 2 and "result" not in bat.record
+    for a, b in zip(seq.record["top"] + seq.record["random"], bat.record["top"] + bat.record["random"], strict=True):
+        assert a["heads"] == b["heads"]
+        assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
+        for x, y in zip(a["samples"], b["samples"]):
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
+    top = seq.record["top"]
+    assert top[0]["heads"] == [] and len(top[2]["heads"]) == 40
+    assert abs(top[2]["logprob"] - top[0]["logprob"]) > 1e-3
 
 
 def run_cli(*args):

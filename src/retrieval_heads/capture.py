@@ -10,7 +10,8 @@ padding and sliding windows reach it). For every attention layer it
    head under GQA, with the model's scaling, soft-capping and mask (causal, padding, sliding window), softmax
    in float32. That is ``(B, H, S, K)`` per layer: memory O(layers x heads x N), never O(N^2);
 3. hands the probabilities to a callback, and optionally zeroes chosen heads' outputs (ablation: the head
-   is removed before the output projection).
+   is removed before the output projection), the same heads in every row or, with a (B, L, H) boolean
+   tensor, each row's own.
 
 >>> scores = torch.zeros(lm.num_layers, lm.num_heads)                   # doctest: +SKIP
 >>> def on_layer(layer, probs):                                          # probs: (B, H, S, K)
@@ -43,7 +44,7 @@ OnLayer = Callable[[int, torch.Tensor], None]
 class _ProbeState:
     on_layer: OnLayer | None
     query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
-    ablate: dict[int, list[int]] = field(default_factory=dict)
+    ablate: dict[int, list[int]] | torch.Tensor = field(default_factory=dict)  # or (B, L, H) bool, True = removed
     num_layers: int = 1
     calls: int = 0  # attention calls so far; gives the layer index of modules that carry none
 
@@ -142,6 +143,9 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if state.on_layer is not None:
         rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
         state.on_layer(layer, rows)
+    if isinstance(state.ablate, torch.Tensor):  # per row: out[b, :, h, :] = 0 where ablate[b, layer, h]
+        remove = state.ablate[:, layer].to(out.device)  # (B, H)
+        return out.masked_fill(remove[:, None, :, None], 0), weights  # out: (B, Q, H, d)
     heads = state.ablate.get(layer)
     if heads:
         out = out.clone()
@@ -170,17 +174,25 @@ def attention_probe(
     model,
     on_layer: OnLayer | None,
     query_positions: torch.Tensor | None = None,
-    ablate: dict[int, list[int]] | None = None,
+    ablate: dict[int, list[int]] | torch.Tensor | None = None,
 ) -> Iterator[_ProbeState]:
     """Within this block every forward pass of ``model`` calls ``on_layer(layer, probs)`` per layer, with
     probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries (default: the last row), and
-    zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]})."""
+    zeroes the outputs of the heads in ``ablate``: {layer: [head, ...]} in every row, or a (B, L, H) boolean
+    tensor, True where row b's head (l, h) is removed (every pass then has B rows)."""
     install()
+    if isinstance(ablate, torch.Tensor):
+        cfg = model.config.get_text_config()
+        want = (cfg.num_hidden_layers, cfg.num_attention_heads)
+        if ablate.dtype != torch.bool or ablate.dim() != 3 or tuple(ablate.shape[1:]) != want:
+            raise ValueError(f"ablate: a boolean (B, {want[0]}, {want[1]}) tensor, got {ablate.dtype} "
+                             f"{tuple(ablate.shape)}")
     previous = model.config._attn_implementation
     if not model._can_set_attn_implementation():
         raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
     model.set_attn_implementation(PROBE)
-    state = _ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers)
+    removal = ablate if isinstance(ablate, torch.Tensor) else dict(ablate or {})
+    state = _ProbeState(on_layer, query_positions, removal, model.config.get_text_config().num_hidden_layers)
     token = _ACTIVE.set(state)
     try:
         yield state
