@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import (AblationResult, ablate, ablate_map, evaluate, random_heads, removal_mask,
+from retrieval_heads.ablation import (ablate, ablate_map, evaluate, measure_rows, random_heads, removal_mask,
                                      run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
 from retrieval_heads.errors import UserError
+from retrieval_heads.experiments import build_prompts
 from retrieval_heads.generation import answer_prompts, gold_logprob
 from retrieval_heads.models import LoadedModel
 from retrieval_heads.results import make_record, parse_head
@@ -49,10 +50,12 @@ def tiny_prompts(n=3, length=32):
     return out
 
 
+MAKE = dict(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state", question_prompt="q",
+            total_tokens=32, needle_position=0.5, scores=torch.ones(3, 4), samples_processed=4, seed=0, dtype="float32")
+
+
 def tiny_record(scores):
-    return make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
-                       question_prompt="q", total_tokens=32, needle_position=0.5, scores=scores, samples_processed=4,
-                       seed=0, dtype="float32")
+    return make_record(**{**MAKE, "scores": scores})
 
 
 def test_removing_one_head_changes_only_its_contribution():
@@ -161,25 +164,43 @@ def test_random_control_never_draws_a_top_head():
 
 
 @pytest.mark.slow
-def test_ablate_batched_equals_sequential_on_smollm2(smollm2):
-    """The library function on the real model: batch 8 (all conditions of a sample in one pass) gives the
-    one-condition-at-a-time numbers; removing the top heads changes the gold log-prob."""
+def test_batched_rows_equal_sequential_on_smollm2(smollm2):
+    """The real model at 256 tokens: rows of batch 8 (every condition of a sample in one pass) give each
+    condition's sequential answers, and its gold log-probs within 1e-5 (unrounded; float32); removal changes
+    the answers and the log-probs, so the comparison can fail."""
     scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
     rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="hq_state",
                       question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
                       seed=0, dtype="float32")
-    kw = dict(model=smollm2, ks=(0, 10, 40), random_seeds=2, max_new_tokens=6)
-    seq = ablate(rec, batch_size=1, **kw)
-    bat = ablate(rec, batch_size=8, **kw)
-    assert isinstance(bat, AblationResult) and len(bat.prompts) == 2 and "result" not in bat.record
-    for a, b in zip(seq.record["top"] + seq.record["random"], bat.record["top"] + bat.record["random"], strict=True):
-        assert a["heads"] == b["heads"]
-        assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
-        for x, y in zip(a["samples"], b["samples"]):
-            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
-    top = seq.record["top"]
-    assert top[0]["heads"] == [] and len(top[2]["heads"]) == 40
-    assert abs(top[2]["logprob"] - top[0]["logprob"]) > 1e-3
+    prompts = [g["hq_state"] for g in build_prompts(smollm2, ["hq_state"], 256, 2, 0.5, 0)]
+    sets = [[], top_heads(rec, 10), top_heads(rec, 40), random_heads(rec, 10, 0), random_heads(rec, 40, 1)]
+    answers, logps = measure_rows(smollm2, prompts, sets, 6, batch_size=8)
+    texts = []
+    for heads, got, lp in zip(sets, answers, logps):
+        ref = answer_prompts(smollm2, prompts, 6, ablate=ablate_map(heads) or None)
+        ref_lp = [gold_logprob(smollm2.model, smollm2.tokenizer, p, ablate_map(heads) or None) for p in prompts]
+        assert [a.text for a in got] == [a.text for a in ref] and [a.ids for a in got] == [a.ids for a in ref]
+        assert max(abs(x - y) for x, y in zip(lp, ref_lp)) <= 1e-5
+        texts.append(tuple(a.text for a in ref))
+    assert len(set(texts)) >= 3 and len({round(x, 3) for lp in logps for x in lp}) == len(sets) * len(prompts)
+
+
+def test_ablate_checks_everything_before_loading_a_model():
+    """The library function refuses bad settings before it loads the model (which here does not exist)."""
+    rec = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(6)))
+    for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
+                    ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
+                    ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
+                    ({"random_seeds": -1}, "--random-seeds must be >= 0")]:
+        with pytest.raises(UserError, match=msg):
+            ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
+    with pytest.raises(UserError, match="checksum"):
+        ablate({**rec, "total_tokens": 64}, model="/no/such/model", ks=(0, 2))
+    foreign = make_record(**{**MAKE, "question": "my_file"})
+    with pytest.raises(UserError, match="made from a dataset"):
+        ablate(foreign, model="/no/such/model", ks=(0, 2))
+    with pytest.raises(UserError, match="does not exist"):  # every check passed: the model is what fails
+        ablate(rec, model="/no/such/model", ks=(0, 2))
 
 
 def run_cli(*args):
@@ -208,6 +229,7 @@ def test_cli_ablate_end_to_end(tmp_path):
     (["--k", "0,x"], "--k: 'x' is not a whole number"),
     (["--k", "300"], "--k 300 is outside 0..270"),
     (["--k", "200"], "only 70 heads lie outside the top 200"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
 ])
 def test_cli_ablate_bad_input(tmp_path, args, msg):
     scores = torch.arange(270, dtype=torch.float32).view(30, 9)

@@ -126,6 +126,15 @@ def evaluate_batched(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Se
                      batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> list[dict]:
     """:func:`evaluate` for every head set at once: the (sample, head set) pairs run as rows of batches of
     ``batch_size``, each row with its own removed heads. Returns one dict per head set, as :func:`evaluate`."""
+    answers, logps = measure_rows(lm, prompts, head_sets, max_new_tokens, batch_size, progress)
+    return [condition(heads, a, lp) for heads, a, lp in zip(head_sets, answers, logps)]
+
+
+def measure_rows(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequence[str]], max_new_tokens: int,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                 ) -> tuple[list[list[Answer]], list[list[float]]]:
+    """Greedy answers and gold log-probs (unrounded) of every sample under every head set, [set][sample], the
+    (sample, set) pairs as rows of batches of ``batch_size``."""
     from tqdm.auto import tqdm
 
     model, tok = lm.model, lm.tokenizer
@@ -158,8 +167,8 @@ def evaluate_batched(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Se
             for row, lp in zip(chunk, per_row.tolist()):
                 logps[row] = lp
             bar.update(len(chunk))
-    return [condition(heads, [answers[(i, c)] for i in range(len(prompts))],
-                      [logps[(i, c)] for i in range(len(prompts))]) for c, heads in enumerate(head_sets)]
+    return ([[answers[(i, c)] for i in range(len(prompts))] for c in range(len(head_sets))],
+            [[logps[(i, c)] for i in range(len(prompts))] for c in range(len(head_sets))])
 
 
 def check_ks(ks: Sequence[int], num_heads: int) -> list[int]:
