@@ -19,8 +19,9 @@ unablated row is computed once, whatever k or draw shares it. ``batch_size=1`` i
 one condition at a time (:func:`evaluate`), one forward pass per sample and condition. Both give the same
 answers and log-probabilities (tested within 1e-5 in float32).
 
->>> from retrieval_heads.ablation import ablate                                        # doctest: +SKIP
->>> res = ablate("results/retrieval_score/smollm2_hq_state_512.json", ks=(0, 5, 10), random_seeds=2)
+>>> from retrieval_heads import ablate
+>>> res = ablate("results/retrieval_score/smollm2_hq_state_512.json", ks=(0, 5, 10),       # doctest: +SKIP
+...              random_seeds=2, batch_size=8)
 >>> [(r["k"], r["top_accuracy"], r["random_accuracy_mean"]) for r in res.summary]      # doctest: +SKIP
 >>> res.write("hq_state.ablation.json")              # the JSON and the plot beside it   # doctest: +SKIP
 """
