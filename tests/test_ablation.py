@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import ablate_map, evaluate, random_heads, run_ablation, top_heads
+from retrieval_heads.ablation import (ablate, ablate_map, evaluate, measure_rows, random_heads, removal_mask,
+                                     run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
 from retrieval_heads.errors import UserError
+from retrieval_heads.experiments import build_prompts
 from retrieval_heads.generation import answer_prompts, gold_logprob
 from retrieval_heads.models import LoadedModel
 from retrieval_heads.results import make_record, parse_head
@@ -48,10 +50,12 @@ def tiny_prompts(n=3, length=32):
     return out
 
 
+MAKE = dict(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state", question_prompt="q",
+            total_tokens=32, needle_position=0.5, scores=torch.ones(3, 4), samples_processed=4, seed=0, dtype="float32")
+
+
 def tiny_record(scores):
-    return make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
-                       question_prompt="q", total_tokens=32, needle_position=0.5, scores=scores, samples_processed=4,
-                       seed=0, dtype="float32")
+    return make_record(**{**MAKE, "scores": scores})
 
 
 def test_removing_one_head_changes_only_its_contribution():
@@ -95,6 +99,54 @@ def test_k0_reproduces_the_unablated_answers_exactly():
     assert report["summary"][1]["random_logprob_min"] <= report["summary"][1]["random_logprob_max"]
 
 
+def test_per_row_removal_equals_each_row_alone():
+    """The probe's (B, L, H) form: row b removes its own heads, exactly as the {layer: [heads]} form on that row
+    alone; an all-False row equals no probe at all."""
+    lm = tiny_lm()
+    ids = torch.tensor([tiny_prompts(1)[0].input_ids] * 3)  # (3, 32): one prompt, three conditions
+    sets = [[], ["L0H1", "L2H3"], ["L1H0", "L1H2", "L2H1"]]
+    mask = removal_mask(sets, 3, 4)  # (3, L, H)
+    assert mask.sum().item() == 5 and mask[1, 0, 1] and mask[2, 1, 2] and not mask[0].any()
+    with torch.no_grad():
+        with attention_probe(lm.model, None, ablate=mask):
+            rows = lm.model(input_ids=ids, use_cache=False).logits  # (3, 32, V)
+        plain = lm.model(input_ids=ids[:1], use_cache=False).logits  # (1, 32, V)
+        alone = []
+        for heads in sets[1:]:
+            with attention_probe(lm.model, None, ablate=ablate_map(heads)):
+                alone.append(lm.model(input_ids=ids[:1], use_cache=False).logits)
+    torch.testing.assert_close(rows[:1], plain, rtol=0, atol=1e-5)
+    for b, ref in enumerate(alone, 1):
+        torch.testing.assert_close(rows[b : b + 1], ref, rtol=0, atol=1e-5)
+        assert (ref - plain).abs().max() > 1e-3  # the removal does change the output
+    with pytest.raises(ValueError, match="boolean"):
+        with attention_probe(lm.model, None, ablate=torch.zeros(3, 2, 4, dtype=torch.bool)):
+            pass
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batched_conditions_equal_one_condition_at_a_time(batch_size):
+    """Rows of (sample, condition) in batches give the sequential reference's answers and log-probs (float32),
+    and the conditions do differ from one another, so the comparison can fail."""
+    lm = tiny_lm()
+    prompts = tiny_prompts(3) + tiny_prompts(4)[3:]  # 4 samples
+    record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(5)))
+    seq = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=1)
+    bat = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=batch_size)
+    for a, b in zip(seq["top"] + seq["random"], bat["top"] + bat["random"], strict=True):
+        assert a["heads"] == b["heads"] and a["k"] == b["k"] and a.get("seed") == b.get("seed")
+        assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
+        assert a["n_correct"] == b["n_correct"]
+        for x, y in zip(a["samples"], b["samples"]):
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
+    assert seq["summary"] == pytest.approx(bat["summary"], abs=1e-5)
+    assert seq["baseline"] == pytest.approx(bat["baseline"], abs=1e-5)
+    base = [s["generated"] for s in seq["top"][0]["samples"]]
+    changed = [c for c in seq["top"][1:] + seq["random"] if [s["generated"] for s in c["samples"]] != base]
+    assert len(changed) >= 3  # removal changes the greedy answers of several conditions
+    assert len({c["logprob"] for c in seq["top"] + seq["random"]}) >= 6
+
+
 def test_random_control_never_draws_a_top_head():
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(4)))
     names = [r["head"] for r in record["head_rankings"]]
@@ -109,6 +161,46 @@ def test_random_control_never_draws_a_top_head():
     with pytest.raises(UserError, match="outside the top 7"):
         random_heads(record, 7, 0)
     assert [parse_head(h) for h in random_heads(record, 3, 1)] == sorted(parse_head(h) for h in random_heads(record, 3, 1))
+
+
+@pytest.mark.slow
+def test_batched_rows_equal_sequential_on_smollm2(smollm2):
+    """The real model at 256 tokens: rows of batch 8 (every condition of a sample in one pass) give each
+    condition's sequential answers, and its gold log-probs within 1e-5 (unrounded; float32); removal changes
+    the answers and the log-probs, so the comparison can fail."""
+    scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
+    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="hq_state",
+                      question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
+                      seed=0, dtype="float32")
+    prompts = [g["hq_state"] for g in build_prompts(smollm2, ["hq_state"], 256, 2, 0.5, 0)]
+    sets = [[], top_heads(rec, 10), top_heads(rec, 40), random_heads(rec, 10, 0), random_heads(rec, 40, 1)]
+    answers, logps = measure_rows(smollm2, prompts, sets, 6, batch_size=8)
+    texts = []
+    for heads, got, lp in zip(sets, answers, logps):
+        ref = answer_prompts(smollm2, prompts, 6, ablate=ablate_map(heads) or None)
+        ref_lp = [gold_logprob(smollm2.model, smollm2.tokenizer, p, ablate_map(heads) or None) for p in prompts]
+        assert [a.text for a in got] == [a.text for a in ref] and [a.ids for a in got] == [a.ids for a in ref]
+        assert max(abs(x - y) for x, y in zip(lp, ref_lp)) <= 1e-5
+        texts.append(tuple(a.text for a in ref))
+    assert len(set(texts)) >= 3 and len({round(x, 3) for lp in logps for x in lp}) == len(sets) * len(prompts)
+
+
+def test_ablate_checks_everything_before_loading_a_model():
+    """The library function refuses bad settings before it loads the model (which here does not exist)."""
+    rec = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(6)))
+    for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
+                    ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
+                    ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
+                    ({"random_seeds": -1}, "--random-seeds must be >= 0")]:
+        with pytest.raises(UserError, match=msg):
+            ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
+    with pytest.raises(UserError, match="checksum"):
+        ablate({**rec, "total_tokens": 64}, model="/no/such/model", ks=(0, 2))
+    foreign = make_record(**{**MAKE, "question": "my_file"})
+    with pytest.raises(UserError, match="made from a dataset"):
+        ablate(foreign, model="/no/such/model", ks=(0, 2))
+    with pytest.raises(UserError, match="does not exist"):  # every check passed: the model is what fails
+        ablate(rec, model="/no/such/model", ks=(0, 2))
 
 
 def run_cli(*args):
@@ -138,6 +230,7 @@ def test_cli_ablate_end_to_end(tmp_path):
     (["--k", "0,x"], "--k: 'x' is not a whole number"),
     (["--k", "300"], "--k 300 is outside 0..270"),
     (["--k", "200"], "only 70 heads lie outside the top 200"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
 ])
 @pytest.mark.slow
 def test_cli_ablate_bad_input(tmp_path, args, msg):

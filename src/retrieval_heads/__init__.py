@@ -5,9 +5,10 @@
 >>> result.top(5)                                                                     # doctest: +SKIP
 """
 
+from .ablation import AblationResult, ablate
 from .errors import UserError
 from .experiments import DetectResult, detect
 from .models import LoadedModel, load_model
 
-__all__ = ["DetectResult", "LoadedModel", "UserError", "detect", "load_model"]
+__all__ = ["AblationResult", "DetectResult", "LoadedModel", "UserError", "ablate", "detect", "load_model"]
 __version__ = "0.1.0"

@@ -11,19 +11,47 @@ draw never holds a top head and is the same on every run). Each condition measur
   right after the prompt.
 
 k = 0 removes nothing: its numbers are the unablated model's (and the random control equals them).
+
+The conditions of a curve run as rows of one batch (``batch_size`` rows per forward pass): each row is one
+(sample, condition) pair with its own removed heads (the probe's per-row ``ablate`` tensor), the greedy
+answers are decoded with one KV cache per row and the gold log-probabilities teacher-forced in batches; the
+unablated row is computed once, whatever k or draw shares it. ``batch_size=1`` is the slow reference:
+one condition at a time (:func:`evaluate`), one forward pass per sample and condition. Both give the same
+answers and log-probabilities (tested within 1e-5 in float32).
+
+>>> from retrieval_heads import ablate
+>>> res = ablate("results/retrieval_score/smollm2_hq_state_512.json", ks=(0, 5, 10),       # doctest: +SKIP
+...              random_seeds=2, batch_size=8)
+>>> [(r["k"], r["top_accuracy"], r["random_accuracy_mean"]) for r in res.summary]      # doctest: +SKIP
+>>> res.write("hq_state.ablation.json")              # the JSON and the plot beside it   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import io
 import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
-from .data.prompt import PromptSample
+import torch
+
+from .capture import attention_probe
+from .data.dataset import load_jsonl
+from .data.prompt import PromptFormat, PromptSample
+from .data.questions import QUESTIONS, answer_matches
+from .data.samples import dataset_samples
 from .errors import UserError
-from .generation import accuracy, answer_prompts, gold_logprob
-from .io import atomic_write_bytes
-from .results import parse_head
+from .experiments import build_prompts, check_args, check_tokens
+from .generation import DEFAULT_MAX_NEW_TOKENS, Answer, accuracy, answer_prompts, gold_logprob, greedy_decode, stop_rule
+from .io import atomic_write_bytes, atomic_write_files, json_bytes
+from .models import MODELS, LoadedModel, input_device, load_model
+from .results import load_result, parse_head, validate
+
+DEFAULT_KS = (0, 5, 10, 20, 50)
+DEFAULT_BATCH_SIZE = 8
 
 
 def ranked_heads(record: dict) -> list[str]:
@@ -59,6 +87,11 @@ def evaluate(lm, prompts: Sequence[PromptSample], heads: Sequence[str], max_new_
     answers = answer_prompts(lm, prompts, max_new_tokens, batch_size, ablate=ablate or None, progress=progress,
                              desc=desc)
     logps = [gold_logprob(lm.model, lm.tokenizer, p, ablate or None) for p in prompts]
+    return condition(heads, answers, logps)
+
+
+def condition(heads: Sequence[str], answers: Sequence[Answer], logps: Sequence[float]) -> dict:
+    """One condition's entry of the JSON: its heads, accuracy, mean gold log-prob, and per-sample rows."""
     return {
         "heads": list(heads),
         **accuracy(answers),
@@ -66,6 +99,79 @@ def evaluate(lm, prompts: Sequence[PromptSample], heads: Sequence[str], max_new_
         "samples": [{"generated": a.text, "correct": a.correct, "logprob": round(lp, 6)}
                     for a, lp in zip(answers, logps)],
     }
+
+
+def removal_mask(head_sets: Sequence[Sequence[str]], num_layers: int, num_heads: int) -> torch.Tensor:
+    """(C, L, H) boolean: True where condition c removes head (l, h); the probe's per-row ``ablate``."""
+    mask = torch.zeros(len(head_sets), num_layers, num_heads, dtype=torch.bool)  # (C, L, H)
+    for c, heads in enumerate(head_sets):
+        for name in heads:
+            mask[(c, *parse_head(name))] = True
+    return mask
+
+
+def _row_batches(rows: Sequence[tuple[int, int]], key, batch_size: int) -> list[list[tuple[int, int]]]:
+    """Rows grouped by ``key(row)`` (rows of one group have one shape) and cut into batches, first-seen order."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+
+
+def _removal(model, mask: torch.Tensor, device):
+    """The probe removing each row's heads (mask (B, L, H)), or nothing at all where no row removes any."""
+    return attention_probe(model, None, ablate=mask.to(device)) if bool(mask.any()) else nullcontext()
+
+
+def evaluate_batched(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequence[str]], max_new_tokens: int,
+                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> list[dict]:
+    """:func:`evaluate` for every head set at once: the (sample, head set) pairs run as rows of batches of
+    ``batch_size``, each row with its own removed heads. Returns one dict per head set, as :func:`evaluate`."""
+    answers, logps = measure_rows(lm, prompts, head_sets, max_new_tokens, batch_size, progress)
+    return [condition(heads, a, lp) for heads, a, lp in zip(head_sets, answers, logps)]
+
+
+def measure_rows(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequence[str]], max_new_tokens: int,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                 ) -> tuple[list[list[Answer]], list[list[float]]]:
+    """Greedy answers and gold log-probs (unrounded) of every sample under every head set, [set][sample], the
+    (sample, set) pairs as rows of batches of ``batch_size``."""
+    from tqdm.auto import tqdm
+
+    model, tok = lm.model, lm.tokenizer
+    device = input_device(model)
+    mask = removal_mask(head_sets, lm.num_layers, lm.num_heads)  # (C, L, H)
+    rows = [(i, c) for i in range(len(prompts)) for c in range(len(head_sets))]
+    golds = [list(tok(p.answer, add_special_tokens=False)["input_ids"]) for p in prompts]
+    stop = stop_rule(model, tok)
+    answers: dict[tuple[int, int], Answer] = {}
+    logps: dict[tuple[int, int], float] = {}
+    with tqdm(total=2 * len(rows), desc="ablation", unit="row", disable=not progress, file=sys.stderr,
+              leave=False) as bar, torch.no_grad():
+        for chunk in _row_batches(rows, lambda r: len(prompts[r[0]].input_ids), batch_size):
+            ids = torch.tensor([prompts[i].input_ids for i, _ in chunk], device=device)  # (B, N)
+            got, _ = greedy_decode(model, ids, max_new_tokens, stop,
+                                   ablate=mask[[c for _, c in chunk]].to(device))  # each row its own heads
+            for (i, c), a in zip(chunk, got):
+                text = tok.decode(a, skip_special_tokens=True).strip()
+                answers[(i, c)] = Answer(text, a, answer_matches(text, prompts[i].answer))
+            bar.update(len(chunk))
+        # teacher-forced gold answers: prompt + gold[:-1], the last len(gold) logits; one shape per group
+        for chunk in _row_batches(rows, lambda r: (len(prompts[r[0]].input_ids), len(golds[r[0]])), batch_size):
+            T = len(golds[chunk[0][0]])
+            ids = torch.tensor([prompts[i].input_ids + golds[i][:-1] for i, _ in chunk], device=device)  # (B, N+T-1)
+            with _removal(model, mask[[c for _, c in chunk]], device) as state:
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=T).logits  # (B, T, V)
+                if state is not None:
+                    state.end_pass(model)  # every layer reported (and was ablated) exactly once
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            target = torch.tensor([golds[i] for i, _ in chunk], device=logp.device)  # (B, T)
+            per_row = logp.gather(-1, target[..., None])[..., 0].mean(-1)  # (B,)
+            for row, lp in zip(chunk, per_row.tolist()):
+                logps[row] = lp
+            bar.update(len(chunk))
+    return ([[answers[(i, c)] for i in range(len(prompts))] for c in range(len(head_sets))],
+            [[logps[(i, c)] for i in range(len(prompts))] for c in range(len(head_sets))])
 
 
 def check_ks(ks: Sequence[int], num_heads: int) -> list[int]:
@@ -78,25 +184,33 @@ def check_ks(ks: Sequence[int], num_heads: int) -> list[int]:
 
 
 def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence[int], random_seeds: int = 3,
-                 max_new_tokens: int = 12, batch_size: int = 1, progress: bool = False,
-                 tokens: int | None = None, seed: int | None = None) -> dict:
-    """Every condition of the curve, as the JSON written by ``retrieval-heads ablate``."""
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: bool = False, tokens: int | None = None, seed: int | None = None) -> dict:
+    """Every condition of the curve, as the JSON written by ``retrieval-heads ablate``. ``batch_size`` rows
+    (sample x condition) per forward pass; 1 runs one condition at a time (the reference)."""
     total = record["num_layers"] * record["num_heads"]
     ks = check_ks(ks, total)
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
     for k in ks:
         if random_seeds:
             random_heads(record, k, 0)  # fail before any work if a control cannot be drawn
-    base = evaluate(lm, prompts, [], max_new_tokens, batch_size, progress, "k=0")
-    top, rand = [], []
-    for k in ks:
-        top.append({"k": k, **(base if k == 0 else evaluate(lm, prompts, top_heads(record, k), max_new_tokens,
-                                                             batch_size, progress, f"top {k}"))})
-        for seed in range(random_seeds):
-            heads = random_heads(record, k, seed)
-            rand.append({"k": k, "seed": seed, **(base if k == 0 else evaluate(
-                lm, prompts, heads, max_new_tokens, batch_size, progress, f"random {k} #{seed}"))})
+    conditions = [("top", k, None, top_heads(record, k)) for k in ks]
+    conditions += [("random", k, s, random_heads(record, k, s)) for k in ks for s in range(random_seeds)]
+    if batch_size == 1:
+        base = evaluate(lm, prompts, [], max_new_tokens, 1, progress, "k=0")
+        measured = [base if not heads else evaluate(lm, prompts, heads, max_new_tokens, 1, progress,
+                                                   f"top {k}" if kind == "top" else f"random {k} #{s}")
+                    for kind, k, s, heads in conditions]
+    else:
+        sets = list(dict.fromkeys([()] + [tuple(heads) for *_, heads in conditions]))  # unablated row first, once
+        got = dict(zip(sets, evaluate_batched(lm, prompts, sets, max_new_tokens, batch_size, progress)))
+        base = got[()]
+        measured = [got[tuple(heads)] for *_, heads in conditions]
+    top = [{"k": k, **m} for (kind, k, _, _), m in zip(conditions, measured) if kind == "top"]
+    rand = [{"k": k, "seed": s, **m} for (kind, k, s, _), m in zip(conditions, measured) if kind == "random"]
     return {
         "result_method": record["method"], "model_key": record["model_key"], "model_name": record["model_name"],
         "question": record["question"], "total_tokens": record["total_tokens"] if tokens is None else tokens,
@@ -160,3 +274,97 @@ def plot_png(report: dict) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+@dataclass
+class AblationResult:
+    """An ablation curve: ``record`` is the JSON ``retrieval-heads ablate`` writes (every condition, per-sample
+    answers, ``summary`` per k); ``prompts`` are the samples it was measured on."""
+
+    record: dict
+    prompts: list[PromptSample] = field(default_factory=list)
+
+    @property
+    def summary(self) -> list[dict]:
+        return self.record["summary"]
+
+    def plot(self, path: str | Path) -> Path:
+        """Accuracy and gold log-probability vs k as a PNG (see :func:`plot`)."""
+        plot(self.record, path)
+        return Path(path)
+
+    def write(self, path: str | Path) -> tuple[Path, Path]:
+        """The JSON at ``path`` and its plot beside it (``.png``), as one write: both go to temp files before
+        either is renamed (the plot first, the JSON last), so a failure (a full disk) leaves neither."""
+        path = Path(path)
+        png = path.with_suffix(".png")
+        atomic_write_files([(png, plot_png(self.record)), (path, json_bytes(self.record))])
+        return path, png
+
+
+def ablate(
+    result: str | Path | dict,
+    model=None,
+    ks: Sequence[int] = DEFAULT_KS,
+    random_seeds: int = 3,
+    samples: int | None = None,
+    tokens: int | None = None,
+    seed: int | None = None,
+    dataset: str | Path | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> AblationResult:
+    """Remove a result's top-k heads, and k random others per seed, and measure accuracy and gold log-prob.
+
+    ``result`` is a result JSON written by ``detect`` (path) or its record (dict); ``model`` a name, a path or
+    a :class:`~retrieval_heads.models.LoadedModel` (default: the result's ``model_key``). The samples are the
+    result's own (question, length, depth and seed) unless ``samples``, ``tokens`` or ``seed`` say otherwise;
+    a result made from a dataset needs ``dataset`` again. Everything that needs no model is checked before
+    one is loaded. ``batch_size`` rows (sample x condition, each with its own removed heads) run per forward
+    pass; 1 is the one-condition-at-a-time reference, with the same numbers.
+
+    >>> res = ablate("results/summed_attention/smollm2_hq_state_512.json", ks=(0, 5, 10))   # doctest: +SKIP
+    >>> res.summary[1]["top_accuracy"], res.summary[1]["random_accuracy_mean"]               # doctest: +SKIP
+    >>> res.write("curve.json")                                                              # doctest: +SKIP
+    """
+    source = None if isinstance(result, dict) else Path(result)
+    record = validate(result) if source is None else load_result(source)
+    ks = check_ks(ks, record["num_layers"] * record["num_heads"])
+    for k in ks if random_seeds > 0 else []:
+        random_heads(record, k, 0)  # a control that cannot be drawn fails before the model loads
+    n = record["samples_processed"] if samples is None else samples
+    t = record["total_tokens"] if tokens is None else tokens
+    s = record.get("seed", 0) if seed is None else seed
+    synthetic = dataset is None
+    if synthetic and record["question"] not in QUESTIONS:
+        raise UserError(f"{source or 'the result'} was made from a dataset ({record['question']}); "
+                        "pass it with --dataset")
+    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size)
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if random_seeds < 0:
+        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
+        raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
+                        f"built-in key; pass the model with --model")
+    records = None if synthetic else load_jsonl(dataset)[:n]
+    lm = model if isinstance(model, LoadedModel) else load_model(
+        model or record["model_key"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
+        raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
+                        f"{record['num_heads']}")
+    if synthetic:
+        prompts = [g[record["question"]] for g in build_prompts(lm, [record["question"]], t, n,
+                                                                record["needle_position"], s)]
+    else:
+        check_tokens(lm, t)
+        prompts = dataset_samples(PromptFormat(lm.tokenizer), records, t, record["needle_position"])
+    report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=progress,
+                          tokens=t, seed=s if synthetic else None)
+    if source is not None:
+        report["result"] = str(source)
+    return AblationResult(report, list(prompts))

@@ -10,7 +10,8 @@ padding and sliding windows reach it). For every attention layer it
    head under GQA, with the model's scaling, soft-capping and mask (causal, padding, sliding window), softmax
    in float32. That is ``(B, H, S, K)`` per layer: memory O(layers x heads x N), never O(N^2);
 3. hands the probabilities to a callback, and optionally zeroes chosen heads' outputs (ablation: the head
-   is removed before the output projection).
+   is removed before the output projection), the same heads in every row or, with a (B, L, H) boolean
+   tensor, each row's own.
 
 The probe's presence is a property of the model: :func:`prepare` switches it to the probe's function once
 (``attention_probe`` does so on first use) and nothing switches it back. With no probe active in the calling
@@ -54,7 +55,7 @@ class ProbeState:
 
     on_layer: OnLayer | None
     query_positions: torch.Tensor | None  # indices into the query axis (negative allowed); None: the last row
-    ablate: dict[int, list[int]] = field(default_factory=dict)
+    ablate: dict[int, list[int]] | torch.Tensor = field(default_factory=dict)  # or (B, L, H) bool, True = removed
     num_layers: int = 1
     on_visible: OnLayer | None = None  # gets (layer, allowed (B, 1 or H, S, K) bool): the keys each row may see
     counts: list[int] = field(default_factory=list)  # reports per layer since the last end_pass
@@ -190,6 +191,9 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         state.on_layer(layer, rows)
     if state.on_visible is not None:
         state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions))
+    if isinstance(state.ablate, torch.Tensor):  # per row: out[b, :, h, :] = 0 where ablate[b, layer, h]
+        remove = state.ablate[:, layer].to(out.device)  # (B, H)
+        return out.masked_fill(remove[:, None, :, None], 0), weights  # out: (B, Q, H, d)
     heads = state.ablate.get(layer)
     if heads:
         out = out.clone()
@@ -235,12 +239,13 @@ def attention_probe(
     model,
     on_layer: OnLayer | None,
     query_positions: torch.Tensor | None = None,
-    ablate: dict[int, list[int]] | None = None,
+    ablate: dict[int, list[int]] | torch.Tensor | None = None,
     on_visible: OnLayer | None = None,
 ) -> Iterator[ProbeState]:
     """Within this block every forward pass of ``model`` in this context (thread) calls ``on_layer(layer,
     probs)`` per layer, with probs (B, H, S, K) for the rows ``query_positions`` of that pass's queries
-    (default: the last row), and zeroes the outputs of the heads in ``ablate`` ({layer: [head, ...]}).
+    (default: the last row), and zeroes the outputs of the heads in ``ablate``: {layer: [head, ...]} in every
+    row, or a (B, L, H) boolean tensor, True where row b's head (l, h) is removed (every pass then has B rows).
     ``on_visible(layer, allowed)``, if given, gets the same rows' mask: allowed (B, 1 or H, S, K) bool, True
     where the row may attend.
 
@@ -248,11 +253,18 @@ def attention_probe(
     layer reported exactly once. Probes in other threads are independent; nesting one in another in the same
     context raises RuntimeError. The model stays switched to the probe's function afterwards (see
     :func:`prepare`)."""
+    if isinstance(ablate, torch.Tensor):
+        cfg = model.config.get_text_config()
+        want = (cfg.num_hidden_layers, cfg.num_attention_heads)
+        if ablate.dtype != torch.bool or ablate.dim() != 3 or tuple(ablate.shape[1:]) != want:
+            raise ValueError(f"ablate: a boolean (B, {want[0]}, {want[1]}) tensor, got {ablate.dtype} "
+                             f"{tuple(ablate.shape)}")
     prepare(model)
     if _ACTIVE.get() is not None:
         raise RuntimeError("attention_probe is already active in this context: nested probes are not supported "
                            "(combine the callbacks and ablations in one probe)")
-    state = ProbeState(on_layer, query_positions, dict(ablate or {}), model.config.get_text_config().num_hidden_layers,
+    removal = ablate if isinstance(ablate, torch.Tensor) else dict(ablate or {})
+    state = ProbeState(on_layer, query_positions, removal, model.config.get_text_config().num_hidden_layers,
                        on_visible=on_visible)
     token = _ACTIVE.set(state)
     try:

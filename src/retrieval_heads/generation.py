@@ -88,7 +88,7 @@ def stop_rule(model, tokenizer) -> Stop:
 @torch.no_grad()
 def greedy_decode(
     model, input_ids: torch.Tensor, max_new_tokens: int, stop: Stop, track_argmax: bool = False,
-    ablate: dict[int, list[int]] | None = None,
+    ablate: dict[int, list[int]] | torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
     """Greedy continuation of each row of input_ids (B, N), KV cache, stopping as :data:`Stop` says.
 
@@ -104,8 +104,9 @@ def greedy_decode(
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, 1, K), the row of the newest position
         step["argmax"][:, layer] = probs[:, :, -1].argmax(-1).to(step["argmax"].device)  # (B, H)
 
+    removes = bool(ablate.any()) if isinstance(ablate, torch.Tensor) else bool(ablate)  # dict, or (B, L, H) mask
     probe = attention_probe(model, on_layer if track_argmax else None, ablate=ablate) \
-        if (track_argmax or ablate) else nullcontext()
+        if (track_argmax or removes) else nullcontext()
     answers: list[list[int]] = [[] for _ in range(B)]
     tracks: list[list[torch.Tensor]] = [[] for _ in range(B)]
     done = [False] * B

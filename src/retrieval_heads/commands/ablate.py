@@ -41,65 +41,30 @@ def ablate(
     max_new_tokens: int = typer.Option(12, help="Longest greedy answer, in tokens."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
-    batch_size: int = typer.Option(1, help="Samples per forward pass."),
+    batch_size: int = typer.Option(8, help="Rows per forward pass, each row one sample under one condition (its own "
+                                           "removed heads); 1 runs one condition at a time."),
     out: Optional[str] = typer.Option(None, help="Output JSON, a name ending in .json (default: RESULT's name + "
                                                   ".ablation.json); the plot goes next to it as .png."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
 ) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
-    from ..ablation import check_ks, plot_png, random_heads, run_ablation
-    from ..data.dataset import load_jsonl
-    from ..data.prompt import PromptFormat
-    from ..data.questions import QUESTIONS
-    from ..data.samples import dataset_samples
-    from ..experiments import build_prompts, check_args, check_tokens
-    from ..io import atomic_write_files, given_path, json_bytes
-    from ..models import MODELS, load_model
-    from ..results import load_result, samples_path
+    from ..ablation import ablate as run_ablation
+    from ..io import given_path
+    from ..results import samples_path
     from ._common import check_not_input
 
     ks = parse_ks(k, ctx.args)
     out = None if out is None else given_path(out, "--out")
-    record = load_result(result)
-    ks = check_ks(ks, record["num_layers"] * record["num_heads"])
-    for kk in ks if random_seeds > 0 else []:
-        random_heads(record, kk, 0)  # a control that cannot be drawn fails before the model loads
-    n = record["samples_processed"] if samples is None else samples
-    t = record["total_tokens"] if tokens is None else tokens
-    s = record.get("seed", 0) if seed is None else seed
-    synthetic = dataset is None
-    if synthetic and record["question"] not in QUESTIONS:
-        raise UserError(f"{result} was made from a dataset ({record['question']}); pass it with --dataset")
-    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size)
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if random_seeds < 0:
-        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":
         raise UserError(f"--out must name a .json file (the plot goes beside it as .png), got {out}")
     for o in (out, out.with_suffix(".png")):
         check_not_input(o, [result, samples_path(result), dataset])
-    if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
-        raise UserError(f"{result} was made with model {str(record['model_name'])[:80]!r}, not a built-in key; "
-                        f"pass the model with --model")
-    records = None if synthetic else load_jsonl(dataset)[:n]
     quiet_transformers()
-    lm = load_model(model or record["model_key"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
-        raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
-                        f"{record['num_heads']}")
-    if synthetic:
-        prompts = [g[record["question"]] for g in build_prompts(lm, [record["question"]], t, n,
-                                                                record["needle_position"], s)]
-    else:
-        check_tokens(lm, t)
-        prompts = dataset_samples(PromptFormat(lm.tokenizer), records, t, record["needle_position"])
-    report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=True,
-                          tokens=t, seed=s if synthetic else None)
-    report["result"] = str(result)
-    # the plot first, the JSON last, as one write: a full disk leaves neither
-    atomic_write_files([(out.with_suffix(".png"), plot_png(report)), (out, json_bytes(report))])
+    res = run_ablation(result, model, ks, random_seeds, samples, tokens, seed, dataset, max_new_tokens, batch_size,
+                       dtype, device, trust_remote_code, progress=True)
+    res.write(out)
+    report = res.record
     for row in report["summary"]:
         rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \
               f"{row['random_accuracy_max']:.2f}]" if "random_accuracy_mean" in row else ""
