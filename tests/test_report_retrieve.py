@@ -38,8 +38,8 @@ def test_does_the_model_retrieve_section(tmp_path, capsys):
     assert md.index("## Does the model retrieve?") < md.index("## Top head per configuration")
     assert ("| summed_attention | m1 | inc_state | 2K | 8 | 5/8 | 8.0x (L1H2) | 1: L1H2 |") in md
     assert ("| summed_attention+answer | m1 | inc_state | 1K | 8 | — | 3.0x (L0H1) | none (too few samples) |") in md
-    assert "| **m1** | inc_state | L1H2 (4.0, 8.0x) |" in md  # the seed's table: lift next to the score
-    assert "| **m1** | inc_state | L1H2 (4.0) |" in md  # query_focused: no lift
+    assert "| **m1** | inc_state | L1H2 (4.00, 8.0x) |" in md  # the seed's table: lift next to the score
+    assert "| **m1** | inc_state | L1H2 (4.00) |" in md  # query_focused: no lift
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     rows = {r["method"]: r for r in data["retrieval"]}
     assert set(rows) == {"summed_attention", "summed_attention+answer"}
@@ -59,4 +59,4 @@ def test_malformed_lift_is_a_one_line_error(tmp_path, capsys):
     path.write_text(json.dumps(rec))
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "malformed lift grid" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "lift is not 2 x 3 finite numbers" in err and len(err.strip().splitlines()) == 1

@@ -194,10 +194,10 @@ def make_record(
         "dtype": dtype,
         "scores": rounded,
         "extra": extra or {},
-        "provenance": provenance if provenance is not None else make_provenance(None),
     }
     if added:
         record.update(added, rank_by=rank_by)
+    record["provenance"] = provenance if provenance is not None else make_provenance(None)
     record["checksum"] = _checksum(record)
     return record
 
