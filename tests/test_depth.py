@@ -296,3 +296,28 @@ def test_killed_depth_sweep_resumes_to_the_same_results(tiny, reference, tmp_pat
     assert resumed.stdout.count("\nskipped ") == 3 and resumed.stdout.count("\ndone ") == 5
     assert results(out) == results(ref)
     assert sorted(p.name for p in (out / "summed_attention").iterdir()) == names(tiny)  # no temp file left
+
+
+def test_report_of_a_depth_sweep(tiny, tmp_path):
+    """A sweep over 2 depths with attention rows and samples files: the report draws its depth x length grid,
+    and every result, at either depth, has its attention rows in the explorer."""
+    from retrieval_heads.report.build import build
+
+    grid = depth_grid(tiny, questions=["inc_state"], tokens=[256], needle_positions=[0.75, 0.25], save_attention=2,
+                      save_samples=True)
+    out = tmp_path / "out"
+    run_sweep(grid, out, load=lambda m, **kw: tiny[1], progress=False, echo=lambda s: None, check_models=False)
+    key = tiny[1].key
+    assert sorted(p.name for p in (out / "summed_attention").iterdir()) == sorted(
+        f"{key}_inc_state_256_d{d}.{x}" for d in ("0.25", "0.75") for x in ("json", "samples.jsonl", "attention.npz"))
+    report = build(out, tmp_path / "report", resamples=10)
+    [g] = report.data["depth_grid"]["grids"]
+    assert g["depths"] == [0.25, 0.75] and g["tokens"] == [256] and not g["answers_recorded"]
+    recs = {d: load_result(out / "summed_attention" / file_name(key, "inc_state", 256, d)) for d in (0.25, 0.75)}
+    assert g["top_head"] == [[recs[d]["head_rankings"][0]["head"]] for d in (0.25, 0.75)]
+    assert g["top_lift"] == [[round(recs[d]["head_rankings"][0]["lift"], 4)] for d in (0.25, 0.75)]
+    assert len(g["depth_pairs"]) == 1 and g["depth_pairs"][0]["a"] == 0.25
+    assert [x["file"] for x in report.data["attention"]["experiments"]] == \
+        [f"summed_attention/{key}_inc_state_256_d{d}.attention.npz" for d in ("0.25", "0.75")]
+    assert [x["depth"] for x in report.data["bootstrap"]["experiments"]] == [0.25, 0.75]
+    assert all("heads" in x for x in report.data["bootstrap"]["experiments"])
