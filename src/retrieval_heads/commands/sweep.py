@@ -70,7 +70,8 @@ def sweep(
                                                             "beside each result (.attention.npz) [default: 0, off]."),
     rank_by: Optional[str] = typer.Option(None, help="Rank summed_attention's heads by score or lift [default: score]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
-    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
+                                                   "(_dDEPTH before .json at a depth other than 0.5)."),
     progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
     engine: str = typer.Option("local", help="local (this process) or ray (actors on a Ray cluster)."),
     address: Optional[str] = typer.Option(
@@ -91,7 +92,8 @@ def sweep(
         settings.pop("needle_position", None)
         settings.pop("needle_positions", None)
     flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
-                 needle_position=needle_position, needle_positions=needle_positions or None, seed=seed, method=method, dtype=dtype, device=device,
+                 needle_position=needle_position, needle_positions=needle_positions or None, seed=seed,
+                 method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples, save_attention=save_attention,
                  trust_remote_code=trust_remote_code, rank_by=rank_by)
     settings.update({k: v for k, v in flags.items() if v is not None})
