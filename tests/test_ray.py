@@ -136,3 +136,20 @@ def test_cli_engines_and_device_map(session, tiny, local, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_ray_sweeps_depths_as_the_local_engine(session, tiny, tmp_path):
+    """Depth is an axis on Ray too: one unit per length x depth, the same files (depth names) as the local
+    engine, and a rerun skips them all."""
+    grid = make_grid(models=[tiny], questions=["inc_state"], tokens=[256], samples=2, needle_positions=[0.2, 0.5])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_sweep(grid, tmp_path / "local", progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    s = run_ray_sweep(grid, tmp_path / "ray", echo=lambda s: None)
+    assert sorted(p.name for p in s.done) == ["tiny-llama_inc_state_256.json", "tiny-llama_inc_state_256_d0.20.json"]
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    s = run_ray_sweep(grid, tmp_path / "ray", echo=lambda s: None)
+    assert len(s.skipped) == 2 and not s.done

@@ -128,7 +128,8 @@ def write_result(
     """Samples and attention files first, result JSON last (its presence marks the experiment done), as one
     atomic write: all are written to temp files before any is renamed, so a failure (a full disk) leaves none,
     and an earlier set of the same name stays as it was."""
-    path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"])
+    path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"],
+                       record["needle_position"])
     files = [(path, json_bytes(record))]
     if save_samples:
         files.insert(0, (samples_path(path), jsonl_bytes(sample_rows(prompts, sample_scores, answers, spans))))

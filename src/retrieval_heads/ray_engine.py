@@ -218,7 +218,7 @@ def _dispatch(ray, grid, output_dir, units, statuses, gpus, cpus, device_map, wo
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             unit, st = pending.pop(ref)
-            payloads, seconds = _get(ray, ref, retries, f"{st.model_key} at {unit.tokens} tokens")
+            payloads, seconds = _get(ray, ref, retries, f"{st.model_key} at {unit.tokens} tokens, depth {unit.depth:g}")
             timing = f"{seconds:.1f} s (unit of {len(unit.questions)} questions, one prefill per sample)"
             for p in payloads:
                 q = p.record["question"]

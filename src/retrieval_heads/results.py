@@ -74,15 +74,64 @@ def safe_key(text: str) -> str:
     return key or "model"
 
 
-def result_path(output_dir: str | Path, method: str, model_key: str, question: str, tokens: int) -> Path:
-    """``output_dir/method/{model_key}_{question}_{tokens}.json``; the names are checked (:func:`check_name`)
-    and ``tokens`` must be a positive whole number, so the file always lies in ``output_dir/method/``."""
-    check_name(method, "method")
+SEED_DEPTH = 0.5  # the seed's needle depth: its results keep the seed's names, without a depth
+
+
+def depth_text(depth: float) -> str:
+    """A needle depth as it appears in a file name: the shortest decimal with at least two decimals that reads
+    back as exactly ``depth`` (0.1 -> "0.10", 0.125 -> "0.125", 1 -> "1.00"); UserError unless a number in
+    [0, 1]. For depths in [0, 1] these strings sort as the depths do."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not math.isfinite(depth) \
+            or not 0 <= depth <= 1:
+        raise UserError(f"needle_position: expected a number in [0, 1], got {depth!r}")
+    for decimals in range(2, 40):
+        text = f"{depth:.{decimals}f}"
+        if float(text) == depth:
+            return text
+    raise UserError(f"needle_position: {depth!r} has no short decimal form")  # unreachable for a float
+
+
+def file_name(model_key: str, question: str, tokens: int, depth: float = SEED_DEPTH) -> str:
+    """A result's file name: ``{model_key}_{question}_{tokens}.json`` at the seed's depth (0.5), else
+    ``{model_key}_{question}_{tokens}_d{depth}.json`` (:func:`depth_text`, e.g. ``_d0.10``). The names are
+    checked (:func:`check_name`), ``tokens`` must be a positive whole number and ``depth`` in [0, 1];
+    :func:`parse_file_name` reads it back."""
     check_name(model_key, "model_key")
     check_name(question, "question")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise UserError(f"total_tokens: expected a positive whole number, got {tokens!r}")
-    return Path(output_dir) / method / f"{model_key}_{question}_{tokens}.json"
+    suffix = "" if depth_text(depth) == depth_text(SEED_DEPTH) else f"_d{depth_text(depth)}"
+    return f"{model_key}_{question}_{tokens}{suffix}.json"
+
+
+_FILE_NAME = re.compile(r"(?P<stem>.+)_(?P<tokens>[1-9][0-9]*)(?:_d(?P<depth>[01]\.[0-9]{2,}))?\.json")
+
+
+def parse_file_name(name: str) -> tuple[str, int, float]:
+    """``(stem, tokens, depth)`` of a result's file name as :func:`file_name` writes it, ``stem`` being
+    ``{model_key}_{question}`` (both may hold '_', so they are not split); a name without a depth is at the
+    seed's 0.5. UserError for any other name, including a depth not written the one way :func:`depth_text`
+    writes it (``_d0.5``, ``_d0.50``, ``_d0.100``).
+
+    >>> parse_file_name("smollm2_inc_state_2048_d0.10.json"), parse_file_name("smollm2_inc_state_2048.json")
+    (('smollm2_inc_state', 2048, 0.1), ('smollm2_inc_state', 2048, 0.5))
+    """
+    m = _FILE_NAME.fullmatch(name) if isinstance(name, str) else None
+    depth = SEED_DEPTH if m is None or m["depth"] is None else float(m["depth"])
+    if m is None or not 0 <= depth <= 1 or (m["depth"] is not None and (
+            m["depth"] != depth_text(depth) or depth_text(depth) == depth_text(SEED_DEPTH))):
+        raise UserError(f"{name!r} is not a result file name (MODEL_QUESTION_TOKENS.json or "
+                        f"MODEL_QUESTION_TOKENS_dDEPTH.json, e.g. _d0.10)")
+    return m["stem"], int(m["tokens"]), depth
+
+
+def result_path(output_dir: str | Path, method: str, model_key: str, question: str, tokens: int,
+                needle_position: float = SEED_DEPTH) -> Path:
+    """``output_dir/method/`` + :func:`file_name` (``{model_key}_{question}_{tokens}.json`` at the seed's depth
+    0.5, with ``_d{depth}`` before ``.json`` at any other); the names are checked (:func:`check_name`) and
+    ``tokens`` must be a positive whole number, so the file always lies in ``output_dir/method/``."""
+    check_name(method, "method")
+    return Path(output_dir) / method / file_name(model_key, question, tokens, needle_position)
 
 
 def samples_path(path: str | Path) -> Path:

@@ -1,6 +1,8 @@
-"""Sweeps: a grid of models x questions x token lengths, one result JSON per experiment, resumable.
+"""Sweeps: a grid of models x questions x token lengths x needle depths, one result JSON per experiment,
+resumable.
 
-The work is cut into *units*: one model x one token length x all the grid's questions, the questions
+The work is cut into *units*: one model x one token length x one needle depth x all the grid's questions, the
+questions
 sharing one context pass per sample (:mod:`retrieval_heads.prefill`). The pieces are separate so that any
 engine (this module's local loop, or a Ray driver with one actor per model) can run them:
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -58,7 +61,7 @@ from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
 from .io import given_path
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
 from .registry import Registry
-from .results import identity_of, load_result, result_path, samples_path, samples_problem
+from .results import depth_text, identity_of, load_result, result_path, samples_path, samples_problem
 
 DEFAULT_MODELS = ("instruct", "base")
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
@@ -67,13 +70,15 @@ LOCK_NAME = ".sweep.lock"
 
 @dataclass(frozen=True)
 class Grid:
-    """What a sweep runs: every model x question x token length, with one set of experiment settings."""
+    """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
+    settings. A depth other than the seed's 0.5 files its results under names of their own
+    (:func:`~retrieval_heads.results.file_name`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     questions: tuple[str, ...] = tuple(QUESTIONS)
     tokens: tuple[int, ...] = DEFAULT_TOKENS
     samples: int = DEFAULT_SAMPLES
-    needle_position: float = 0.5
+    needle_positions: tuple[float, ...] = (0.5,)  # the needle depths, each its own unit of work
     seed: int = 0
     method: str = "summed_attention"
     dtype: str = "float32"
@@ -86,16 +91,23 @@ class Grid:
 
     @property
     def size(self) -> int:
-        return len(self.models) * len(self.questions) * len(self.tokens)
+        return len(self.models) * len(self.questions) * len(self.tokens) * len(self.needle_positions)
+
+    @property
+    def needle_position(self) -> float:
+        """The grid's first needle depth (its only one, unless ``needle_positions`` names several); a unit's
+        own depth is :attr:`Unit.depth`."""
+        return self.needle_positions[0]
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One model x one token length x the grid's questions: one context pass per sample."""
+    """One model x one token length x one needle depth x the grid's questions: one context pass per sample."""
 
     model: str
     tokens: int
     questions: tuple[str, ...]
+    depth: float = 0.5  # the needle's depth in the haystack
 
 
 @dataclass
@@ -115,8 +127,8 @@ class Status:
 # --- the grid -------------------------------------------------------------------------------------------
 
 GRID_KEYS = Registry("grid setting")
-for _k in ("models", "questions", "tokens", "samples", "needle_position", "seed", "method", "dtype", "device",
-           "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by"):
+for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
+           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -158,6 +170,36 @@ def _ints(value: Any, what: str) -> Any:
     return value
 
 
+def _floats(value: Any, what: str) -> Any:
+    """``"0.1,0.3"``, ``["0.1", 0.3]`` -> ``[0.1, 0.3]``; anything else unchanged (checked by the schema)."""
+    def one(x: str) -> float:
+        try:
+            return float(x)
+        except ValueError:
+            raise UserError(f"{what}: {x!r} is not a number") from None
+
+    if isinstance(value, str):
+        return [one(x) for x in value.split(",") if x]
+    if isinstance(value, (list, tuple)):
+        return [y for v in value for y in (_floats(v, what) if isinstance(v, str) else [v])]
+    return value
+
+
+def check_depths(depths: Any, option: str = "--needle-positions") -> tuple[float, ...]:
+    """The needle depths of a grid, as floats in the order given: UserError for none, a depth outside [0, 1]
+    (or not finite), or a depth given twice (``0.3`` and ``0.30`` are one depth)."""
+    out: list[float] = []
+    for d in depths:
+        if not (isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and 0 <= d <= 1):
+            raise UserError(f"{option} must lie in [0, 1], got {d}")
+        if float(d) in out:
+            raise UserError(f"{option}: depth {float(d):g} is given twice")
+        out.append(float(d))
+    if not out:
+        raise UserError("the grid names no needle_positions")
+    return tuple(out)
+
+
 class GridSettings(BaseModel):
     """The types of a grid's settings, strictly: a bool is ``true``/``false`` (never the string "false"), a
     whole number is an int (not 2048.0, not a bool), a list of names is a string or a list of strings.
@@ -170,6 +212,7 @@ class GridSettings(BaseModel):
     tokens: Optional[Union[int, list[int]]] = None
     samples: Optional[int] = None
     needle_position: Optional[float] = None  # an int (0, 1) is a number too; a bool is not
+    needle_positions: Optional[Union[float, list[float]]] = None
     seed: Optional[int] = None
     method: Optional[str] = None
     dtype: Optional[str] = None
@@ -183,7 +226,8 @@ class GridSettings(BaseModel):
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
             "tokens": "a whole number or a list of whole numbers", "samples": "a whole number",
-            "needle_position": "a number", "seed": "a whole number", "method": "a name", "dtype": "a name",
+            "needle_position": "a number", "needle_positions": "a number or a list of numbers",
+            "seed": "a whole number", "method": "a name", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "save_attention": "a whole number",
             "rank_by": "score or lift"}
@@ -230,12 +274,14 @@ def make_grid(**settings: Any) -> Grid:
     for k in ("samples", "seed", "batch_size", "save_attention"):
         if k in given:
             given[k] = _int(given[k], k)
+    if "needle_positions" in given:
+        given["needle_positions"] = _floats(given["needle_positions"], "needle_positions")
     if isinstance(given.get("needle_position"), str):
         try:
             given["needle_position"] = float(given["needle_position"])
         except ValueError:
             raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
-    for k in ("models", "questions", "tokens"):
+    for k in ("models", "questions", "tokens", "needle_positions"):
         if isinstance(given.get(k), tuple):
             given[k] = list(given[k])
     check_types(given)
@@ -251,8 +297,14 @@ def make_grid(**settings: Any) -> Grid:
               "save_attention", "rank_by"):
         if k in given:
             values[k] = given[k]
+    if "needle_position" in given and "needle_positions" in given:
+        raise UserError("give needle_position (one depth) or needle_positions (several), not both")
     if "needle_position" in given:
-        values["needle_position"] = float(given["needle_position"])
+        check_args(None, 1, 1, given["needle_position"])
+        values["needle_positions"] = (float(given["needle_position"]),)
+    if "needle_positions" in given:
+        ds = given["needle_positions"]
+        values["needle_positions"] = check_depths([ds] if isinstance(ds, (int, float)) else ds)
     grid = replace(Grid(), **values)
     for what in ("models", "questions", "tokens"):
         if not getattr(grid, what):
@@ -274,7 +326,8 @@ def make_grid(**settings: Any) -> Grid:
         raise UserError(f"unknown dtype {grid.dtype!r}; choose from: {', '.join(DTYPES)}")
     check_device(grid.device, available=False)
     for t in grid.tokens:
-        check_args(None, t, grid.samples, grid.needle_position, grid.batch_size)
+        for d in grid.needle_positions:
+            check_args(None, t, grid.samples, d, grid.batch_size)
     if grid.save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
     return grid
@@ -321,16 +374,20 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
 
 
 def plan(grid: Grid) -> list[Unit]:
-    """The units of ``grid``, model by model (each model is loaded once), lengths in the grid's order."""
-    return [Unit(m, t, grid.questions) for m in grid.models for t in grid.tokens]
+    """The units of ``grid``, model by model (each model is loaded once), lengths and then depths in the grid's
+    order."""
+    return [Unit(m, t, grid.questions, d) for m in grid.models for t in grid.tokens for d in grid.needle_positions]
 
 
-def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str, tokens: int) -> Path:
-    return result_path(output_dir, grid.method, key, question, tokens)
+def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str, tokens: int,
+                    depth: float = 0.5) -> Path:
+    return result_path(output_dir, grid.method, key, question, tokens, depth)
 
 
-def _settings_mismatch(record: dict, grid: Grid) -> str | None:
-    want = {"samples_processed": grid.samples, "needle_position": grid.needle_position, "seed": grid.seed,
+def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> str | None:
+    """How a result's settings differ from this sweep's (its needle_position from its unit's ``depth``)."""
+    depth = grid.needle_position if depth is None else depth
+    want = {"samples_processed": grid.samples, "needle_position": depth, "seed": grid.seed,
             "dtype": grid.dtype, "rank_by": grid.rank_by}
     for k, v in want.items():
         if k in record and record[k] != v:
@@ -361,7 +418,7 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
     identity = identity or model_identity(unit.model)
     st = Status(unit, key)
     for q in unit.questions:
-        path = experiment_path(output_dir, grid, key, q, unit.tokens)
+        path = experiment_path(output_dir, grid, key, q, unit.tokens, unit.depth)
         if not path.exists():
             st.state[q] = "missing"
             continue
@@ -371,7 +428,7 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
             st.state[q] = "corrupt"
             st.reason[q] = str(e).removeprefix(f"{path}: ")
             continue
-        other = _settings_mismatch(record, grid) or _identity_mismatch(record, identity)
+        other = _settings_mismatch(record, grid, unit.depth) or _identity_mismatch(record, identity)
         if other:
             raise UserError(f"{path} was made with {other}; use another --output-dir or move it away")
         if grid.save_samples and not samples_path(path).exists():
@@ -408,7 +465,7 @@ def compute_unit(
         out = []
         for i, q in enumerate(unit.questions):
             out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
-                              needle_position=grid.needle_position, seed=grid.seed, method=grid.method,
+                              needle_position=unit.depth, seed=grid.seed, method=grid.method,
                               batch_size=grid.batch_size, save_attention=grid.save_attention))
             progress((i + 1) / len(unit.questions))
         return out
@@ -417,7 +474,7 @@ def compute_unit(
 
     from .chance import chance_fields, probe_shared, span_scores
 
-    groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, grid.needle_position, grid.seed)
+    groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
     done = 0
 
     def on_batch(k: int) -> None:
@@ -432,7 +489,7 @@ def compute_unit(
         prompts = [g[q] for g in groups]
         ss = span_scores(masses[q], prompts, "needle")
         scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
-        record = synthetic_record(lm, grid.method, q, unit.tokens, grid.needle_position, grid.seed, scores,
+        record = synthetic_record(lm, grid.method, q, unit.tokens, unit.depth, grid.seed, scores,
                                   added=chance_fields(ss), rank_by=grid.rank_by)
         out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
                                 rank_by=grid.rank_by, spans=ss))
@@ -457,7 +514,7 @@ def own_files(output_dir: str | Path, grid: Grid, keys: dict[str, str] | None = 
     out = []
     for u in plan(grid):
         for q in u.questions:
-            path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens)
+            path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens, u.depth)
             out += [path, samples_path(path)]
     return out
 
@@ -611,8 +668,8 @@ def preflight(grid: Grid) -> None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
-        synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, grid.needle_position,
-                          grid.seed)
+        for depth in grid.needle_positions:
+            synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
 
 # --- the local engine -----------------------------------------------------------------------------------
@@ -629,7 +686,9 @@ class SweepSummary:
 def _line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
     top = record["head_rankings"][0]
     lift = f", lift {top['lift']:.2f}x" if "lift" in top else ""
-    return f"{state:<10} {key} {q:<14} {tokens:>6}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
+    depth = record["needle_position"]
+    tokens = f"{tokens:>6}" if depth == 0.5 else f"{tokens:>6} d{depth_text(depth)}"
+    return f"{state:<10} {key} {q:<14} {tokens}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
 
 
 def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: list[Status], summary: SweepSummary,
@@ -637,13 +696,14 @@ def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: li
     """Print the sweep's headline and one line per valid result kept (added to ``summary.skipped``); returns
     the number of experiments left to compute."""
     todo = sum(len(st.todo) for st in statuses)
+    depths = f" x {len(grid.needle_positions)} depth(s)" if len(grid.needle_positions) > 1 else ""
     say(f"sweep: {len(grid.models)} model(s) x {len(grid.questions)} question(s) x {len(grid.tokens)} "
-        f"length(s) = {grid.size} experiments, {grid.samples} samples each; {todo} to compute{where} -> "
+        f"length(s){depths} = {grid.size} experiments, {grid.samples} samples each; {todo} to compute{where} -> "
         f"{Path(output_dir) / grid.method}")
     for unit, st in zip(units, statuses):
         for q in unit.questions:
             if st.state[q] == "done":
-                path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens)
+                path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens, unit.depth)
                 say(_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)"))
                 summary.skipped.append(path)
     return todo

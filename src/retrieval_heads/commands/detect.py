@@ -18,7 +18,8 @@ def detect(
     samples: int = typer.Option(6, help="Number of samples (synthetic filings, or the first records of --dataset)."),
     needle_position: float = typer.Option(0.5, help="Depth of the needle in the haystack, 0 (start) to 1 (end)."),
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
-    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
+                                                   "(_dDEPTH before .json at a depth other than 0.5)."),
     save_samples: bool = typer.Option(False, help="Also write the per-sample audit file (.samples.jsonl)."),
     save_attention: int = typer.Option(0, help="Also save, per sample, the last token's attention rows of the "
                                                "top K heads (.attention.npz, for the report's explorer); 0: off."),

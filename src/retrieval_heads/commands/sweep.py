@@ -1,7 +1,7 @@
 """``retrieval-heads sweep``: a grid of experiments (the seed's run_all), resumable.
 
-``--models``, ``--questions`` and ``--tokens`` take several values each, space- or comma-separated:
-``--models smollm2 --questions all --tokens 1024 2048``.
+``--models``, ``--questions``, ``--tokens`` and ``--needle-positions`` take several values each, space- or
+comma-separated: ``--models smollm2 --questions all --tokens 1024 2048 --needle-positions 0.1 0.5 0.9``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typer.core import TyperCommand
 
 from ._common import quiet_transformers
 
-LIST_OPTIONS = ("--models", "--questions", "--tokens")
+LIST_OPTIONS = ("--models", "--questions", "--tokens", "--needle-positions")
 
 
 def spread(args: list[str], options=LIST_OPTIONS) -> list[str]:
@@ -53,6 +53,9 @@ def sweep(
         None, metavar="TOKENS...", help="Prompt lengths in tokens [default: 2048 4096 6144 8192]."),
     samples: Optional[int] = typer.Option(None, help="Samples per experiment [default: 6]."),
     needle_position: Optional[float] = typer.Option(None, help="Needle depth, 0 (start) to 1 (end) [default: 0.5]."),
+    needle_positions: Optional[List[str]] = typer.Option(
+        None, metavar="DEPTH...", help="Several needle depths, each swept like a length (0.5 keeps the seed's "
+                                       "file names; others add _dDEPTH) [default: 0.5]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the synthetic filings [default: 0]."),
     method: Optional[str] = typer.Option(None, help="Scoring method [default: summed_attention]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]."),
@@ -67,7 +70,8 @@ def sweep(
                                                             "beside each result (.attention.npz) [default: 0, off]."),
     rank_by: Optional[str] = typer.Option(None, help="Rank summed_attention's heads by score or lift [default: score]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
-    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json."),
+    output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
+                                                   "(_dDEPTH before .json at a depth other than 0.5)."),
     progress: bool = typer.Option(True, help="Show the progress bar (stderr)."),
     engine: str = typer.Option("local", help="local (this process) or ray (actors on a Ray cluster)."),
     address: Optional[str] = typer.Option(
@@ -77,15 +81,19 @@ def sweep(
     device_map: Optional[str] = typer.Option(
         None, help="Shard each model over the GPUs it has, e.g. 'auto' (accelerate) [default: whole on --device]."),
 ) -> None:
-    """Run every model x question x length experiment not already done; resumable, one model load each."""
+    """Run every model x question x length x depth experiment not already done; resumable, one model load each."""
     from ..errors import UserError
     from ..io import given_path
     from ..sweep import load_grid_file, make_grid, run_sweep
 
     output_dir = given_path(output_dir, "--output-dir")
     settings = load_grid_file(config) if config else {}
+    if needle_position is not None or needle_positions:  # a depth flag replaces the file's depth(s), either key
+        settings.pop("needle_position", None)
+        settings.pop("needle_positions", None)
     flags = dict(models=models, questions=questions, tokens=tokens, samples=samples,
-                 needle_position=needle_position, seed=seed, method=method, dtype=dtype, device=device,
+                 needle_position=needle_position, needle_positions=needle_positions or None, seed=seed,
+                 method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples, save_attention=save_attention,
                  trust_remote_code=trust_remote_code, rank_by=rank_by)
     settings.update({k: v for k, v in flags.items() if v is not None})

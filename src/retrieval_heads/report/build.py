@@ -6,7 +6,8 @@ written into a temp folder beside the output folder, which is renamed into place
 - ``report.html``: one self-contained page (figures as data URIs; opens offline);
 - ``report.md``: the same content in Markdown, figures linked from ``figures/``;
 - ``report.json``: every number of the report (no timestamps: same results, same JSON);
-- ``figures/grid.png`` and ``figures/{method}/{model}_{question}_{tokens}.png``.
+- ``figures/grid.png``, ``figures/{method}/{model}_{question}_{tokens}.png`` (``..._d{depth}.png`` at a needle
+  depth other than 0.5) and ``figures/depth/{method}/{model}_{question}.png`` (the depth x length grids).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import atomic_write_bytes, given_path, json_bytes
-from ..results import check_name
-from . import explorer, figures, html, markdown, stability, tables
+from ..results import check_name, file_name
+from . import depth, explorer, figures, html, markdown, stability, tables
 from .collect import Collection, collect, load_sample_scores
 from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
 
@@ -79,7 +80,7 @@ def _top_heads(col: Collection) -> tuple[list[Block], dict]:
         blocks.append(tables.top_head_table(mine))
         for e in mine:
             top = e.record["head_rankings"][0]
-            data.setdefault(method, {}).setdefault(e.model, {}).setdefault(e.question, {})[str(e.tokens)] = {
+            data.setdefault(method, {}).setdefault(e.model, {}).setdefault(e.question_label, {})[str(e.tokens)] = {
                 "head": top["head"], "score": top["score"],
                 **({"lift": top["lift"]} if "lift" in top else {})}
     return blocks, data
@@ -138,7 +139,7 @@ def _bootstrap(col: Collection, resamples: int, seed: int, top: int) -> tuple[li
     entries, notes = [], []
     for e in col.experiments:
         per_sample, why = load_sample_scores(e)
-        ident = {"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens}
+        ident = {"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens, "depth": e.depth}
         if per_sample is None:
             entries.append({**ident, "skipped": why})
             notes.append(f"{e.method} · {e.title}: bootstrap skipped, {why}.")
@@ -177,9 +178,10 @@ def _explorer(col: Collection) -> tuple[list[Block], Raw, dict, list[str]]:
 
 
 def figure_path(e) -> str:
-    """``figures/METHOD/MODEL_QUESTION_TOKENS.png``, relative to the report folder; the names come from the
-    result's fields, so they are checked (``results.check_name``): never a path out of the folder."""
-    name = f"{check_name(e.model, 'model_key')}_{check_name(e.question, 'question')}_{int(e.tokens)}"
+    """``figures/METHOD/MODEL_QUESTION_TOKENS.png`` (``..._dDEPTH.png`` away from depth 0.5, as the result's
+    own name), relative to the report folder; the names come from the result's fields, so they are checked
+    (``results.check_name``): never a path out of the folder."""
+    name = file_name(e.model, e.question, int(e.tokens), e.depth).removesuffix(".json")
     return f"figures/{check_name(e.method, 'method')}/{name}.png"
 
 
@@ -209,6 +211,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     col = collect(results_dir, exclude=default_out(results_dir, out_dir))
     blocks = _summary(col)
     b_ret, d_ret = _retrieve(col)
+    b_depth, d_depth = depth.section(col)
     b_top, d_top = _top_heads(col)
     b_move, d_move = _movement(col)
     b_stab, d_stab, n_stab = _stability(col)
@@ -216,7 +219,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     b_fig, paths = _figures(col)
     b_exp, panel, d_exp, n_exp = _explorer(col)
     notes = n_stab + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
-    blocks += b_ret + b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
+    blocks += b_ret + b_depth + b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
     blocks += [Heading("Results read"), Table(
         ["Method", "Model", "Question", "Tokens", "Samples", "Top head", "File"],
         [[e.method, e.model, e.question, str(e.tokens), str(e.record["samples_processed"]), tables.top_head_cell(e),
@@ -228,11 +231,11 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     data = {
         "results_dir": str(results_dir),
         "experiments": [{"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens,
-                         "samples_processed": e.record["samples_processed"], "file": e.rel,
+                         "depth": e.depth, "samples_processed": e.record["samples_processed"], "file": e.rel,
                          "top_head": e.record["head_rankings"][0]["head"],
                          "top_score": e.record["head_rankings"][0]["score"], "figure": p}
                         for e, p in zip(col.experiments, paths)],
-        "retrieval": d_ret, "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp,
+        "retrieval": d_ret, "depth_grid": d_depth, "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp,
         "notes": notes,
     }
     return Report(blocks, data, col)

@@ -1,7 +1,7 @@
 """Find the result files under a results folder, validate them, and load per-sample scores beside them.
 
-A results folder is what ``detect`` and ``sweep`` write: ``{dir}/{method}/{model}_{question}_{tokens}.json``,
-possibly nested deeper. Every ``*.json`` below it is read: a file that is not JSON, or that looks like a
+A results folder is what ``detect`` and ``sweep`` write: ``{dir}/{method}/{model}_{question}_{tokens}.json``
+(``..._{tokens}_d{depth}.json`` at a needle depth other than 0.5), possibly nested deeper. Every ``*.json`` below it is read: a file that is not JSON, or that looks like a
 result (it has ``head_rankings`` or ``checksum``) but fails :func:`retrieval_heads.results.validate`, stops
 the report with the file's name. JSON that is clearly something else (e.g. an ablation curve) is skipped
 and listed. The report's own output folder is never read.
@@ -17,7 +17,7 @@ import numpy as np
 from ..data.questions import QUESTIONS
 from ..errors import UserError
 from ..io import JSONError, parse_json
-from ..results import read_sample_scores, samples_path, validate
+from ..results import SEED_DEPTH, file_name, read_sample_scores, samples_path, validate
 
 
 @dataclass
@@ -44,6 +44,17 @@ class Experiment:
     @property
     def tokens(self) -> int:
         return int(self.record["total_tokens"])
+
+    @property
+    def depth(self) -> float:
+        """The needle's depth (``needle_position``, 0..1)."""
+        return float(self.record["needle_position"])
+
+    @property
+    def question_label(self) -> str:
+        """The question, with the needle depth where it is not the seed's 0.5 (``inc_state @0.25``): what tells
+        results of one question at several depths apart in the tables that have a column per length."""
+        return self.question if self.depth == SEED_DEPTH else f"{self.question} @{self.depth:g}"
 
     @property
     def scores(self) -> np.ndarray:
@@ -78,16 +89,20 @@ class Experiment:
         return samples_path(self.path)
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.method, self.model, self.question, self.tokens)
+    def key(self) -> tuple:
+        """(method, model, question, tokens), and the needle depth after them where it is not the seed's 0.5
+        (as the file names do): one key per experiment."""
+        ident = (self.method, self.model, self.question, self.tokens)
+        return ident if self.depth == SEED_DEPTH else ident + (self.depth,)
 
     @property
     def title(self) -> str:
-        return f"{self.model} · {self.question} · {self.tokens} tokens"
+        depth = "" if self.depth == SEED_DEPTH else f" · depth {self.depth:g}"
+        return f"{self.model} · {self.question} · {self.tokens} tokens{depth}"
 
     @property
     def slug(self) -> str:
-        return f"{self.model}_{self.question}_{self.tokens}"
+        return file_name(self.model, self.question, self.tokens, self.depth).removesuffix(".json")
 
 
 @dataclass
@@ -108,7 +123,7 @@ def question_order(key: str) -> tuple[int, str]:
 
 
 def sort_key(e: Experiment) -> tuple:
-    return (e.method, e.model, question_order(e.question), e.tokens)
+    return (e.method, e.model, question_order(e.question), e.depth, e.tokens)
 
 
 def _looks_like_result(obj: object) -> bool:

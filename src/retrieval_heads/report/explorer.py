@@ -52,7 +52,7 @@ def _ranks(e: Experiment) -> list[int]:
 
 
 def label(e: Experiment) -> str:
-    return f"{e.method} · {e.title} · depth {e.record['needle_position']:g}"
+    return f"{e.method} · {e.model} · {e.question} · {e.tokens} tokens · depth {e.depth:g}"
 
 
 def payload(col: Collection) -> tuple[dict, list[dict], list[str]]:

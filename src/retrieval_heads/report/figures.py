@@ -10,6 +10,7 @@ import io
 import textwrap
 from collections import defaultdict
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -84,7 +85,7 @@ def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
     ``exp`` being the experiment's index in ``exps``."""
     rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
     for e in exps:
-        rows[(e.method, e.model, e.question)][e.tokens] = e
+        rows[(e.method, e.model, e.question_label)][e.tokens] = e
     lengths = sorted({e.tokens for e in exps})
     several = len({e.method for e in exps}) > 1
     nr, nc = len(rows), len(lengths)
@@ -128,3 +129,48 @@ def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
                     e = by_len[t]
                     regions.append(region(axes[i, j], *e.shape, exp=exps.index(e)))
     return _png(fig, dpi=72 if nr * nc <= 48 else 56)
+
+
+def depth_grid(group: dict, dpi: int = 80) -> bytes:
+    """The needle-in-a-haystack picture of one (method, model, question) (see :mod:`.depth`): needle depth
+    down (shallow at the top), length across; the accuracy (fixed 0..1 scale) where answers were recorded, and
+    beside it the top head's lift over chance (its scale from 1.0x, chance, or lower), each cell naming its top
+    head; each panel with its colour bar.
+    A cell without a result is grey and marked "—"."""
+    import numpy as np
+
+    depths, lengths = group["depths"], group["tokens"]
+    panels = [("accuracy", "accuracy", "RdYlGn", (0.0, 1.0))] if group["answers_recorded"] else []
+    lift = np.array([[np.nan if x is None else x for x in row] for row in group["top_lift"]], dtype=np.float64)
+    finite = lift[np.isfinite(lift)]
+    lo, hi = (min(1.0, float(finite.min())), float(finite.max())) if finite.size else (0.0, 1.0)  # 1.0x: chance
+    panels.append(("top_lift", "top head's lift (x chance)", CMAP, (lo, hi if hi > lo else lo + 1e-9)))
+    nd, nt = len(depths), len(lengths)
+    pw, ph = 1.2 + 1.05 * nt, 0.9 + 0.42 * nd
+    fig = Figure(figsize=(0.3 + len(panels) * (pw + 0.9), ph + 0.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (field, label, cmap, (vmin, vmax)) in zip(axes, panels):
+        grid = np.array([[np.nan if x is None else x for x in row] for row in group[field]], dtype=np.float64)
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=colormaps[cmap].with_extremes(bad="#dddddd"),
+                          vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest", origin="upper")
+        for i in range(nd):
+            for j in range(nt):
+                v = grid[i, j]
+                if not np.isfinite(v):
+                    text, dark = "—", True
+                else:
+                    frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+                    dark = field == "accuracy" or frac > 0.6  # light cells get black text
+                    text = f"{v:.2f}" if field == "accuracy" else f"{group['top_head'][i][j]}\n{v:.1f}x"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if dark else "white")
+        ax.set_xticks(range(nt), [str(t) for t in lengths], fontsize=7)
+        ax.set_yticks(range(nd), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_xlabel("tokens", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.04)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label(label, fontsize=7)
+    fig.suptitle(f"{group['model']} · {group['question']} · {group['method']}", fontsize=9)
+    fig.subplots_adjust(left=0.12, right=0.95, bottom=0.18, top=0.8, wspace=0.45)
+    return _png(fig, dpi)

@@ -5,8 +5,9 @@ score grid) is ``None``.
 
 - :func:`compare`: Spearman and Kendall (tau-b) correlation of two full score grids, and the Jaccard
   overlap of their top-k head sets (top-k taken from each result's own ranking).
-- :func:`length_pairs`, :func:`model_pairs`, :func:`method_pairs`: :func:`compare` over every pair that
-  differs in exactly that one factor.
+- :func:`length_pairs`, :func:`model_pairs`, :func:`method_pairs`, :func:`depth_pairs`: :func:`compare` over
+  every pair that differs in exactly that one factor (results at other needle depths are other groups: their
+  question is shown as ``question @depth``, :attr:`Experiment.question_label`).
 - :func:`movement`: for each (method, model, question), the rank of every length's top heads at every length.
 - :func:`top1_counts`: how often each head is the top head, per length.
 - :func:`bootstrap_ranks`: percentile intervals of each head's rank when the samples are resampled with
@@ -66,28 +67,33 @@ def _pairs(exps: list[Experiment], group_of, vary_of) -> tuple[list[dict], list[
 
 
 def length_pairs(exps: list[Experiment]) -> list[dict]:
-    """Every pair of lengths of one (method, model, question)."""
-    return _pairs(exps, lambda e: (e.method, e.model, e.question), lambda e: e.tokens)[0]
+    """Every pair of lengths of one (method, model, question, depth)."""
+    return _pairs(exps, lambda e: (e.method, e.model, e.question_label), lambda e: e.tokens)[0]
 
 
 def model_pairs(exps: list[Experiment]) -> tuple[list[dict], list[str]]:
     """Every pair of models on one (method, question, tokens) whose head grids have the same shape."""
-    return _pairs(exps, lambda e: (e.method, e.question, e.tokens), lambda e: e.model)
+    return _pairs(exps, lambda e: (e.method, e.question_label, e.tokens), lambda e: e.model)
 
 
 def method_pairs(exps: list[Experiment]) -> tuple[list[dict], list[str]]:
     """Every pair of methods on one experiment (model, question, tokens)."""
-    return _pairs(exps, lambda e: (e.model, e.question, e.tokens), lambda e: e.method)
+    return _pairs(exps, lambda e: (e.model, e.question_label, e.tokens), lambda e: e.method)
+
+
+def depth_pairs(exps: list[Experiment]) -> list[dict]:
+    """Every pair of needle depths of one (method, model, question, tokens)."""
+    return _pairs(exps, lambda e: (e.method, e.model, e.question, e.tokens), lambda e: e.depth)[0]
 
 
 def movement(exps: list[Experiment], top: int = 5) -> list[dict]:
-    """For each (method, model, question) with two or more lengths: the union of each length's top heads,
+    """For each (method, model, question, depth) with two or more lengths: the union of each length's top heads,
     with the head's rank at every length (1 = best). Heads are listed by their best rank, then mean rank."""
     groups: dict[tuple, list[Experiment]] = defaultdict(list)
     for e in exps:
-        groups[(e.method, e.model, e.question)].append(e)
+        groups[(e.method, e.model, e.question, e.depth)].append(e)
     out = []
-    for (method, model, question), members in groups.items():
+    for (method, model, question, depth), members in groups.items():
         if len(members) < 2:
             continue
         members = sorted(members, key=lambda e: e.tokens)
@@ -101,8 +107,8 @@ def movement(exps: list[Experiment], top: int = 5) -> list[dict]:
             rows.append({"head": h, "ranks": ranks,
                          "top_at": [t for t in rank_at if rank_at[t][h] <= top]})
         rows.sort(key=lambda r: (min(r["ranks"].values()), float(np.mean(list(r["ranks"].values())))))
-        out.append({"method": method, "model": model, "question": question,
-                    "tokens": [e.tokens for e in members], "top": top, "heads": rows})
+        out.append({"method": method, "model": model, "question": question, "depth": depth,
+                    "question_label": members[0].question_label, "tokens": [e.tokens for e in members], "top": top, "heads": rows})
     return out
 
 

@@ -52,10 +52,12 @@ def top_head_table(exps: list[Experiment]) -> Table:
     """The seed's table for the experiments of one method."""
     lengths = sorted({e.tokens for e in exps})
     cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-    for e in exps:
-        cells[(e.model, e.question)][e.tokens] = top_head_cell(e)
+    order: dict[str, tuple] = {}
+    for e in exps:  # a row per model x question x needle depth ("inc_state @0.25" away from the seed's 0.5)
+        cells[(e.model, e.question_label)][e.tokens] = top_head_cell(e)
+        order[e.question_label] = (question_order(e.question), e.depth)
     rows, last_model = [], None
-    for model, question in sorted(cells, key=lambda k: (k[0], question_order(k[1]))):
+    for model, question in sorted(cells, key=lambda k: (k[0], order[k[1]])):
         shown = f"**{model}**" if model != last_model else ""
         last_model = model
         rows.append([shown, question] + [cells[(model, question)].get(t, MISSING) for t in lengths])
@@ -84,7 +86,8 @@ def movement_table(group: dict) -> Table:
             cells.append(f"**{rank}**" if rank <= group["top"] else str(rank))
         rows.append([r["head"]] + cells)
     return Table(["Head"] + [tokens_label(t) for t in lengths], rows,
-                 caption=f"{group['method']} · {group['model']} · {group['question']}: rank at each length "
+                 caption=f"{group['method']} · {group['model']} · {group.get('question_label', group['question'])}: "
+                         f"rank at each length "
                          f"(bold: top {group['top']})", inline=True)
 
 
@@ -116,7 +119,7 @@ def retrieval_row(e: Experiment) -> dict:
     extra = e.record.get("extra") if isinstance(e.record.get("extra"), dict) else {}
     sig = e.record.get("significance") if isinstance(e.record.get("significance"), dict) else {}
     lift = e.lift
-    row = {"method": e.method, "model": e.model, "question": e.question, "tokens": e.tokens,
+    row = {"method": e.method, "model": e.model, "question": e.question, "depth": e.depth, "tokens": e.tokens,
            "samples": e.record["samples_processed"], "n_correct": extra.get("n_correct"),
            "n_answered": extra.get("n_answered"), "top_lift": None, "top_lift_head": None,
            "significant": [], "alpha": sig.get("alpha"), "note": str(sig.get("note", "")),
@@ -142,7 +145,8 @@ def retrieval_table(rows: list[dict]) -> Table:
             return f"{len(r['significant'])}: {shown}{more}"
         return "none" + (" (too few samples)" if r["note"].startswith("too few samples") else "")
 
-    body = [[r["method"], r["model"], r["question"], tokens_label(r["tokens"]), str(r["samples"]), acc(r),
+    body = [[r["method"], r["model"], r["question"] + ("" if r.get("depth", 0.5) == 0.5 else f" @{r['depth']:g}"),
+             tokens_label(r["tokens"]), str(r["samples"]), acc(r),
              MISSING if r["top_lift"] is None else f"{r['top_lift']:.1f}x ({r['top_lift_head']})", sig(r)]
             for r in rows]
     return Table(["Method", "Model", "Question", "Length", "Samples", "Accuracy", "Top lift", "Heads beating the control"],
