@@ -34,7 +34,7 @@ INTERRUPTED = "error: interrupted; finished results are kept"
 # written and synced, not yet renamed). FAULT: KILL or INT (a signal to itself) or ENOSPC (the disk is full).
 WRAPPER = textwrap.dedent("""
     import errno, os, signal, sys
-    from retrieval_heads import io as rio, models, prefill
+    from retrieval_heads import chance, io as rio, models
     from retrieval_heads.cli import main
 
     at, fault = os.environ["FAULT_AT"], os.environ["FAULT"]
@@ -53,10 +53,10 @@ WRAPPER = textwrap.dedent("""
             return lm
 
         models.load_model = load_model
-    elif at == "compute":
-        real_score, calls = prefill.score_shared, []
+    elif at == "compute":  # the sweep's shared prefill (chance.probe_shared): fire after one batch of unit 2
+        real_probe, calls = chance.probe_shared, []
 
-        def score_shared(model, groups, questions, batch_size=1, on_batch=None):
+        def probe_shared(model, tokenizer, groups, questions, batch_size=1, on_batch=None):
             calls.append(1)
 
             def batch_done(k):
@@ -64,9 +64,9 @@ WRAPPER = textwrap.dedent("""
                 if len(calls) == 2:
                     fire()
 
-            return real_score(model, groups, questions, batch_size, batch_done)
+            return real_probe(model, tokenizer, groups, questions, batch_size, batch_done)
 
-        prefill.score_shared = score_shared
+        chance.probe_shared = probe_shared
     elif at == "write":
         class OsWithFault:
             replaced = 0
@@ -125,7 +125,7 @@ LAUNCHER = textwrap.dedent("""
     import json, os, sys, traceback
     import torch, transformers
     from transformers.models.llama import modeling_llama
-    import retrieval_heads.cli, retrieval_heads.sweep, retrieval_heads.experiments, retrieval_heads.prefill
+    import retrieval_heads.cli, retrieval_heads.sweep, retrieval_heads.experiments, retrieval_heads.chance
 
     pids = {}
     for job in json.load(open(sys.argv[1])):
