@@ -8,7 +8,7 @@ import torch
 
 from ..capture import attention_probe
 from ..data.prompt import PromptSample
-from ..errors import NumericalError
+from ..hf import check_finite
 from ..registry import Registry
 
 
@@ -119,13 +119,3 @@ def span_masses(
     return mass, baseline
 
 
-def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:
-    """mass (B, L, ...): raise NumericalError naming the first layer with a non-finite value."""
-    bad = ~torch.isfinite(mass.flatten(2)).all(dim=2).all(dim=0)  # (L,)
-    if bool(bad.any()):
-        layer = int(bad.nonzero()[0])
-        raise NumericalError(
-            f"the forward pass produced NaN/inf attention from layer {layer} on (overflow? try --dtype bfloat16 or float32)"
-        )
-    if logits is not None and not bool(torch.isfinite(logits).all()):
-        raise NumericalError("the forward pass produced NaN/inf logits after the last layer (overflow? try --dtype float32)")

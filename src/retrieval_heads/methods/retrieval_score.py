@@ -135,8 +135,7 @@ def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]
     """The slow reference for what decoding records: eager attention with ``output_attentions=True``, step by
     step over a KV cache feeding the given answer tokens; (T, L, H) argmax of each head's full row per step."""
     from ..capture import eager_attention
-    from ..generation import cache_kwarg, returned_cache
-    from ..models import input_device
+    from ..hf import cache_kwarg, input_device, returned_cache
 
     rows = []
     with eager_attention(model):
