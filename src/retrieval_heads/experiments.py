@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,7 @@ from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
-from .methods.base import batches
+from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
 from .results import make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
@@ -97,26 +97,23 @@ def score_prompts(
     desc: str = "samples", answers: Sequence | None = None,
 ) -> torch.Tensor:
     """Per-sample scores (S, L, H), kept on the model's device until the end. ``answers`` (one per prompt)
-    go to methods that need them (see :mod:`retrieval_heads.methods`)."""
+    go to methods that need them (see :mod:`retrieval_heads.methods`), in the batch's
+    :class:`~retrieval_heads.methods.base.MethodContext`."""
     from tqdm.auto import tqdm
 
     m = METHODS.get(method)
-    needs = getattr(m, "needs", ())
-    if "answers" in needs and answers is None:
+    if "answers" in m.needs and answers is None:
         raise ValueError(f"method {method!r} needs the model's answers")
+    ctx = MethodContext(tokenizer=lm.tokenizer,
+                        prompt_format=PromptFormat(lm.tokenizer) if "prompt_format" in m.needs else None)
 
-    def extra(idx: list[int]) -> dict:
-        kw: dict = {}
-        if "tokenizer" in needs:
-            kw["tokenizer"] = lm.tokenizer
-        if "answers" in needs:
-            kw["answers"] = [answers[i] for i in idx]
-        return kw
+    def context(idx: list[int]) -> MethodContext:
+        return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
 
     out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
-            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], **extra(idx)).to(out.device, out.dtype)
+            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
             bar.update(len(idx))
     return out
 
@@ -165,7 +162,7 @@ def method_names(method: str | Sequence[str]) -> list[str]:
 def result_name(method: str, success_only: bool) -> str:
     """The name a method's result is written under: ``{method}_success`` with ``success_only`` (only correctly
     answered samples counted), unless the method counts only those anyway (``retrieval_score``)."""
-    if success_only and not getattr(METHODS.get(method), "success_only", False):
+    if success_only and not METHODS.get(method).success_only:
         return f"{method}_success"
     return method
 
@@ -232,7 +229,7 @@ def detect(
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
-    needs = {n: getattr(METHODS.get(n), "needs", ()) for n in names}
+    needs = {n: METHODS.get(n).needs for n in names}
     track = any("answers" in x for x in needs.values())
     want_answers = bool(answers) or success_only or track
     records = load_jsonl(dataset)[:samples] if dataset else None
@@ -277,7 +274,7 @@ def detect(
             method=rname, model_key=lm.key, model_name=lm.name, question=qkey, question_prompt=qprompt,
             total_tokens=tokens, needle_position=needle_position, scores=total, samples_processed=len(prompts),
             seed=seed, dtype=dtype_name,
-            extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
+            extra=dict(extra, success_only=rname != name or METHODS.get(name).success_only),
             provenance=provenance,
         )
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
@@ -328,7 +325,7 @@ def synthetic_record(
     asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill);
     ``added`` and ``rank_by`` as in :func:`~retrieval_heads.results.make_record`."""
     extra = {"num_key_value_heads": lm.num_kv_heads,
-             "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
+             "success_only": METHODS.get(method).success_only}
     return make_record(
         method=method, model_key=lm.key, model_name=lm.name, question=question,
         question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
