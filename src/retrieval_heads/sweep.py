@@ -409,7 +409,7 @@ def compute_unit(
         for i, q in enumerate(unit.questions):
             out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
                               needle_position=grid.needle_position, seed=grid.seed, method=grid.method,
-                              batch_size=grid.batch_size, save_attention=grid.save_attention))
+                              batch_size=grid.batch_size, save_attention=grid.save_attention).result)
             progress((i + 1) / len(unit.questions))
         return out
 
