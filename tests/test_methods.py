@@ -13,7 +13,7 @@ from retrieval_heads.data.prompt import PromptFormat, PromptSample
 from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.data.questions import answer_matches
 from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, greedy_decode, stop_rule
-from retrieval_heads.methods import METHODS
+from retrieval_heads.methods import METHODS, MethodContext
 from retrieval_heads.methods.qrhead import filtered_sum
 from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
 from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits, whole_word_spans
@@ -38,6 +38,53 @@ def peaky(family):
 
 
 # --- decoding --------------------------------------------------------------------------------------------
+
+def test_every_method_follows_the_contract():
+    """What each registered method needs and whether it counts correct samples only, declared on the one base
+    type (no attribute read with a default)."""
+    from retrieval_heads.methods.base import CONTEXT_FIELDS, Method
+
+    declared = {n: (METHODS.get(n).needs, METHODS.get(n).success_only) for n in METHODS}
+    assert declared == {
+        "summed_attention": (frozenset(), False),
+        "query_focused": (frozenset({"prompt_format"}), False),
+        "retrieval_score": (frozenset({"answers", "tokenizer"}), True),
+        "qrhead": (frozenset({"prompt_format"}), False),
+    }
+    assert CONTEXT_FIELDS == {"tokenizer", "prompt_format", "answers"}
+    assert all(isinstance(METHODS.get(n), Method) for n in METHODS)
+
+
+def test_register_refuses_collisions_and_strays():
+    from retrieval_heads.methods import register
+    from retrieval_heads.methods.base import Method
+
+    class Again(Method):
+        name = "summed_attention"
+
+        def score_batch(self, model, batch, ctx=None):
+            return torch.zeros(len(batch), 1, 1)
+
+    class Greedy(Again):
+        name = "greedy_needs"
+        needs = frozenset({"weights"})
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Again())
+    with pytest.raises(ValueError, match="needs must be a frozenset"):
+        register(Greedy())
+    with pytest.raises(TypeError, match="not a Method"):
+        register(object())
+    assert "greedy_needs" not in METHODS
+
+
+@pytest.mark.parametrize("name, missing", [("query_focused", "prompt_format"), ("qrhead", "prompt_format"),
+                                           ("retrieval_score", "answers, tokenizer")])
+def test_a_method_without_its_context_says_what_is_missing(name, missing):
+    p = PromptSample(input_ids=[1, 2, 3, 4], needle_start=1, needle_end=2, context_end=3, question="q", answer="x")
+    with pytest.raises(ValueError, match=f"needs {missing} in its MethodContext"):
+        METHODS.get(name).score_batch(tiny_model("llama"), [p])
+
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
 def test_decoding_argmax_equals_eager_reference(family):
@@ -163,7 +210,7 @@ def test_retrieval_score_is_zero_without_a_whole_word_gold_span(smol_tok):
     ark = ids.index(smol_tok(" Arkansas", add_special_tokens=False)["input_ids"][0])
     argmax = torch.full((1, 2, 3), 2 + ark)  # every head attends the " Arkansas" token
     a = Answer("Kansas", [p.input_ids[2 + ark]], True, argmax)
-    scores = METHODS.get("retrieval_score").score_batch(tiny_model("llama"), [p], [a], smol_tok)
+    scores = METHODS.get("retrieval_score").score_batch(tiny_model("llama"), [p], MethodContext(tokenizer=smol_tok, answers=[a]))
     assert scores.shape == (1, 2, 3) and scores.abs().sum() == 0
 
 
@@ -256,7 +303,7 @@ def tiny_qr_batch():
 def test_qrhead_equals_plain_reference(family):
     model = tiny_model(family)
     tok, batch = tiny_qr_batch()
-    fast = METHODS.get("qrhead").score_batch(model, batch, tokenizer=tok)  # (B, L, H)
+    fast = METHODS.get("qrhead").score_batch(model, batch, MethodContext(prompt_format=PromptFormat(tok)))  # (B, L, H)
     assert fast.shape == (2, 3, 4)
     for i, p in enumerate(batch):
         assert torch.allclose(fast[i], qrhead_reference(model, tok, p), atol=1e-5), f"{family} sample {i}"
@@ -273,8 +320,9 @@ def test_question_span_is_the_question(smollm2):
 
 
 def test_query_focused_equals_reference_on_smollm2(smollm2):
-    p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
-    fast = METHODS.get("query_focused").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)
+    ctx = MethodContext(prompt_format=PromptFormat(smollm2.tokenizer))
+    p = synthetic_samples(ctx.prompt_format, ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    fast = METHODS.get("query_focused").score_batch(smollm2.model, [p], ctx)
     ref = qf_reference(smollm2.model, smollm2.tokenizer, [p])
     assert fast.shape == ref.shape == (1, 30, 9)
     assert torch.allclose(fast, ref, atol=1e-5)
@@ -283,13 +331,14 @@ def test_query_focused_equals_reference_on_smollm2(smollm2):
 
 @pytest.mark.slow
 def test_qrhead_equals_plain_reference_on_smollm2(smollm2):
-    p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
-    fast = METHODS.get("qrhead").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]  # (L, H)
+    ctx = MethodContext(prompt_format=PromptFormat(smollm2.tokenizer))
+    p = synthetic_samples(ctx.prompt_format, ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    fast = METHODS.get("qrhead").score_batch(smollm2.model, [p], ctx)[0]  # (L, H)
     ref = qrhead_reference(smollm2.model, smollm2.tokenizer, p)
     assert fast.shape == ref.shape == (30, 9)
     assert torch.allclose(fast, ref, atol=1e-5)
     assert fast.abs().max() > 0.01 and (fast < 0).any()  # a calibrated score: some heads lose mass
-    qf = METHODS.get("query_focused").score_batch(smollm2.model, [p], tokenizer=smollm2.tokenizer)[0]
+    qf = METHODS.get("query_focused").score_batch(smollm2.model, [p], ctx)[0]
     assert (fast - qf).abs().max() > 1e-3  # another recipe than query_focused's
     unfiltered = qrhead_reference(smollm2.model, smollm2.tokenizer, p, drop_outliers=False)
     assert (fast - unfiltered).abs().max() > 1e-3  # the filter drops tokens on some heads

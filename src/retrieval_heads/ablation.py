@@ -40,11 +40,10 @@ import torch
 
 from .capture import attention_probe
 from .data.dataset import load_jsonl
-from .data.prompt import PromptFormat, PromptSample
+from .data.prompt import PromptSample
 from .data.questions import QUESTIONS, answer_matches
-from .data.samples import dataset_samples
 from .errors import UserError
-from .experiments import build_prompts, check_args, check_tokens
+from .experiments import check_args, experiment_prompts
 from .generation import DEFAULT_MAX_NEW_TOKENS, Answer, accuracy, answer_prompts, gold_logprob, greedy_decode, stop_rule
 from .io import atomic_write_bytes, atomic_write_files, json_bytes
 from .models import MODELS, LoadedModel, input_device, load_model
@@ -357,12 +356,7 @@ def ablate(
     if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
         raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
                         f"{record['num_heads']}")
-    if synthetic:
-        prompts = [g[record["question"]] for g in build_prompts(lm, [record["question"]], t, n,
-                                                                record["needle_position"], s)]
-    else:
-        check_tokens(lm, t)
-        prompts = dataset_samples(PromptFormat(lm.tokenizer), records, t, record["needle_position"])
+    prompts = experiment_prompts(lm, record["question"], t, n, record["needle_position"], s, records)
     report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=progress,
                           tokens=t, seed=s if synthetic else None)
     if source is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
-from .methods.base import batches
+from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
 from .results import make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
@@ -64,6 +65,55 @@ class DetectResult:
         return out
 
 
+class AmbiguousResult(AttributeError):
+    """A :class:`Detection` of several results was asked for the attribute of a single one."""
+
+
+class Detection(Mapping[str, DetectResult]):
+    """What :func:`detect` returns, always: {result name: :class:`DetectResult`}, in the order they were made
+    (one per method, and per span kind of ``summed_attention``).
+
+    A Detection of one result also answers for it: ``det.scores``, ``det.top(5)``, ``det.record``, ... are
+    those of ``det.result``. With several results these raise :class:`AmbiguousResult` naming them; pick one
+    by name (``det["query_focused"]``).
+    """
+
+    _SINGLE = frozenset(f.name for f in fields(DetectResult)) | {"top", "top_rows"}
+
+    def __init__(self, results: Mapping[str, DetectResult]):
+        self._results = dict(results)
+
+    def __getitem__(self, name: str) -> DetectResult:
+        return self._results[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __repr__(self) -> str:
+        return f"Detection({list(self._results)})"
+
+    @property
+    def result(self) -> DetectResult:
+        """The one result; :class:`AmbiguousResult` when there are several."""
+        return self._single()
+
+    def _single(self) -> DetectResult:
+        if len(self._results) != 1:
+            raise AmbiguousResult(f"this detection holds {len(self._results)} results ({', '.join(self._results)}); "
+                                  f"pick one by name, e.g. det[{next(iter(self._results), '')!r}]")
+        return next(iter(self._results.values()))
+
+    def __getattr__(self, name: str):  # also reached when the property ``result`` raises AmbiguousResult
+        if name == "result":
+            return self._single()
+        if name in Detection._SINGLE:
+            return getattr(self._single(), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
     """The checks that need no model: fail before spending time on loading one."""
     if question is not None:
@@ -87,9 +137,25 @@ def check_tokens(lm: LoadedModel, tokens: int) -> None:
 def build_prompts(
     lm: LoadedModel, questions: Sequence[str], tokens: int, samples: int, needle_position: float, seed: int
 ) -> list[dict[str, PromptSample]]:
-    """Synthetic samples, each a {question: prompt} group sharing one context."""
+    """Synthetic samples, each a {question: prompt} group sharing one context (a sweep scores every question
+    of a context from one pass)."""
     check_tokens(lm, tokens)
     return synthetic_samples(PromptFormat(lm.tokenizer), questions, tokens, samples, needle_position, seed)
+
+
+def experiment_prompts(
+    lm: LoadedModel, question: str | None, tokens: int, samples: int, needle_position: float, seed: int,
+    records: Sequence[dict] | None = None,
+) -> list[PromptSample]:
+    """The prompts of one experiment from its settings: ``samples`` synthetic filings of ``question`` from
+    ``seed`` (the groups of :func:`build_prompts`, this question's prompt of each), or, with ``records`` (a
+    dataset's records, :func:`~retrieval_heads.data.dataset.load_jsonl`, already cut to ``samples``), one
+    prompt per record. ``tokens`` long, the needle at ``needle_position``; what ``detect``, the sweep and
+    ``ablate`` score."""
+    if records is not None:
+        check_tokens(lm, tokens)
+        return dataset_samples(PromptFormat(lm.tokenizer), records, tokens, needle_position)
+    return [g[question] for g in build_prompts(lm, [question], tokens, samples, needle_position, seed)]
 
 
 def score_prompts(
@@ -97,26 +163,23 @@ def score_prompts(
     desc: str = "samples", answers: Sequence | None = None,
 ) -> torch.Tensor:
     """Per-sample scores (S, L, H), kept on the model's device until the end. ``answers`` (one per prompt)
-    go to methods that need them (see :mod:`retrieval_heads.methods`)."""
+    go to methods that need them (see :mod:`retrieval_heads.methods`), in the batch's
+    :class:`~retrieval_heads.methods.base.MethodContext`."""
     from tqdm.auto import tqdm
 
     m = METHODS.get(method)
-    needs = getattr(m, "needs", ())
-    if "answers" in needs and answers is None:
+    if "answers" in m.needs and answers is None:
         raise ValueError(f"method {method!r} needs the model's answers")
+    ctx = MethodContext(tokenizer=lm.tokenizer,
+                        prompt_format=PromptFormat(lm.tokenizer) if "prompt_format" in m.needs else None)
 
-    def extra(idx: list[int]) -> dict:
-        kw: dict = {}
-        if "tokenizer" in needs:
-            kw["tokenizer"] = lm.tokenizer
-        if "answers" in needs:
-            kw["answers"] = [answers[i] for i in idx]
-        return kw
+    def context(idx: list[int]) -> MethodContext:
+        return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
 
     out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
-            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], **extra(idx)).to(out.device, out.dtype)
+            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
             bar.update(len(idx))
     return out
 
@@ -166,7 +229,7 @@ def method_names(method: str | Sequence[str]) -> list[str]:
 def result_name(method: str, success_only: bool) -> str:
     """The name a method's result is written under: ``{method}_success`` with ``success_only`` (only correctly
     answered samples counted), unless the method counts only those anyway (``retrieval_score``)."""
-    if success_only and not getattr(METHODS.get(method), "success_only", False):
+    if success_only and not METHODS.get(method).success_only:
         return f"{method}_success"
     return method
 
@@ -194,7 +257,7 @@ def detect(
     span: str | Sequence[str] = "needle",
     rank_by: str = "score",
     alpha: float = 0.05,
-) -> DetectResult | dict[str, DetectResult]:
+) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
     ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``, ``qrhead``), a comma-separated
@@ -217,7 +280,9 @@ def detect(
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
     methods), written beside it as ``.attention.npz`` and kept in ``DetectResult.attention``.
 
-    Returns a :class:`DetectResult` for a single result, else {result name: DetectResult}.
+    Returns a :class:`Detection`, {result name: :class:`DetectResult`}, whatever the number of results; one of
+    a single result also answers ``.scores``, ``.top()``, ``.record``, ... for it (:class:`AmbiguousResult`
+    when it holds several).
     """
     from . import chance
     from .generation import accuracy, answer_prompts
@@ -233,7 +298,7 @@ def detect(
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
-    needs = {n: getattr(METHODS.get(n), "needs", ()) for n in names}
+    needs = {n: METHODS.get(n).needs for n in names}
     track = any("answers" in x for x in needs.values())
     want_answers = bool(answers) or success_only or track
     records = load_jsonl(dataset)[:samples] if dataset else None
@@ -241,21 +306,18 @@ def detect(
         check_writable(output_dir)  # before any work
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
+    prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
     if records is not None:
-        check_tokens(lm, tokens)
-        prompts = dataset_samples(PromptFormat(lm.tokenizer), records, tokens, needle_position)
         qkey = dataset_key(dataset)
         qs = {p.question for p in prompts}
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:
-        prompts = [g[question] for g in build_prompts(lm, [question], tokens, samples, needle_position, seed)]
         qkey, qprompt = question, QUESTIONS.get(question).prompt
     got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
         if want_answers else None
     extra: dict = {"num_key_value_heads": lm.num_kv_heads}
     if got is not None:
         extra.update(accuracy(got), max_new_tokens=max_new_tokens)
-    dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
     masses = None
@@ -265,7 +327,7 @@ def detect(
             for sp in spans:
                 out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
                                         dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
-                                             needle_position=needle_position, seed=seed, dtype=dtype_name,
+                                             needle_position=needle_position, seed=seed,
                                              extra=extra, provenance=provenance)))
             continue
         sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
@@ -274,12 +336,9 @@ def detect(
             keep = torch.tensor([a.correct for a in got], dtype=sample_scores.dtype, device=sample_scores.device)
             sample_scores = sample_scores * keep[:, None, None]  # (S, L, H), wrong answers count 0
         total = sample_scores.sum(0)  # (L, H)
-        record = make_record(
-            method=rname, model_key=lm.key, model_name=lm.name, question=qkey, question_prompt=qprompt,
-            total_tokens=tokens, needle_position=needle_position, scores=total, samples_processed=len(prompts),
-            seed=seed, dtype=dtype_name,
-            extra=dict(extra, success_only=rname != name or getattr(METHODS.get(name), "success_only", False)),
-            provenance=provenance,
+        record = experiment_record(
+            lm, rname, qkey, qprompt, tokens, needle_position, seed, sample_scores,
+            extra=dict(extra, success_only=rname != name or METHODS.get(name).success_only), provenance=provenance,
         )
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
@@ -291,7 +350,7 @@ def detect(
     for r in out.values() if output_dir else ():  # written once every result (and its attention) is complete
         r.path = write_result(output_dir, r.record, r.prompts, r.sample_scores, save_samples, r.answers,
                               attention=r.attention, spans=r.spans)
-    return next(iter(out.values())) if len(out) == 1 else out
+    return Detection(out)
 
 
 def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident) -> dict[str, DetectResult]:
@@ -310,12 +369,10 @@ def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, al
     total = sample_scores.sum(0)  # (L, H)
     extra = ident["extra"]
     added = chance_fields(ss, alpha, extra if "n_correct" in extra else None)
-    record = make_record(
-        method=rname, model_key=lm.key, model_name=lm.name, question=ident["qkey"],
-        question_prompt=ident["qprompt"], total_tokens=ident["tokens"], needle_position=ident["needle_position"],
-        scores=total, samples_processed=len(prompts), seed=ident["seed"], dtype=ident["dtype"],
-        extra=dict(extra, success_only=rname != span_result_name(name, span)), added=added, rank_by=rank_by,
-        provenance=ident["provenance"],
+    record = experiment_record(
+        lm, rname, ident["qkey"], ident["qprompt"], ident["tokens"], ident["needle_position"], ident["seed"],
+        sample_scores, extra=dict(extra, success_only=rname != span_result_name(name, span)),
+        provenance=ident["provenance"], added=added, rank_by=rank_by,
     )
     return {rname: DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got,
                                 lift=ss.lift.float(), rank_by=rank_by, spans=ss)}
@@ -329,11 +386,25 @@ def synthetic_record(
     asked for), from per-sample scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill);
     ``added`` and ``rank_by`` as in :func:`~retrieval_heads.results.make_record`."""
     extra = {"num_key_value_heads": lm.num_kv_heads,
-             "success_only": bool(getattr(METHODS.get(method), "success_only", False))}
+             "success_only": METHODS.get(method).success_only}
+    return experiment_record(lm, method, question, QUESTIONS.get(question).prompt, tokens, needle_position, seed,
+                             sample_scores, extra=extra, provenance=make_provenance(lm.identity), added=added,
+                             rank_by=rank_by)
+
+
+def experiment_record(
+    lm: LoadedModel, method: str, question: str, question_prompt: str, tokens: int, needle_position: float,
+    seed: int, sample_scores: torch.Tensor, extra: dict, provenance: dict, added: dict | None = None,
+    rank_by: str = "score",
+) -> dict:
+    """The one builder of an experiment's result record (``detect``'s, the sweep's, :func:`synthetic_record`'s):
+    ``method`` is the result's name, ``question`` its key; the scores are the sum of the per-sample scores
+    (S, L, H) over samples; the dtype is the model's. ``extra``, ``provenance``, ``added`` and ``rank_by``
+    as in :func:`~retrieval_heads.results.make_record`."""
     return make_record(
-        method=method, model_key=lm.key, model_name=lm.name, question=question,
-        question_prompt=QUESTIONS.get(question).prompt, total_tokens=tokens, needle_position=needle_position,
-        scores=sample_scores.sum(0), samples_processed=sample_scores.shape[0], seed=seed,
+        method=method, model_key=lm.key, model_name=lm.name, question=question, question_prompt=question_prompt,
+        total_tokens=tokens, needle_position=needle_position, scores=sample_scores.sum(0),
+        samples_processed=sample_scores.shape[0], seed=seed,
         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
-        rank_by=rank_by, provenance=make_provenance(lm.identity),
+        rank_by=rank_by, provenance=provenance,
     )

@@ -29,6 +29,8 @@ import torch
 from .capture import attention_probe
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
+from .hf import cache_kwarg, input_device, returned_cache  # noqa: F401  (cache_kwarg, returned_cache: also read from here)
+from .methods.base import batches, stack_ids
 
 DEFAULT_MAX_NEW_TOKENS = 12
 
@@ -47,20 +49,6 @@ class Answer:
     def row(self) -> dict:
         """What the .samples.jsonl rows record."""
         return {"generated": self.text, "correct": self.correct}
-
-
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache: ``cache`` where the model's forward has it, else
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(out):
-    """The KV cache a forward pass returned."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -139,9 +127,6 @@ def answer_batch(
     track_argmax: bool = False, ablate: dict[int, list[int]] | None = None,
 ) -> list[Answer]:
     """Greedy answers to a batch of equal-length prompts, each checked against its gold answer."""
-    from .methods.base import stack_ids
-    from .models import input_device
-
     ids = stack_ids(batch, input_device(model))  # (B, N)
     answers, tracks = greedy_decode(model, ids, max_new_tokens, stop_rule(model, tokenizer), track_argmax, ablate)
     out = []
@@ -158,8 +143,6 @@ def answer_prompts(
 ) -> list[Answer]:
     """Greedy answers to every prompt, in order; prompts of one length are decoded ``batch_size`` at a time."""
     from tqdm.auto import tqdm
-
-    from .methods.base import batches
 
     out: list[Answer | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
@@ -186,8 +169,6 @@ def gold_logprob(
     The gold answer is tokenized on its own (as the assistant turn's first words); one forward pass over
     prompt + answer[:-1] gives the log-probability of each answer token given everything before it.
     """
-    from .models import input_device
-
     gold = list(tokenizer(prompt.answer, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([prompt.input_ids + gold[:-1]], device=input_device(model))  # (1, N + T - 1)
     probe = attention_probe(model, None, ablate=ablate) if ablate else nullcontext()

@@ -185,3 +185,30 @@ def _unlink_quietly(p: str) -> None:
         os.unlink(p)
     except OSError:
         pass
+
+
+NAME_CHARS = re.compile(r"[A-Za-z0-9._+-]+")
+MAX_NAME = 128
+
+
+def check_name(value: Any, field: str) -> str:
+    """``value`` if it can be part of a file name (a result's method, model_key and question are): a non-empty
+    string of at most 128 characters from ``A-Za-z0-9._+-``, not starting with '.', without '..' (so no
+    '/', '\\', hidden file or parent folder can come from it); else UserError naming ``field``."""
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{field}: expected a non-empty name, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_NAME or not NAME_CHARS.fullmatch(value) or value.startswith(".") or ".." in value:
+        raise UserError(f"{field}: {json.dumps(value)[:60]} cannot name a file (use at most {MAX_NAME} of "
+                        f"A-Za-z0-9._+-, not starting with '.', no '..')")
+    return value
+
+
+def safe_key(text: str) -> str:
+    """``text`` (e.g. a local folder's name) turned into a name that passes :func:`check_name`: every other
+    character becomes '_', runs of dots become '_', and leading dots go (empty: ``model``).
+
+    >>> safe_key("my model (v2)"), safe_key(".hidden..x"), safe_key("Ünï")
+    ('my_model__v2_', 'hidden_x', '_n_')
+    """
+    key = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._+-]", "_", text)).lstrip(".")[:MAX_NAME]
+    return key or "model"

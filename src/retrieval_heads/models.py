@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError, first_line
+from .hf import input_device
+from .io import safe_key
 from .registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,11 +82,6 @@ class LoadedModel:
     @property
     def device(self):
         return input_device(self.model)
-
-
-def input_device(model):
-    """Where the input ids go: the embedding's device (also right for models sharded with a device_map)."""
-    return model.get_input_embeddings().weight.device
 
 
 def cache_dir() -> Path:
@@ -191,10 +188,8 @@ def _convert(target: Path) -> None:
 
 def resolve(model: str) -> tuple[str, str, str]:
     """(model_key, model_name, path-or-hub-id) for a key, a local path or a hub id ("org/name"). The key
-    becomes part of file names, so it is made safe (``results.safe_key``: a folder named ``my model`` is
+    becomes part of file names, so it is made safe (``io.safe_key``: a folder named ``my model`` is
     filed as ``my_model``)."""
-    from .results import safe_key
-
     if model in MODELS:
         spec = MODELS.get(model)
         path = str(smollm2_path()) if spec.source == "gguf-wheel" else spec.source

@@ -43,10 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .capture import attention_probe
-from .generation import cache_kwarg
 from .data.prompt import PromptSample
-from .methods.base import check_finite
-from .models import input_device
+from .hf import cache_kwarg, check_finite, input_device
 
 
 def _new_cache(model):

@@ -33,7 +33,7 @@ from .sweep import (
     Grid,
     SweepSummary,
     Unit,
-    _line,
+    result_line,
     announce,
     model_key,
     own_files,
@@ -91,7 +91,7 @@ class ModelWorker:
         from .sweep import compute_unit
 
         if self.lm is None:
-            from .commands._common import quiet_transformers
+            from .hf import quiet_transformers
 
             quiet_transformers()
             self.lm = self.load()
@@ -224,10 +224,10 @@ def _dispatch(ray, grid, output_dir, units, statuses, gpus, cpus, device_map, wo
                 q = p.record["question"]
                 path = write(output_dir, p.result(), grid.save_samples)
                 if st.state[q] == "corrupt":
-                    say(_line("recomputed", st.model_key, q, unit.tokens, p.record, f"{timing}  (was: {st.reason[q]})"))
+                    say(result_line("recomputed", st.model_key, q, unit.tokens, p.record, f"{timing}  (was: {st.reason[q]})"))
                     summary.recomputed.append(path)
                 else:
-                    say(_line("done", st.model_key, q, unit.tokens, p.record, timing))
+                    say(result_line("done", st.model_key, q, unit.tokens, p.record, timing))
                     summary.done.append(path)
             left[st.model_key] -= 1
             if not left[st.model_key]:  # its model's last unit: free the worker (and its GPUs) for the others

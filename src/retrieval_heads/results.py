@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .errors import UserError
-from .io import JSONError, parse_json
+from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, safe_key  # noqa: F401  (names: also read from here)
 
 if TYPE_CHECKING:
     from .data.prompt import PromptSample
@@ -45,33 +45,6 @@ def parse_head(name: str) -> tuple[int, int]:
     if m is None or head_name(int(m[1]), int(m[2])) != name:
         raise UserError(f"bad head name {name!r}: expected L<layer>H<head>, e.g. L3H7")
     return int(m[1]), int(m[2])
-
-
-NAME_CHARS = re.compile(r"[A-Za-z0-9._+-]+")
-MAX_NAME = 128
-
-
-def check_name(value: Any, field: str) -> str:
-    """``value`` if it can be part of a file name (a result's method, model_key and question are): a non-empty
-    string of at most 128 characters from ``A-Za-z0-9._+-``, not starting with '.', without '..' (so no
-    '/', '\\', hidden file or parent folder can come from it); else UserError naming ``field``."""
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{field}: expected a non-empty name, got {json.dumps(value)[:60]}")
-    if len(value) > MAX_NAME or not NAME_CHARS.fullmatch(value) or value.startswith(".") or ".." in value:
-        raise UserError(f"{field}: {json.dumps(value)[:60]} cannot name a file (use at most {MAX_NAME} of "
-                        f"A-Za-z0-9._+-, not starting with '.', no '..')")
-    return value
-
-
-def safe_key(text: str) -> str:
-    """``text`` (e.g. a local folder's name) turned into a name that passes :func:`check_name`: every other
-    character becomes '_', runs of dots become '_', and leading dots go (empty: ``model``).
-
-    >>> safe_key("my model (v2)"), safe_key(".hidden..x"), safe_key("Ünï")
-    ('my_model__v2_', 'hidden_x', '_n_')
-    """
-    key = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._+-]", "_", text)).lstrip(".")[:MAX_NAME]
-    return key or "model"
 
 
 SEED_DEPTH = 0.5  # the seed's needle depth: its results keep the seed's names, without a depth

@@ -466,7 +466,7 @@ def compute_unit(
         for i, q in enumerate(unit.questions):
             out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
                               needle_position=unit.depth, seed=grid.seed, method=grid.method,
-                              batch_size=grid.batch_size, save_attention=grid.save_attention))
+                              batch_size=grid.batch_size, save_attention=grid.save_attention).result)
             progress((i + 1) / len(unit.questions))
         return out
 
@@ -683,7 +683,7 @@ class SweepSummary:
     seconds: float = 0.0
 
 
-def _line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
+def result_line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
     top = record["head_rankings"][0]
     lift = f", lift {top['lift']:.2f}x" if "lift" in top else ""
     depth = record["needle_position"]
@@ -704,7 +704,7 @@ def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: li
         for q in unit.questions:
             if st.state[q] == "done":
                 path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens, unit.depth)
-                say(_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)"))
+                say(result_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)"))
                 summary.skipped.append(path)
     return todo
 
@@ -765,11 +765,11 @@ def run_sweep(
                     path = write(output_dir, res, grid.save_samples)
                     timing = f"{seconds:.1f} s (unit of {len(unit.questions)} questions, one prefill per sample)"
                     if st.state[q] == "corrupt":
-                        say(_line("recomputed", st.model_key, q, unit.tokens, res.record,
+                        say(result_line("recomputed", st.model_key, q, unit.tokens, res.record,
                                   f"{timing}  (was: {st.reason[q]})"))
                         summary.recomputed.append(path)
                     else:
-                        say(_line("done", st.model_key, q, unit.tokens, res.record, timing))
+                        say(result_line("done", st.model_key, q, unit.tokens, res.record, timing))
                         summary.done.append(path)
                 bar.update(base + len(todo) - bar.n)
         finally:

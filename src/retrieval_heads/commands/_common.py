@@ -6,14 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-
-
-def quiet_transformers() -> None:
-    """No transformers warnings or loading bars between our progress bar and table."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+from ..hf import quiet_transformers  # noqa: F401  (the subcommands read it from here)
 
 
 def print_top(rows: list[tuple], title: str) -> None:

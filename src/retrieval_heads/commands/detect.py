@@ -65,7 +65,7 @@ def detect(
               trust_remote_code=trust_remote_code, success_only=success_only, answers=answers or None,
               max_new_tokens=max_new_tokens, save_attention=save_attention, span=span, rank_by=rank_by, alpha=alpha)
     verdicts = []
-    for res in (res.values() if isinstance(res, dict) else [res]):
+    for res in res.values():
         r = res.record
         acc = f", accuracy {r['extra']['accuracy']:.2f}" if "accuracy" in r["extra"] else ""
         by = f", ranked by {res.rank_by}" if res.lift is not None else ""

@@ -1,29 +1,68 @@
-"""What scoring methods share: the registry, and needle mass measured through the probe."""
+"""What scoring methods share: the method contract, the registry, and needle mass measured through the probe."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..capture import attention_probe
-from ..data.prompt import PromptSample
-from ..errors import NumericalError
+from ..data.prompt import PromptFormat, PromptSample
+from ..hf import check_finite
 from ..registry import Registry
 
 
-class Method(Protocol):
-    name: str
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need beyond the model and the batch. A method names the fields it reads in
+    :attr:`Method.needs`; the caller fills those (the others may stay None)."""
 
-    def score_batch(self, model, batch: Sequence[PromptSample]) -> torch.Tensor:
+    tokenizer: Any = None  # the model's tokenizer
+    prompt_format: PromptFormat | None = None  # the prompt format of that tokenizer (rebuilds a prompt's suffix)
+    answers: Sequence | None = None  # the model's greedy answers (generation.Answer), one per prompt of the batch
+
+
+CONTEXT_FIELDS = frozenset(f.name for f in fields(MethodContext))
+
+
+class Method(ABC):
+    """A scoring method: per-sample scores (B, layers, heads) of a batch of equal-length prompts.
+
+    ``name`` is its registry key; ``needs`` the :class:`MethodContext` fields :meth:`score_batch` reads
+    (``answers`` are decoded with ``track_argmax``); ``success_only`` marks a method whose scores already
+    count only the samples the model answers correctly.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    success_only: ClassVar[bool] = False
+
+    @abstractmethod
+    def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         """Per-sample scores (B, layers, heads) of a batch of equal-length prompts, on the model's device."""
-        ...
+
+    def check_context(self, ctx: MethodContext | None) -> MethodContext:
+        """``ctx`` if it holds every field in ``needs``; else ValueError naming the missing ones."""
+        ctx = ctx if ctx is not None else MethodContext()
+        missing = sorted(n for n in self.needs if getattr(ctx, n) is None)
+        if missing:
+            raise ValueError(f"method {self.name!r} needs {', '.join(missing)} in its MethodContext")
+        return ctx
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` under its name (ValueError on a name already taken, or a method that
+    does not follow the contract)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"{method!r} is not a Method")
+    if not isinstance(method.needs, frozenset) or not method.needs <= CONTEXT_FIELDS:
+        raise ValueError(f"method {method.name!r}: needs must be a frozenset of {sorted(CONTEXT_FIELDS)}, "
+                         f"got {method.needs!r}")
     METHODS.register(method.name, method)
     return method
 
@@ -119,13 +158,3 @@ def span_masses(
     return mass, baseline
 
 
-def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:
-    """mass (B, L, ...): raise NumericalError naming the first layer with a non-finite value."""
-    bad = ~torch.isfinite(mass.flatten(2)).all(dim=2).all(dim=0)  # (L,)
-    if bool(bad.any()):
-        layer = int(bad.nonzero()[0])
-        raise NumericalError(
-            f"the forward pass produced NaN/inf attention from layer {layer} on (overflow? try --dtype bfloat16 or float32)"
-        )
-    if logits is not None and not bool(torch.isfinite(logits).all()):
-        raise NumericalError("the forward pass produced NaN/inf logits after the last layer (overflow? try --dtype float32)")

@@ -35,8 +35,8 @@ import torch
 
 from ..capture import attention_probe
 from ..data.prompt import PromptFormat, PromptSample
-from .base import batches, check_finite, register, stack_ids
-from .query_focused import null_prompt, prompt_format
+from .base import Method, MethodContext, batches, check_finite, register, stack_ids
+from .query_focused import null_prompt
 
 
 def query_start(fmt: PromptFormat, p: PromptSample) -> int:
@@ -91,13 +91,13 @@ def filtered_sum(c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (c * keep).sum(-1)  # (B, L, H)
 
 
-class QRHead:
+class QRHead(Method):
     name = "qrhead"
-    needs = ("tokenizer",)
+    needs = frozenset({"prompt_format"})
 
-    def score_batch(self, model, batch: Sequence[PromptSample], tokenizer) -> torch.Tensor:
+    def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         """Per-sample scores (B, L, H), see the module's docstring."""
-        fmt = prompt_format(tokenizer)
+        fmt = self.check_context(ctx).prompt_format
         width = max(p.needle_end - p.needle_start for p in batch)
         real = needle_key_attention(model, batch, [query_start(fmt, p) for p in batch], width)  # (B, L, H, P)
         null = [null_prompt(fmt, p) for p in batch]

@@ -26,7 +26,7 @@ import torch
 
 from ..capture import reference_rows
 from ..data.prompt import PromptFormat, PromptSample
-from .base import batches, needle_mass, register, span_mask, stack_ids
+from .base import Method, MethodContext, batches, needle_mass, register, span_mask, stack_ids
 
 NULL_QUESTION = "N/A"
 
@@ -64,21 +64,12 @@ def question_mass(model, batch: Sequence[PromptSample]) -> torch.Tensor:
     return (mass * w.to(mass.device)[:, None, None, :]).sum(-1)  # (B, L, H)
 
 
-_FORMATS: dict[int, PromptFormat] = {}
-
-
-def prompt_format(tokenizer) -> PromptFormat:
-    if id(tokenizer) not in _FORMATS:
-        _FORMATS[id(tokenizer)] = PromptFormat(tokenizer)
-    return _FORMATS[id(tokenizer)]
-
-
-class QueryFocused:
+class QueryFocused(Method):
     name = "query_focused"
-    needs = ("tokenizer",)
+    needs = frozenset({"prompt_format"})
 
-    def score_batch(self, model, batch: Sequence[PromptSample], tokenizer) -> torch.Tensor:
-        fmt = prompt_format(tokenizer)
+    def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
+        fmt = self.check_context(ctx).prompt_format
         real = question_mass(model, batch)  # (B, L, H)
         null = [null_prompt(fmt, p) for p in batch]
         calib = torch.zeros_like(real)  # (B, L, H)

@@ -27,7 +27,7 @@ import torch
 
 from ..data.prompt import PromptSample
 from ..data.questions import STATES
-from .base import register
+from .base import Method, MethodContext, register
 
 
 def whole_word_spans(text: str, answer: str) -> list[tuple[int, int]]:
@@ -105,15 +105,17 @@ def retrieval_hits(prompt_ids: torch.Tensor, span: tuple[int, int], answer_ids: 
     return at.any(0).sum(-1)  # (L, H)
 
 
-class RetrievalScore:
+class RetrievalScore(Method):
     name = "retrieval_score"
-    needs = ("answers", "tokenizer")  # answers decoded with track_argmax=True
+    needs = frozenset({"answers", "tokenizer"})  # answers decoded with track_argmax=True
     success_only = True  # scores are always counted on correct samples only
 
-    def score_batch(self, model, batch: Sequence[PromptSample], answers, tokenizer) -> torch.Tensor:
+    def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         """Per-sample scores (B, L, H) from answers decoded with ``track_argmax``."""
         from ..models import input_device
 
+        ctx = self.check_context(ctx)
+        answers, tokenizer = ctx.answers, ctx.tokenizer
         out = []
         for p, a in zip(batch, answers):
             if a.argmax is None:
@@ -135,8 +137,7 @@ def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]
     """The slow reference for what decoding records: eager attention with ``output_attentions=True``, step by
     step over a KV cache feeding the given answer tokens; (T, L, H) argmax of each head's full row per step."""
     from ..capture import eager_attention
-    from ..generation import cache_kwarg, returned_cache
-    from ..models import input_device
+    from ..hf import cache_kwarg, input_device, returned_cache
 
     rows = []
     with eager_attention(model):

@@ -12,13 +12,13 @@ import torch
 from ..capture import eager_attention, reference_rows
 from ..data.prompt import PromptSample
 from ..models import input_device
-from .base import needle_mass, register, span_mask, stack_ids
+from .base import Method, MethodContext, needle_mass, register, span_mask, stack_ids
 
 
-class SummedAttention:
+class SummedAttention(Method):
     name = "summed_attention"
 
-    def score_batch(self, model, batch: Sequence[PromptSample]) -> torch.Tensor:
+    def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         device = input_device(model)
         ids = stack_ids(batch, device)  # (B, N)
         return needle_mass(model, ids, span_mask(batch, device))[..., 0]  # (B, L, H)

@@ -1,0 +1,56 @@
+"""Small helpers around a transformers model that every layer may use: where its inputs go, how a KV cache
+is handed to it and read back, quiet logging, and the finiteness check of a probed pass.
+
+This module sits at the bottom of the package (beside ``errors``, ``registry`` and ``io``): it imports no
+other module of the package but ``errors``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import NumericalError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def input_device(model):
+    """Where the input ids go: the embedding's device (also right for models sharded with a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` where the model's forward has it, else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def quiet_transformers() -> None:
+    """No transformers warnings or loading bars between our progress bar and table."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    """mass (B, L, ...): raise NumericalError naming the first layer with a non-finite value."""
+    import torch
+
+    bad = ~torch.isfinite(mass.flatten(2)).all(dim=2).all(dim=0)  # (L,)
+    if bool(bad.any()):
+        layer = int(bad.nonzero()[0])
+        raise NumericalError(
+            f"the forward pass produced NaN/inf attention from layer {layer} on (overflow? try --dtype bfloat16 or float32)"
+        )
+    if logits is not None and not bool(torch.isfinite(logits).all()):
+        raise NumericalError("the forward pass produced NaN/inf logits after the last layer (overflow? try --dtype float32)")

@@ -1,0 +1,83 @@
+"""The experiment API on a tiny model: detect returns one type (a Detection), detect, the sweep and ablate build
+their prompts with one helper, and detect's and the sweep's records come from one builder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from retrieval_heads import ablate
+from retrieval_heads.chance import chance_fields
+from retrieval_heads.data.dataset import Record
+from retrieval_heads.data.prompt import PromptFormat
+from retrieval_heads.data.samples import dataset_samples, synthetic_samples
+from retrieval_heads.experiments import (AmbiguousResult, DetectResult, Detection, detect, experiment_prompts,
+                                         synthetic_record)
+from retrieval_heads.models import LoadedModel, smollm2_path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random Llama with SmolLM2's tokenizer (real prompts, fast passes)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LoadedModel(LlamaForCausalLM(cfg).eval(), tok, "tiny", "tiny")
+
+
+def test_one_result_is_a_detection_that_answers_for_it(tiny_lm):
+    det = detect(tiny_lm, question="inc_state", tokens=260, samples=2)
+    assert isinstance(det, Detection) and isinstance(det, Mapping) and list(det) == ["summed_attention"]
+    res = det["summed_attention"]
+    assert isinstance(res, DetectResult) and det.result is res
+    assert det.scores is res.scores and det.record is res.record and det.prompts is res.prompts
+    assert det.top(3) == res.top(3) and det.top_rows(2) == res.top_rows(2) and len(det.top(3)) == 3
+    assert torch.equal(det.scores, det.sample_scores.sum(0))
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        det.nonsense  # noqa: B018
+
+
+def test_several_results_are_a_detection_that_refuses_to_guess(tiny_lm):
+    det = detect(tiny_lm, question="inc_state", tokens=260, samples=2, method="summed_attention,query_focused")
+    assert isinstance(det, Detection) and list(det) == ["summed_attention", "query_focused"]
+    assert all(isinstance(r, DetectResult) for r in det.values())
+    for attr in ("scores", "record", "top", "result"):
+        with pytest.raises(AmbiguousResult, match=r"holds 2 results \(summed_attention, query_focused\); pick one"):
+            getattr(det, attr)
+    assert not hasattr(det, "scores")  # an AttributeError: hasattr stays well-behaved
+    # both methods scored the very same prompts
+    assert [p.input_ids for p in det["summed_attention"].prompts] == [p.input_ids for p in det["query_focused"].prompts]
+
+
+def test_experiment_prompts_are_detects_and_ablates(tiny_lm):
+    """One helper builds an experiment's prompts: detect's and ablate's equal the generator's own output."""
+    fmt = PromptFormat(tiny_lm.tokenizer)
+    want = [g["hq_state"] for g in synthetic_samples(fmt, ["hq_state"], 280, 2, 0.3, 5)]
+    got = experiment_prompts(tiny_lm, "hq_state", 280, 2, 0.3, 5)
+    assert got == want
+    det = detect(tiny_lm, question="hq_state", tokens=280, samples=2, needle_position=0.3, seed=5)
+    assert det.prompts == want
+    abl = ablate(det.record, model=tiny_lm, ks=(0, 1), random_seeds=0, max_new_tokens=2, batch_size=2)
+    assert abl.prompts == want
+    records = [Record("The company was incorporated in Ohio.", ["The sky is green. " * 20, "Grass is blue. " * 20],
+                      "What state was the company incorporated in?", "Ohio", line=i + 1) for i in range(2)]
+    got = experiment_prompts(tiny_lm, None, 200, 2, 0.5, 0, records)
+    assert got == dataset_samples(fmt, records, 200, 0.5) and [len(p.input_ids) for p in got] == [200, 200]
+
+
+def test_synthetic_record_is_detects_record(tiny_lm):
+    """The sweep's record (synthetic_record, from scores computed elsewhere) equals detect's, field for field
+    (the timestamp aside), for a plain method and for summed_attention with its chance fields and lift order."""
+    plain = detect(tiny_lm, question="inc_year", tokens=260, samples=2, method="query_focused").result
+    rec = synthetic_record(tiny_lm, "query_focused", "inc_year", 260, 0.5, 0, plain.sample_scores)
+    strip = lambda r: {k: v for k, v in r.items() if k != "timestamp"}  # noqa: E731
+    assert strip(rec) == strip(plain.record)
+    summed = detect(tiny_lm, question="inc_year", tokens=260, samples=2, rank_by="lift").result
+    rec = synthetic_record(tiny_lm, "summed_attention", "inc_year", 260, 0.5, 0, summed.sample_scores,
+                           added=chance_fields(summed.spans), rank_by="lift")
+    assert strip(rec) == strip(summed.record) and rec["rank_by"] == "lift"
