@@ -60,7 +60,7 @@ import torch
 from .capture import attention_probe
 from .data.prompt import PromptSample
 from .errors import UserError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, read_regular
 from .methods.base import batches, stack_ids
 from .models import LoadedModel
 from .results import head_name, parse_head
@@ -225,7 +225,7 @@ def load(path: str | Path) -> SavedAttention:
     """Read and check an attention file; UserError (naming the file) for anything malformed."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise UserError(f"cannot read attention file {path}: {e.strerror or e}") from None
     return loads(data, str(path))

@@ -27,7 +27,7 @@ from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
 from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
-from .results import make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
+from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
 DEFAULT_TOKENS = 2048
 DEFAULT_SAMPLES = 6
@@ -193,6 +193,7 @@ def write_result(
     and an earlier set of the same name stays as it was."""
     path = result_path(output_dir, record["method"], record["model_key"], record["question"], record["total_tokens"],
                        record["needle_position"])
+    check_result_folder(path.parent)
     files = [(path, json_bytes(record))]
     if save_samples:
         files.insert(0, (samples_path(path), jsonl_bytes(sample_rows(prompts, sample_scores, answers, spans))))
@@ -304,6 +305,9 @@ def detect(
     records = load_jsonl(dataset)[:samples] if dataset else None
     if output_dir is not None:
         check_writable(output_dir)  # before any work
+        for n in names:  # no method folder is a link to elsewhere (checked again when writing)
+            for sp in spans:
+                check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)

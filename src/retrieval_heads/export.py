@@ -42,6 +42,10 @@ def load_sample_scores(result_path: str | Path, record: dict) -> torch.Tensor:
     t = read_sample_scores(path, (record["num_layers"], record["num_heads"]))
     if t.shape[0] != record["samples_processed"]:
         raise UserError(f"{path} does not match its result ({tuple(t.shape)} scores)")
+    total = scores_tensor(record)  # (L, H): the rows add up to it (or average to it), else they are another run's
+    atol = 1e-5 * max(1.0, float(total.abs().max()))
+    if not any(torch.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (t.sum(0), t.mean(0))):
+        raise UserError(f"{path} does not add up to its result's scores (another run's samples file?)")
     return t
 
 

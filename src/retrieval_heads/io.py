@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -77,6 +78,21 @@ def _write_temp(path: Path, data: bytes) -> str:
         _unlink_quietly(tmp)
         raise
     return tmp
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path`` if it is a regular file (after links); OSError otherwise. A FIFO, a device
+    (``/dev/zero``) or a socket named like a result, samples file, dataset or grid would block the reader or
+    fill the memory; it is opened without blocking and refused before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def given_path(value: str | os.PathLike, option: str) -> Path:

@@ -238,10 +238,11 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        m, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
+    check_weights_complete(model, info)
     if not device_map:
         try:
             m = m.to(device)
@@ -252,6 +253,18 @@ def load_model(
     if not (lm.num_layers or 0) > 0 or not (lm.num_heads or 0) > 0:
         raise UserError(f"{model!r} has no attention heads to score ({lm.num_layers} layers, {lm.num_heads} heads)")
     return lm
+
+
+def check_weights_complete(model: str, info: dict) -> None:
+    """UserError if the weights file lacks tensors the config's model has (weights of another family or size,
+    a layer dropped): transformers would fill them with random numbers, and the heads of a random model would
+    be scored as this model's."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        unexpected = len(info.get("unexpected_keys") or ())
+        more = f" and {unexpected} tensor(s) it does not have" if unexpected else ""
+        raise UserError(f"cannot load model {model!r}: its weights lack {len(missing)} tensor(s) of its config's "
+                        f"model (e.g. {missing[0]}){more}; weights and config.json do not belong together")
 
 
 # Families whose "causal LM" class is an encoder that attends causally only when ``config.is_decoder`` is set

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .errors import UserError
-from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, safe_key  # noqa: F401  (names: also read from here)
+from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, read_regular, safe_key  # noqa: F401  (names: also read from here)
 
 if TYPE_CHECKING:
     from .data.prompt import PromptSample
@@ -107,6 +107,14 @@ def result_path(output_dir: str | Path, method: str, model_key: str, question: s
     return Path(output_dir) / method / file_name(model_key, question, tokens, needle_position)
 
 
+def check_result_folder(folder: str | Path) -> None:
+    """UserError if a method folder that results go into is a symbolic link: results are written inside
+    the output folder, never through a link to somewhere else."""
+    if Path(folder).is_symlink():
+        raise UserError(f"{folder} is a symbolic link; results are not written through it (remove it or use "
+                        "another --output-dir)")
+
+
 def samples_path(path: str | Path) -> Path:
     """The per-sample audit file beside a result JSON (``detect --save-samples``)."""
     return Path(path).with_suffix(".samples.jsonl")
@@ -145,9 +153,9 @@ def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor
     row, or scores that are not finite or not of ``shape`` (L, H)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read samples file {path}: {e}") from None
+        raise UserError(f"cannot read samples file {path}: {getattr(e, 'strerror', None) or e}") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -242,7 +250,7 @@ def make_provenance(identity: dict | None, dataset: str | Path | None = None) ->
     data = None
     if dataset is not None:
         try:
-            digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
+            digest = hashlib.sha256(read_regular(dataset)).hexdigest()
         except OSError as e:
             raise UserError(f"cannot read dataset {dataset}: {e.strerror or e}") from None
         data = {"file": Path(dataset).name, "sha256": digest}
@@ -396,17 +404,48 @@ def _check_fields(record: dict, where: str) -> None:
         raise UserError(f"{where}: {e}") from None
 
 
+class MisnamedResult(UserError):
+    """A valid result in a file whose name (or method folder) names another experiment."""
+
+
+_RESULT_STEM = re.compile(r".+_[0-9]+")  # MODEL_QUESTION_TOKENS, the shape of a result's own name
+
+
+def name_problem(path: str | Path, record: dict) -> str | None:
+    """Why the file name of a valid result names another experiment than its fields, or None. A result
+    renamed or copied to another's name (``m_q_256.json`` saved as ``m_q_512.json``, or put in another
+    method's folder) must not pass for that experiment. A name of another shape (``best.json``) is the
+    user's own and is accepted; so is a folder that is not named like a method."""
+    from .methods import METHODS
+
+    path = Path(path)
+    want = file_name(record["model_key"], record["question"], record["total_tokens"], record["needle_position"])
+    folder = path.parent.name
+    if folder != record["method"] and folder.split("+")[0].removesuffix("_success") in METHODS:
+        return (f"the result of {record['method']}/{want} lies in the folder of method {folder!r}; "
+                "move it to its own folder")
+    if path.name != want and (_RESULT_STEM.fullmatch(path.stem) or _FILE_NAME.fullmatch(path.name)):
+        return f"the file name names another experiment than its fields ({record['method']}/{want})"
+    return None
+
+
 def load_result(path: str | Path) -> dict:
+    """A valid result (:func:`validate`) whose file name does not name another experiment (:func:`name_problem`,
+    a :class:`MisnamedResult`)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read result {path}: {e}") from None
+        raise UserError(f"cannot read result {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         record = parse_json(text)
     except JSONError as e:
         raise UserError(f"{path}: corrupt result JSON ({e})") from None
-    return validate(record, str(path))
+    record = validate(record, str(path))
+    why = name_problem(path, record)
+    if why:
+        raise MisnamedResult(f"{path}: {why}")
+    return record
 
 
 def scores_tensor(record: dict) -> torch.Tensor:

@@ -61,7 +61,8 @@ from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
 from .io import given_path
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
 from .registry import Registry
-from .results import depth_text, identity_of, load_result, result_path, samples_path, samples_problem
+from .results import (MisnamedResult, check_result_folder, depth_text, identity_of, load_result, result_path,
+                      samples_path, samples_problem)
 
 DEFAULT_MODELS = ("instruct", "base")
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
@@ -338,11 +339,11 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
     ``{"models": ["smollm2"], "questions": "all", "tokens": [1024, 2048], "samples": 4}``, typed strictly
     (:class:`GridSettings`: ``"save_samples": "no"`` or ``"tokens": 2048.0`` is an error naming the field).
     A file that names none of models, questions and tokens is an error (a grid that names nothing)."""
-    from .io import JSONError, parse_json
+    from .io import JSONError, parse_json, read_regular
 
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path)
     except OSError as e:
         raise UserError(f"cannot read grid file {path}: {e.strerror or e}") from None
     try:
@@ -424,6 +425,8 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
             continue
         try:
             record = load_result(path)
+        except MisnamedResult as e:  # another experiment's result under this one's name: not trusted, not replaced
+            raise UserError(f"{e}; use another --output-dir or move it away") from None
         except UserError as e:
             st.state[q] = "corrupt"
             st.reason[q] = str(e).removeprefix(f"{path}: ")
@@ -582,6 +585,8 @@ def sweep_lock(output_dir: str | Path, own: list[Path] | None = None) -> Iterato
             raise UserError(f"another sweep (pid {_holder(note)}) is running on {out}; wait for it to finish or "
                             f"use another --output-dir") from None
         mine = _write_note(note)
+        for folder in sorted({p.parent for p in own or ()}):
+            check_result_folder(folder)  # before its temp files are cleaned or any work is done
         if own:
             remove_stale_temps(own)
         yield note

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import JSONError, parse_json
+from ..io import JSONError, parse_json, read_regular
 from .questions import QUESTIONS, answer_matches
 
 
@@ -37,7 +37,7 @@ class Record:
 def load_jsonl(path: str | Path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[Record]:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path)
     except FileNotFoundError:
         raise UserError(f"dataset {path} does not exist") from None
     except OSError as e:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..data.questions import QUESTIONS
 from ..errors import UserError
-from ..io import JSONError, parse_json
-from ..results import SEED_DEPTH, file_name, read_sample_scores, samples_path, validate
+from ..io import JSONError, parse_json, read_regular
+from ..results import SEED_DEPTH, file_name, name_problem, read_sample_scores, samples_path, validate
 
 
 @dataclass
@@ -149,7 +149,7 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
         mine = skip is not None and (path.resolve() == skip or skip in path.resolve().parents)
         rel = path.relative_to(root).as_posix()
         try:
-            obj = parse_json(path.read_text(encoding="utf-8"))
+            obj = parse_json(read_regular(path).decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             if mine:
                 continue
@@ -167,6 +167,9 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
             skipped.append(rel)
             continue
         record = validate(obj, str(path))
+        why = name_problem(path, record)
+        if why:
+            raise UserError(f"{path}: {why}")
         exp = Experiment(record, path, rel)
         if exp.key in found:
             raise UserError(f"two results for {exp.method} {exp.title}: {found[exp.key].path} and {path}; "
