@@ -227,7 +227,9 @@ def test_a_results_depth_must_be_its_units(tiny, reference, tmp_path):
     target = d / f"{key}_inc_state_320_d0.25.json"
     target.write_bytes((d / f"{key}_inc_state_320.json").read_bytes())  # depth 0.5 under the 0.25 name
     before = target.read_bytes()
-    with pytest.raises(UserError, match=r"_d0\.25\.json was made with needle_position 0\.5 \(this sweep: 0\.25\); "):
+    # a result of depth 0.5 under a depth-0.25 name names another experiment: neither trusted nor replaced
+    with pytest.raises(UserError, match=r"_d0\.25\.json: the file name names another experiment than its fields "
+                                        r"\(summed_attention/tiny_inc_state_320\.json\); "):
         run_sweep(depth_grid(tiny), out, load=lambda m, **kw: tiny[1], progress=False, echo=lambda s: None,
                   check_models=False)
     assert target.read_bytes() == before

@@ -152,7 +152,8 @@ def test_a_method_folder_that_is_a_link_is_never_written_through(command, tiny, 
     with pytest.raises(UserError, match="is a symbolic link"):
         from retrieval_heads.experiments import write_result
 
-        write_result(out, {"method": "summed_attention", "model_key": "m", "question": "q", "total_tokens": 256},
+        write_result(out, {"method": "summed_attention", "model_key": "m", "question": "q", "total_tokens": 256,
+                           "needle_position": 0.5},
                      [], None, False)  # the one writer of detect and sweep checks again
 
 
