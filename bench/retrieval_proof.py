@@ -124,6 +124,11 @@ def main() -> None:
         t_ablate = cli(ablate)
     abl = json.loads(ablation.read_text())
     shown = [a if not a.startswith(str(out)) else "RESULTS" + a[len(str(out)):] for a in ablate]
+    if str(abl.get("result", "")).startswith(str(out)):  # no temporary folder's name in the committed file
+        abl["result"] = "RESULTS" + abl["result"][len(str(out)):]
+        from retrieval_heads.io import atomic_write_json
+
+        atomic_write_json(ablation, abl)
     rec = {"command": C.command_line(), "machine": info, "question": args.question, "tokens": args.tokens,
            "samples": args.samples,
            "detect": "retrieval-heads " + shlex.join(detect).replace(str(out), "RESULTS"), "detect_seconds": t_detect,
