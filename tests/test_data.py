@@ -44,6 +44,11 @@ def test_questions_registry():
     ("12400", "12,400", True), ("about 12 400 people", "12,400", True), ("124000", "12,400", False),
     ("in 1987.", "1987", True), ("19870", "1987", False), ("New York", "New York", True),
     ("York", "New York", False), ("the state of west virginia", "West Virginia", True),
+    # a longer state name is not the shorter one, however spaced or cased; the shorter one beside it is
+    ("West Virginia", "Virginia", False), ("the state of west  virginia", "Virginia", False),
+    ("WV", "Virginia", False), ("Virginia", "Virginia", True), ("VA", "Virginia", True),
+    ("Virginia, not West Virginia", "Virginia", True), ("Virginia", "West Virginia", False),
+    ("Arkansas", "Kansas", False), ("Kansas", "Arkansas", False),
 ])
 def test_answer_matches(gen, gold, ok):
     assert answer_matches(gen, gold) is ok

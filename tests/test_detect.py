@@ -124,3 +124,18 @@ def test_cli_malformed_dataset_names_line(tmp_path):
     r = run_cli("detect", "--dataset", str(data), "--output-dir", str(tmp_path / "out"))
     assert r.returncode == 2 and "bad.jsonl:2: malformed JSON" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`retrieval-heads detect` with no flags runs the same experiment as `detect(lm)`; a grid keeps its own
+    sample count (its units are long prompts)."""
+    import inspect
+
+    from retrieval_heads import experiments, sweep
+    from retrieval_heads.commands.detect import detect as cli_detect
+
+    params = inspect.signature(cli_detect).parameters
+    lib = inspect.signature(experiments.detect).parameters
+    assert (params["tokens"].default.default, params["samples"].default.default) == (512, 16)
+    assert (lib["tokens"].default, lib["samples"].default) == (512, 16)
+    assert sweep.Grid.__dataclass_fields__["samples"].default == 6

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
-from .experiments import DEFAULT_SAMPLES, DetectResult, check_args, write_result
+from .experiments import DetectResult, check_args, write_result
 from .io import given_path
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
 from .registry import Registry
@@ -66,6 +66,7 @@ from .results import (MisnamedResult, check_result_folder, depth_text, identity_
 
 DEFAULT_MODELS = ("instruct", "base")
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
+DEFAULT_SAMPLES = 6  # per unit of a grid
 LOCK_NAME = ".sweep.lock"
 
 

@@ -14,8 +14,8 @@ from ._common import print_top, quiet_transformers
 def detect(
     model: str = typer.Option("smollm2", help="smollm2 (embedded), instruct, base, a local path or a hub id."),
     question: str = typer.Option("inc_state", help="inc_state, inc_year, employee_count or hq_state."),
-    tokens: int = typer.Option(2048, help="Prompt length in tokens, template and question included."),
-    samples: int = typer.Option(6, help="Number of samples (synthetic filings, or the first records of --dataset)."),
+    tokens: int = typer.Option(512, help="Prompt length in tokens, template and question included."),
+    samples: int = typer.Option(16, help="Number of samples (synthetic filings, or the first records of --dataset)."),
     needle_position: float = typer.Option(0.5, help="Depth of the needle in the haystack, 0 (start) to 1 (end)."),
     dataset: Optional[Path] = typer.Option(None, help="JSONL file of your own samples (see README)."),
     output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "

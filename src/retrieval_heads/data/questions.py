@@ -47,6 +47,11 @@ STATES: dict[str, str] = {
     "Virginia": "VA", "Washington": "WA", "West Virginia": "WV", "Wisconsin": "WI", "Wyoming": "WY",
 }
 _ABBREV_TO_STATE = {v: k for k, v in STATES.items()}
+# per state, the patterns of the longer state names that hold it as whole words (any spacing)
+_LONGER_STATES = {
+    s: [r"\s+".join(map(re.escape, o.split())) for o in STATES if o != s and re.search(rf"\b{re.escape(s)}\b", o)]
+    for s in STATES
+}
 
 
 def _norm_text(s: str) -> str:
@@ -60,6 +65,7 @@ def answer_matches(generated: str, answer: str) -> bool:
       in the generation, e.g. gold ``12,400`` matches ``12400`` and ``12 400`` but not ``124000``;
     - US states: the full name (case-insensitive) or its two-letter postal code as a separate upper-case
       word (``DE``), e.g. gold ``Delaware`` matches ``delaware`` and ``DE``, and not ``Delawares``;
+      a longer state name holding it as words (``West Virginia`` for ``Virginia``) does not count;
     - anything else: the normalised gold text (lower case, punctuation dropped) occurs as whole words.
     """
     gold = answer.strip()
@@ -73,6 +79,8 @@ def answer_matches(generated: str, answer: str) -> bool:
     if state is None and gold.upper() in _ABBREV_TO_STATE:
         state = _ABBREV_TO_STATE[gold.upper()]
     if state is not None:
+        for longer in _LONGER_STATES[state]:  # "West Virginia" is not an answer "Virginia"
+            generated = re.sub(rf"\b{longer}\b", " ", generated, flags=re.IGNORECASE)
         if re.search(rf"\b{re.escape(STATES[state])}\b", generated):
             return True
         gold = state
