@@ -396,9 +396,9 @@ def test_report_on_real_runs(smollm2, tmp_path):
     assert res.returncode == 0, res.stderr
     rep = tmp_path / "report"
     md = (rep / "report.md").read_text()
-    def cell(r):
+    def cell(r):  # the seed's cell, with the head's lift next to its score
         top = r.record["head_rankings"][0]
-        return f"{top['head']} ({score_text(top['score'])})"
+        return f"{top['head']} ({score_text(top['score'])}, {top['lift']:.1f}x)"
 
     assert (f"| **smollm2** | inc_state | {cell(runs[('inc_state', 320)])} | {cell(runs[('inc_state', 384)])} |\n"
             f"|  | hq_state | {cell(runs[('hq_state', 320)])} | {cell(runs[('hq_state', 384)])} |") in md
@@ -415,4 +415,5 @@ def test_report_on_real_runs(smollm2, tmp_path):
         assert [h["head"] for h in e["heads"]] == r.record["top_50_heads"][:20]
         assert all(h["lo"] <= h["median"] <= h["hi"] for h in e["heads"])
     page = (rep / "report.html").read_text()
-    assert page.count("<img ") == 5 and "Top head per configuration" in page
+    # the grid, 4 heatmaps, and one depth x length figure per question (accuracy beside lift)
+    assert page.count("<img ") == 7 and "Top head per configuration" in page
