@@ -268,3 +268,39 @@ def test_explorer_at_8k_tokens_is_quick(tmp_path):
     # building or restyling 8K token spans: measured 50-650 ms on a busy 2-core machine; bounds leave room for load
     assert max(in_page) < 1500
     assert max(timings) < 3.0  # click to paint, Playwright's round trips included (measured 0.2-1.0 s)
+
+
+@needs_browser
+def test_explorer_on_a_depth_sweep_of_the_embedded_model(smollm2, tmp_path):
+    """The issue's end-to-end picture on the real model: a sweep over 3 depths x 2 lengths with
+    ``--save-attention 5``, its report, and the explorer in chromium (a click on a top head shades the prompt
+    and marks the needle), for every experiment of the grid."""
+    from retrieval_heads.sweep import make_grid, run_sweep
+
+    out = tmp_path / "results"
+    grid = make_grid(models=["smollm2"], questions=["inc_state"], tokens=[320, 384],
+                     needle_positions=[0.1, 0.5, 0.9], samples=1, save_attention=5)
+    s = run_sweep(grid, out, load=lambda *a, **k: smollm2, progress=False, echo=lambda line: None)
+    assert len(s.done) == 6
+    assert main(["report", str(out), "--resamples", "20"]) == 0
+    path = out / "report" / "report.html"
+    html = path.read_text()
+    assert "Needle depth x length" in html
+    data = page_data(html)
+    assert sorted((e["tokens"], e["depth"]) for e in data["experiments"]) == \
+        [(t, d) for t in (320, 384) for d in (0.1, 0.5, 0.9)]
+    with sync_playwright() as p:
+        browser, page, errors = open_page(p, path)
+        for exp, e in enumerate(data["experiments"]):
+            top = e["saved"]["heads"][0]
+            click_head(page, exp, top)
+            page.wait_for_selector('#rh-explorer[data-state="shown"]')
+            assert page.input_value("#rh-exp") == str(exp) and page.input_value("#rh-head") == top
+            assert page.evaluate(SHADED) > 0
+            assert page.locator("#rh-needle").count() == 1
+            assert f"depth {e['depth']:g}" in page.inner_text("#rh-msg") or e["depth"] == 0.5
+        shot = artifacts(tmp_path) / "explorer_depth_sweep.png"
+        page.screenshot(path=str(shot))
+        assert errors == []
+        browser.close()
+    assert shot.stat().st_size > 10_000
