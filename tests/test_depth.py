@@ -18,7 +18,7 @@ import torch
 
 from retrieval_heads.errors import UserError
 from retrieval_heads.results import (
-    check_name, depth_text, file_name, load_result, make_record, parse_file_name, result_path,
+    check_name, depth_text, file_name, load_result, make_record, parse_file_name, result_path, samples_path,
 )
 from retrieval_heads.sweep import Unit, load_grid_file, make_grid, plan, run_sweep, unit_status
 
@@ -323,3 +323,69 @@ def test_report_of_a_depth_sweep(tiny, tmp_path):
         [f"summed_attention/{key}_inc_state_256_d{d}.attention.npz" for d in ("0.25", "0.75")]
     assert [x["depth"] for x in report.data["bootstrap"]["experiments"]] == [0.25, 0.75]
     assert all("heads" in x for x in report.data["bootstrap"]["experiments"])
+
+
+# --- answers in a sweep -----------------------------------------------------------------------------------
+
+
+def test_grid_answers_setting(tmp_path, monkeypatch):
+    """``answers = true`` in a grid file (strictly a bool), and ``--answers/--no-answers`` win over the file."""
+    from retrieval_heads.cli import main
+
+    assert make_grid().answers is False and make_grid(answers=True).answers is True
+    g = tmp_path / "g.toml"
+    g.write_text('models = ["smollm2"]\nanswers = true\n')
+    assert make_grid(**load_grid_file(g)).answers is True
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": ["smollm2"], "answers": "false"}))
+    with pytest.raises(UserError, match='answers: expected true or false, got "false"'):
+        load_grid_file(bad)
+    seen = []
+    monkeypatch.setattr("retrieval_heads.sweep.run_sweep", lambda grid, *a, **k: seen.append(grid) or _Done())
+    for flags, want in [([], True), (["--no-answers"], False), (["--answers"], True)]:
+        assert main(["sweep", "--config", str(g), *flags, "--output-dir", str(tmp_path / "o")]) == 0
+        assert seen[-1].answers is want
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"models": ["smollm2"]}))
+    assert main(["sweep", "--config", str(plain), "--answers", "--output-dir", str(tmp_path / "o")]) == 0
+    assert seen[-1].answers is True
+
+
+def test_sweep_answers_as_detect_and_resume(tiny, tmp_path):
+    """A sweep with answers records the accuracy ``detect(answers=True)`` records on the same settings (and the
+    samples files the answers); a result made without answers is recomputed by a sweep that asks for them, the
+    other way round it is kept; the report's depth x length grid then shows the accuracy."""
+    from retrieval_heads import detect
+    from retrieval_heads.report.build import build
+
+    lm = tiny[1]
+    key = lm.key
+    kw = dict(questions=["inc_state"], tokens=[256], needle_positions=[0.25], save_samples=True)
+    out = tmp_path / "out"
+    path = out / "summed_attention" / file_name(key, "inc_state", 256, 0.25)
+    load = lambda m, **k: lm  # noqa: E731
+    s = run_sweep(depth_grid(tiny, **kw), out, load=load, progress=False, echo=lambda s: None, check_models=False)
+    assert s.done == [path] and "accuracy" not in load_result(path)["extra"]
+    st = unit_status(out, depth_grid(tiny, answers=True, **kw), Unit(str(tiny[0]), 256, ("inc_state",), 0.25))
+    assert st.state == {"inc_state": "missing"} and st.reason == {"inc_state": "no answers recorded"}
+    lines: list[str] = []
+    s = run_sweep(depth_grid(tiny, answers=True, **kw), out, load=load, progress=False, echo=lines.append,
+                  check_models=False)
+    assert s.done == [path] and not s.skipped and lines[1].startswith("done ")
+    det = detect(lm, question="inc_state", tokens=256, samples=2, needle_position=0.25, seed=0, answers=True)
+    rec, want = load_result(path), det.record
+    assert rec["extra"] == want["extra"]  # accuracy, n_correct, n_answered, max_new_tokens, in detect's order
+    assert {"accuracy", "n_correct", "n_answered", "max_new_tokens"} <= set(rec["extra"])
+    assert rec["extra"]["n_answered"] == 2
+    acc = f"accuracy {want['extra']['n_correct']}/2"
+    assert acc in rec["verdict"] and acc in want["verdict"]
+    rows = [json.loads(x) for x in samples_path(path).read_text().splitlines()]
+    assert [(r["generated"], r["correct"]) for r in rows] == [(a.text, a.correct) for a in det.result.answers]
+    # a sweep without answers keeps the result made with them
+    s = run_sweep(depth_grid(tiny, **kw), out, load=lambda m, **k: pytest.fail("nothing to load"), progress=False,
+                  echo=lambda s: None, check_models=False)
+    assert s.skipped == [path] and not s.done and not s.recomputed
+    report = build(out, tmp_path / "report", resamples=10)
+    [g] = report.data["depth_grid"]["grids"]
+    assert g["answers_recorded"] and g["accuracy"] == [[rec["extra"]["accuracy"]]]
+    assert g["n_correct"] == [[rec["extra"]["n_correct"]]]

@@ -90,6 +90,7 @@ class Grid:
     trust_remote_code: bool = False
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
+    answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
 
     @property
     def size(self) -> int:
@@ -130,7 +131,7 @@ class Status:
 
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
-           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by"):
+           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -224,6 +225,7 @@ class GridSettings(BaseModel):
     trust_remote_code: Optional[bool] = None
     save_attention: Optional[int] = None
     rank_by: Optional[str] = None
+    answers: Optional[bool] = None
 
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
@@ -232,7 +234,7 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "seed": "a whole number", "method": "a name", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "save_attention": "a whole number",
-            "rank_by": "score or lift"}
+            "rank_by": "score or lift", "answers": "true or false"}
 
 
 def _shown(value: Any) -> str:
@@ -296,7 +298,7 @@ def make_grid(**settings: Any) -> Grid:
     if "tokens" in given:
         values["tokens"] = _unique([given["tokens"]] if isinstance(given["tokens"], int) else given["tokens"])
     for k in ("samples", "seed", "batch_size", "method", "dtype", "device", "save_samples", "trust_remote_code",
-              "save_attention", "rank_by"):
+              "save_attention", "rank_by", "answers"):
         if k in given:
             values[k] = given[k]
     if "needle_position" in given and "needle_positions" in given:
@@ -435,6 +437,10 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
         other = _settings_mismatch(record, grid, unit.depth) or _identity_mismatch(record, identity)
         if other:
             raise UserError(f"{path} was made with {other}; use another --output-dir or move it away")
+        if grid.answers and not (isinstance(record.get("extra"), dict) and "accuracy" in record["extra"]):
+            st.state[q] = "missing"  # made without answers; one made with them serves a sweep without
+            st.reason[q] = "no answers recorded"
+            continue
         if grid.save_samples and not samples_path(path).exists():
             st.state[q] = "missing"
             st.reason[q] = "no samples file"
@@ -470,13 +476,15 @@ def compute_unit(
         for i, q in enumerate(unit.questions):
             out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
                               needle_position=unit.depth, seed=grid.seed, method=grid.method,
-                              batch_size=grid.batch_size, save_attention=grid.save_attention).result)
+                              batch_size=grid.batch_size, save_attention=grid.save_attention,
+                              answers=grid.answers).result)
             progress((i + 1) / len(unit.questions))
         return out
 
     import torch
 
     from .chance import chance_fields, probe_shared, span_scores
+    from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy, answer_prompts
 
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
     done = 0
@@ -493,10 +501,13 @@ def compute_unit(
         prompts = [g[q] for g in groups]
         ss = span_scores(masses[q], prompts, "needle")
         scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
+        got = answer_prompts(lm, prompts, DEFAULT_MAX_NEW_TOKENS, grid.batch_size) if grid.answers else None
+        answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
         record = synthetic_record(lm, grid.method, q, unit.tokens, unit.depth, grid.seed, scores,
-                                  added=chance_fields(ss), rank_by=grid.rank_by)
+                                  added=chance_fields(ss, accuracy=answered), rank_by=grid.rank_by,
+                                  answered=answered)
         out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
-                                rank_by=grid.rank_by, spans=ss))
+                                rank_by=grid.rank_by, spans=ss, answers=got))
     for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
         r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
     return out

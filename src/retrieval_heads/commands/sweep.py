@@ -69,6 +69,9 @@ def sweep(
     save_attention: Optional[int] = typer.Option(None, help="Save the top K heads' last-token attention rows "
                                                             "beside each result (.attention.npz) [default: 0, off]."),
     rank_by: Optional[str] = typer.Option(None, help="Rank summed_attention's heads by score or lift [default: score]."),
+    answers: Optional[bool] = typer.Option(None, "--answers/--no-answers",
+                                           help="Also decode the model's greedy answers (accuracy in each "
+                                                "result) [default: off]."),
     config: Optional[Path] = typer.Option(None, help="Grid file (.json or .toml) of the settings above; flags win."),
     output_dir: str = typer.Option("results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                    "(_dDEPTH before .json at a depth other than 0.5)."),
@@ -95,7 +98,7 @@ def sweep(
                  needle_position=needle_position, needle_positions=needle_positions or None, seed=seed,
                  method=method, dtype=dtype, device=device,
                  batch_size=batch_size, save_samples=save_samples, save_attention=save_attention,
-                 trust_remote_code=trust_remote_code, rank_by=rank_by)
+                 trust_remote_code=trust_remote_code, rank_by=rank_by, answers=answers)
     settings.update({k: v for k, v in flags.items() if v is not None})
     grid = make_grid(**settings)
     quiet_transformers()
