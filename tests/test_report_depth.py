@@ -63,7 +63,7 @@ def test_depth_by_length_grid(tmp_path, capsys):
     assert ("| 0.1 | L1H2 8.4x | L1H2 8.6x |\n| 0.5 | L1H2 9.2x | L1H2 9.4x |\n| 0.9 | L1H2 10.0x | L0H0 "
             "18.0x |") in grid
     assert "Across depths: the top head is the same at every depth at 1K; it changes with depth at 2K;" in grid
-    assert "Accuracy: no answers recorded (decode answers with `detect --answers`)." in grid  # hq_state
+    assert "Accuracy: no answers recorded (decode answers with `detect --answers` or `sweep --answers`)." in grid  # hq_state
     assert "One depth (0.5) only: nothing to compare across depths." in grid
     data = json.loads((out / "report.json").read_text())["depth_grid"]["grids"]
     g = data[0]

@@ -134,7 +134,7 @@ def section(col: Collection) -> tuple[list[Block], dict]:
         if g["answers_recorded"]:
             blocks.append(_accuracy_table(g))
         else:
-            blocks.append(Paragraph(f"Accuracy: {NO_ANSWERS} (decode answers with `detect --answers`)."))
+            blocks.append(Paragraph(f"Accuracy: {NO_ANSWERS} (decode answers with `detect --answers` or `sweep --answers`)."))
         blocks.append(_lift_table(g))
         blocks.append(_stability_text(g))
     pairs = [p for g in gs for p in g["depth_pairs"]]
