@@ -59,8 +59,8 @@ MODEL_FIXTURES = {"smollm2", "smollm2_bf16", "runs"}
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+    for item in items:  # SmolLM2's weights, the fault launcher, or a browser: not for the fast loop
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.slow)
 
 

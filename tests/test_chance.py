@@ -201,6 +201,7 @@ def test_rank_by_lift_orders_the_record():
     assert "rank_by" not in plain and "lift" not in plain["head_rankings"][0]
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 @pytest.mark.parametrize("args, message", [
     (["--span", "fact", "--dataset", "DATA"], "error: --span fact needs the synthetic samples"),
     (["--span", "words"], "error: unknown span 'words'; choose from: needle, answer, fact"),

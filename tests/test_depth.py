@@ -281,6 +281,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts other processes
 def test_killed_depth_sweep_resumes_to_the_same_results(tiny, reference, tmp_path):
     """SIGKILL as the fourth result is renamed into place (the second unit, depth 0.5, half written): the
     rerun skips the three results there and computes the five others, ending with the reference's files."""

@@ -733,6 +733,7 @@ HUB_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts other processes
 def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
     """A hub id not in the local cache while the hub does not answer (a closed port): one line within a few
     seconds, not minutes of retries with a warning per retry."""
@@ -1017,6 +1018,7 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts other processes
 def test_removing_the_lock_file_does_not_release_the_lock(tmp_path):
     """Another process holds the sweep lock; deleting (or replacing) ``OUT/.sweep.lock`` does not let a
     second sweep start on ``OUT``: the lock is on the folder itself."""
@@ -1205,6 +1207,7 @@ KILLED_CONVERSION = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts other processes
 def test_killed_conversion_leaves_nothing_the_next_one_does_not_remove(tmp_path, monkeypatch):
     """A first conversion killed by SIGKILL leaves its temp folder ``.smollm2-*``; the next conversion removes
     it (and no other folder) while holding the cache's lock, which also serialises concurrent first runs."""
