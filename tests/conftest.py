@@ -84,3 +84,38 @@ def smollm2():
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     return load_model("smollm2")
+
+
+SMOL_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2)  # a tiny Llama that reads SmolLM2's tokenizer
+
+
+def save_tiny(d, seed: int = 0, layers: int = 2, positions: int = 512):
+    """A folder ``d`` holding a tiny random Llama (safetensors) and SmolLM2's tokenizer files: a local
+    model that loads like any other (real prompts, fast passes). Returns ``d``."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrieval_heads.models import smollm2_path
+
+    d.mkdir(parents=True, exist_ok=True)
+    for f in smollm2_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, d / f.name)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**SMOL_TINY, num_hidden_layers=layers, max_position_embeddings=positions)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def tiny_smol_lm(layers: int = 3, positions: int = 1024):
+    """The same tiny Llama in memory, as a LoadedModel with SmolLM2's tokenizer (key and name ``tiny``)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from retrieval_heads.models import LoadedModel, smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SMOL_TINY, num_hidden_layers=layers, max_position_embeddings=positions)
+    return LoadedModel(LlamaForCausalLM(cfg).eval(), tok, "tiny", "tiny")

@@ -10,26 +10,20 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_smol_lm
 from retrieval_heads import attention as A
 from retrieval_heads.capture import reference_rows
 from retrieval_heads.cli import main
 from retrieval_heads.errors import UserError
 from retrieval_heads.experiments import detect
 from retrieval_heads.methods.retrieval_score import gold_span
-from retrieval_heads.models import LoadedModel, smollm2_path
 from retrieval_heads.results import parse_head
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A tiny random Llama with SmolLM2's tokenizer (real prompts, fast passes)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return LoadedModel(LlamaForCausalLM(cfg).eval(), tok, "tiny", "tiny")
+    return tiny_smol_lm()
 
 
 def check_against_reference(lm, res, k):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
+from conftest import tiny_smol_lm
 from retrieval_heads import ablate
 from retrieval_heads.chance import chance_fields
 from retrieval_heads.data.dataset import Record
@@ -15,19 +16,12 @@ from retrieval_heads.data.prompt import PromptFormat
 from retrieval_heads.data.samples import dataset_samples, synthetic_samples
 from retrieval_heads.experiments import (AmbiguousResult, DetectResult, Detection, detect, experiment_prompts,
                                          synthetic_record)
-from retrieval_heads.models import LoadedModel, smollm2_path
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A tiny random Llama with SmolLM2's tokenizer (real prompts, fast passes)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return LoadedModel(LlamaForCausalLM(cfg).eval(), tok, "tiny", "tiny")
+    return tiny_smol_lm()
 
 
 def test_one_result_is_a_detection_that_answers_for_it(tiny_lm):

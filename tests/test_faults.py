@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import save_tiny
 from retrieval_heads import io as rio
 from retrieval_heads.errors import UserError
 from retrieval_heads.sweep import Unit, compute_unit, make_grid, run_sweep, unit_status
@@ -179,19 +180,9 @@ def sweep_args(model, out):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama directory with SmolLM2's tokenizer, and the model loaded from it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from retrieval_heads.models import load_model
 
-    from retrieval_heads.models import load_model, smollm2_path
-
-    d = tmp_path_factory.mktemp("models") / "tiny"
-    d.mkdir()
-    for f in smollm2_path().iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, d / f.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    d = save_tiny(tmp_path_factory.mktemp("models") / "tiny")
     return d, load_model(str(d))
 
 

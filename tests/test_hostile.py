@@ -11,8 +11,8 @@ import os
 import shutil
 
 import pytest
-import torch
 
+from conftest import save_tiny
 from retrieval_heads import io as rio, models, results
 from retrieval_heads.errors import UserError
 from retrieval_heads.sweep import make_grid, run_sweep
@@ -22,17 +22,7 @@ QS, TS = ["inc_state", "hq_state"], [256, 320]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("models") / "tiny"
-    d.mkdir()
-    for f in models.smollm2_path().iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, d / f.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    d = save_tiny(tmp_path_factory.mktemp("models") / "tiny")
     return d, models.load_model(str(d))
 
 

@@ -18,6 +18,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import save_tiny
 from retrieval_heads import models, results
 from retrieval_heads.errors import UserError
 from retrieval_heads.sweep import Unit, make_grid, run_sweep, unit_status
@@ -26,20 +27,6 @@ Q, T = "inc_state", 256
 GOOD = {"needle": "The company is incorporated in the State of Delaware.", "question":
         "In what state is the company incorporated?", "answer": "Delaware",
         "haystack": "The quarterly report covers revenue, costs and the outlook for the next year. " * 60}
-
-
-def save_tiny(d, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d.mkdir(parents=True, exist_ok=True)
-    for f in models.smollm2_path().iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, d / f.name)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
