@@ -16,7 +16,8 @@ from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, greedy_decode, st
 from retrieval_heads.methods import METHODS, MethodContext
 from retrieval_heads.methods.qrhead import filtered_sum
 from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
-from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits, whole_word_spans
+from retrieval_heads.data.spans import whole_word_spans
+from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
 from retrieval_heads.results import load_result
 
 ALL = "summed_attention,query_focused,retrieval_score"

@@ -53,8 +53,14 @@ def whole_word_spans(text: str, answer: str) -> list[tuple[int, int]]:
 
 
 def char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """``ends[i]`` = number of characters of ``decode(ids[:i])``, for i = 0..len(ids)."""
-    return [len(tokenizer.decode(list(ids[:i]))) for i in range(len(ids) + 1)]
+    """``ends[i]`` = number of characters of ``decode(ids[:i])``, for i = 0..len(ids), kept monotone (a
+    prefix that ends inside a multi-byte character may decode shorter than the one before it). Decoding
+    prefixes, rather than re-tokenizing the text, maps exactly the ids in the prompt, tokens that carry
+    their leading space (" Kansas") and word pieces ("kansas" after "Ar") included."""
+    ends = [0]
+    for i in range(1, len(ids) + 1):
+        ends.append(max(ends[-1], len(tokenizer.decode(list(ids[:i]), clean_up_tokenization_spaces=False))))
+    return ends
 
 
 def token_span(ends: Sequence[int], start: int, end: int) -> tuple[int, int] | None:
@@ -67,7 +73,7 @@ def token_span(ends: Sequence[int], start: int, end: int) -> tuple[int, int] | N
 def answer_span(tokenizer, ids: Sequence[int], answer: str) -> tuple[int, int] | None:
     """Token indices ``[i0, i1)`` (into ``ids``) of the first whole-word occurrence of ``answer`` in
     ``decode(ids)`` (see :func:`whole_word_spans`), or None if it does not occur."""
-    spans = whole_word_spans(tokenizer.decode(list(ids)), answer)
+    spans = whole_word_spans(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False), answer)
     return token_span(char_ends(tokenizer, ids), *spans[0]) if spans else None
 
 

@@ -20,68 +20,22 @@ like the seed's, is the sum over samples, i.e. over the correctly answered ones;
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 
 from ..data.prompt import PromptSample
-from ..data.questions import STATES
+from ..data.spans import answer_span
 from .base import Method, MethodContext, register
-
-
-def whole_word_spans(text: str, answer: str) -> list[tuple[int, int]]:
-    """Character ranges [start, end) of the whole-word occurrences of ``answer`` in ``text``, case-insensitive,
-    in order.
-
-    Whole words: an answer that begins (ends) with a letter, digit or underscore must not be preceded
-    (followed) by one, so "Kansas" is not found inside "Arkansas" nor "1990" inside "19905"; a number must
-    also not continue with a separator and digits ("12,400" is not found inside "12,400,000" nor "112,400").
-    An occurrence that is part of a longer US state name at that place is skipped too: "Virginia" is not
-    found inside "West Virginia" (the longer name's words may be separated by any whitespace).
-    """
-    answer = answer.strip()
-    if not answer:
-        return []
-    pat = re.escape(answer)
-    if re.match(r"\w", answer[0]):
-        pat = (r"(?<!\d[,.])" if answer[0].isdigit() else "") + r"(?<!\w)" + pat
-    if re.match(r"\w", answer[-1]):
-        pat += r"(?!\w)" + (r"(?![,.]\d)" if answer[-1].isdigit() else "")
-    longer = [name for name in STATES if len(name) > len(answer)
-              and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", name, re.IGNORECASE)]
-    covered = [m.span() for name in longer
-               for m in re.finditer(r"(?<!\w)" + r"\s+".join(map(re.escape, name.split())) + r"(?!\w)", text,
-                                    re.IGNORECASE)]
-    return [m.span() for m in re.finditer(pat, text, re.IGNORECASE)
-            if not any(a <= m.start() and m.end() <= b for a, b in covered)]
-
-
-def token_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """Character end of each prefix of ``ids`` in their decoded text: ends[i] = len(decode(ids[:i])), i = 0..n.
-
-    Decoding prefixes (rather than re-tokenizing the text) maps exactly the ids that are in the prompt, and
-    handles tokens that carry their leading space (" Kansas") or a word piece ("kansas" after "Ar"); a prefix
-    that ends inside a multi-byte character is kept monotone."""
-    ends = [0]
-    for i in range(1, len(ids) + 1):
-        ends.append(max(ends[-1], len(tokenizer.decode(list(ids[:i]), clean_up_tokenization_spaces=False))))
-    return ends
 
 
 def gold_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
     """Prompt positions [start, end) of the needle tokens that overlap the gold answer's first whole-word
-    occurrence in the needle (case-insensitive, see :func:`whole_word_spans`), or None when the needle holds
-    the answer only inside longer words ("Kansas" only as part of "Arkansas") or not at all."""
-    needle = prompt.input_ids[prompt.needle_start : prompt.needle_end]
-    text = tokenizer.decode(needle, clean_up_tokenization_spaces=False)
-    found = whole_word_spans(text, prompt.answer)
-    if not found:
-        return None
-    at, end = found[0]
-    ends = token_ends(tokenizer, needle)
-    hit = [i for i in range(len(needle)) if ends[i] < end and ends[i + 1] > at]
-    return prompt.needle_start + hit[0], prompt.needle_start + hit[-1] + 1
+    occurrence in the needle (case-insensitive, see :func:`~retrieval_heads.data.spans.whole_word_spans`), or
+    None when the needle holds the answer only inside longer words ("Kansas" only as part of "Arkansas") or
+    not at all."""
+    span = answer_span(tokenizer, prompt.input_ids[prompt.needle_start : prompt.needle_end], prompt.answer)
+    return None if span is None else (prompt.needle_start + span[0], prompt.needle_start + span[1])
 
 
 def retrieval_hits(prompt_ids: torch.Tensor, span: tuple[int, int], answer_ids: Sequence[int],
