@@ -119,3 +119,20 @@ def tiny_smol_lm(layers: int = 3, positions: int = 1024):
     torch.manual_seed(0)
     cfg = LlamaConfig(**SMOL_TINY, num_hidden_layers=layers, max_position_embeddings=positions)
     return LoadedModel(LlamaForCausalLM(cfg).eval(), tok, "tiny", "tiny")
+
+
+def cli(capfd, *args):
+    """Run the CLI in this process: (exit code, stdout, stderr), captured at the file-descriptor level."""
+    from retrieval_heads.cli import main
+
+    capfd.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def one_line(rc, err, msg=""):
+    """Assert the one-line error of bad input (exit 2, one ``error:`` line holding ``msg``); returns it."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err
+    return lines[0]

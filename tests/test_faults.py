@@ -624,6 +624,16 @@ def test_really_full_disk(tiny, grid, reference, tiny_tmpfs):
     assert results(out) == {first.name: results(reference)[first.name]}
 
 
+def corrupt_reasons(tiny, grid, out) -> dict[str, str]:
+    """{file name: why} of the results the sweep's resume marks corrupt in ``out``."""
+    key = tiny[0].name
+    reasons = {}
+    for t in TOKENS:
+        st = unit_status(out, grid, Unit(str(tiny[0]), t, tuple(QUESTIONS)), key)
+        reasons.update({f"{key}_{q}_{t}.json": st.reason[q] for q in QUESTIONS if st.state[q] == "corrupt"})
+    return reasons
+
+
 def test_corrupt_results_are_detected_and_recomputed(tiny, grid, reference, tmp_path):
     """Each way a result file can be damaged is found by name and reason, then recomputed."""
     out = tmp_path / "out"
@@ -642,11 +652,7 @@ def test_corrupt_results_are_detected_and_recomputed(tiny, grid, reference, tmp_
     }
     for name, (text, _) in damage.items():
         (d / name).write_text(text)
-    key = tiny[0].name
-    reasons = {}
-    for t in TOKENS:
-        st = unit_status(out, grid, Unit(str(tiny[0]), t, tuple(QUESTIONS)), key)
-        reasons.update({f"{key}_{q}_{t}.json": st.reason[q] for q in QUESTIONS if st.state[q] == "corrupt"})
+    reasons = corrupt_reasons(tiny, grid, out)
     assert sorted(reasons) == sorted(damage)
     for name, (_, why) in damage.items():
         assert why in reasons[name], reasons[name]
@@ -1179,11 +1185,7 @@ def test_resume_recomputes_results_nested_too_deep_or_with_huge_numbers(tiny, gr
               files[2].name: ('{"scores": -1e999}', "number -1e999 is out of range")}
     for name, (text, _) in damage.items():
         (d / name).write_text(text)
-    key = tiny[0].name
-    reasons = {}
-    for t in TOKENS:
-        st = unit_status(out, grid, Unit(str(tiny[0]), t, tuple(QUESTIONS)), key)
-        reasons.update({f"{key}_{q}_{t}.json": st.reason[q] for q in QUESTIONS if st.state[q] == "corrupt"})
+    reasons = corrupt_reasons(tiny, grid, out)
     assert sorted(reasons) == sorted(damage)
     for name, (_, why) in damage.items():
         assert reasons[name].startswith("corrupt result JSON (") and why in reasons[name], reasons[name]

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import save_tiny
+from conftest import cli, one_line, save_tiny
 from retrieval_heads import models, results
 from retrieval_heads.errors import UserError
 from retrieval_heads.sweep import Unit, make_grid, run_sweep, unit_status
@@ -50,21 +50,6 @@ def reference(tiny, tmp_path_factory):
     s, _ = sweep(tiny, out, save_samples=True)
     assert len(s.done) == 1
     return s.done[0]
-
-
-def cli(capfd, *args):
-    from retrieval_heads.cli import main
-
-    capfd.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return rc, out, err
-
-
-def one_line(rc, err, msg=""):
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err
-    return lines[0]
 
 
 def rewrite(path, edit):
