@@ -223,6 +223,6 @@ def test_ray_payload_carries_the_attention_file(tiny_lm):
     unit = Unit("smollm2", 260, grid.questions)
     worker = ModelWorker("smollm2", grid)
     worker.lm = tiny_lm
-    payloads, _ = worker.compute(unit, ["hq_state"])
+    payloads, _ = worker.compute(unit, [("summed_attention", "hq_state")])
     local = {r.record["question"]: r for r in compute_unit(tiny_lm, unit, grid)}
     assert len(payloads) == 1 and payloads[0].result().attention == local["hq_state"].attention is not None

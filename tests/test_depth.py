@@ -359,7 +359,8 @@ def test_sweep_answers_as_detect_and_resume(tiny, tmp_path):
     s = run_sweep(depth_grid(tiny, **kw), out, load=load, progress=False, echo=lambda s: None, check_models=False)
     assert s.done == [path] and "accuracy" not in load_result(path)["extra"]
     st = unit_status(out, depth_grid(tiny, answers=True, **kw), Unit(str(tiny[0]), 256, ("inc_state",), 0.25))
-    assert st.state == {"inc_state": "missing"} and st.reason == {"inc_state": "no answers recorded"}
+    e = ("summed_attention", "inc_state")
+    assert st.state == {e: "missing"} and st.reason == {e: "no answers recorded"}
     lines: list[str] = []
     s = run_sweep(depth_grid(tiny, answers=True, **kw), out, load=load, progress=False, echo=lines.append,
                   check_models=False)

@@ -630,7 +630,7 @@ def corrupt_reasons(tiny, grid, out) -> dict[str, str]:
     reasons = {}
     for t in TOKENS:
         st = unit_status(out, grid, Unit(str(tiny[0]), t, tuple(QUESTIONS)), key)
-        reasons.update({f"{key}_{q}_{t}.json": st.reason[q] for q in QUESTIONS if st.state[q] == "corrupt"})
+        reasons.update({f"{key}_{q}_{t}.json": st.reason[m, q] for m, q in st.state if st.state[m, q] == "corrupt"})
     return reasons
 
 

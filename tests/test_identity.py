@@ -277,7 +277,8 @@ def test_samples_file_that_does_not_belong_is_recomputed(damage, tiny, reference
     results.samples_path(path).write_text(text)
     g = make_grid(models=[str(tiny[0])], questions=[Q], tokens=[T], samples=2, save_samples=True)
     st = unit_status(out, g, Unit(str(tiny[0]), T, (Q,)))
-    assert st.state[Q] == "corrupt" and st.reason[Q].startswith("samples file"), st.reason
+    e = ("summed_attention", Q)
+    assert st.state[e] == "corrupt" and st.reason[e].startswith("samples file"), st.reason
     s, _ = sweep(tiny, out, save_samples=True)
     assert [p.name for p in s.recomputed] == [reference.name]
     assert results.samples_path(path).read_text() == src

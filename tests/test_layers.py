@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("capture", {"capture"}),
-    ("methods", {"stats", "methods", "generation", "prefill", "chance"}),
+    ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
     ("experiments", {"results", "attention", "experiments"}),
     ("sweep and engines", {"sweep", "ray_engine", "ablation", "export"}),
     ("report", {"report"}),

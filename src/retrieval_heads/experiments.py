@@ -27,6 +27,7 @@ from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
 from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
+from .onepass import score_prompts  # noqa: F401  (part of this module's API)
 from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
 # detect's defaults: where the embedded model answers and heads beat the control, under 2 minutes on 2 cores
@@ -160,32 +161,6 @@ def experiment_prompts(
     return [g[question] for g in build_prompts(lm, [question], tokens, samples, needle_position, seed)]
 
 
-def score_prompts(
-    lm: LoadedModel, method: str, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
-    desc: str = "samples", answers: Sequence | None = None,
-) -> torch.Tensor:
-    """Per-sample scores (S, L, H), kept on the model's device until the end. ``answers`` (one per prompt)
-    go to methods that need them (see :mod:`retrieval_heads.methods`), in the batch's
-    :class:`~retrieval_heads.methods.base.MethodContext`."""
-    from tqdm.auto import tqdm
-
-    m = METHODS.get(method)
-    if "answers" in m.needs and answers is None:
-        raise ValueError(f"method {method!r} needs the model's answers")
-    ctx = MethodContext(tokenizer=lm.tokenizer,
-                        prompt_format=PromptFormat(lm.tokenizer) if "prompt_format" in m.needs else None)
-
-    def context(idx: list[int]) -> MethodContext:
-        return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
-
-    out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
-        for idx in batches(prompts, batch_size):
-            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
-            bar.update(len(idx))
-    return out
-
-
 def write_result(
     output_dir: str | Path, record: dict, prompts: Sequence[PromptSample], sample_scores: torch.Tensor,
     save_samples: bool, answers: Sequence | None = None, attention: bytes | None = None, spans=None,
@@ -260,6 +235,7 @@ def detect(
     span: str | Sequence[str] = "needle",
     rank_by: str = "score",
     alpha: float = 0.05,
+    one_prefill: bool = True,
 ) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
@@ -278,6 +254,10 @@ def detect(
     significance test against the control (:mod:`retrieval_heads.chance`), for each span kind in ``span``
     (``needle``, ``answer``, ``fact``; each written under :func:`~retrieval_heads.chance.span_result_name`),
     all from the same probed passes; ``rank_by="lift"`` ranks them by lift; ``alpha`` is the test's level.
+
+    When more than one pass per sample would be run (several methods, or answers), every method, span and
+    the answers come from one context pass per sample (:mod:`retrieval_heads.onepass`; equal to separate
+    passes within float tolerance); ``one_prefill=False`` runs each method's own passes instead.
 
     With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
@@ -319,24 +299,37 @@ def detect(
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:
         qkey, qprompt = question, QUESTIONS.get(question).prompt
-    got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
-        if want_answers else None
+    shared = None
+    if one_prefill and (want_answers or any(n != "summed_attention" for n in names)):  # several passes: share one
+        from tqdm.auto import tqdm
+
+        from .onepass import score_groups
+
+        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=not progress, file=sys.stderr,
+                  leave=False) as bar:
+            shared = score_groups(lm, [{qkey: p} for p in prompts], [qkey], names, want_answers, max_new_tokens,
+                                  batch_size, on_batch=bar.update)[qkey]
+        got = shared.answers
+    else:
+        got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
+            if want_answers else None
     extra: dict = {"num_key_value_heads": lm.num_kv_heads}
     if got is not None:
         extra.update(accuracy(got), max_new_tokens=max_new_tokens)
     provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
-    masses = None
     for name in names:
         if name == "summed_attention":  # every span from the same probed passes
-            masses = chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
+            masses = shared.masses if shared is not None else \
+                chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
             for sp in spans:
                 out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
                                         dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
                                              needle_position=needle_position, seed=seed,
                                              extra=extra, provenance=provenance)))
             continue
-        sample_scores = score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
+        sample_scores = shared.scores[name] if shared is not None else \
+            score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
         rname = result_name(name, success_only)
         if success_only and rname != name:
             keep = torch.tensor([a.correct for a in got], dtype=sample_scores.dtype, device=sample_scores.device)

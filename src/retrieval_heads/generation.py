@@ -76,13 +76,14 @@ def stop_rule(model, tokenizer) -> Stop:
 @torch.no_grad()
 def greedy_decode(
     model, input_ids: torch.Tensor, max_new_tokens: int, stop: Stop, track_argmax: bool = False,
-    ablate: dict[int, list[int]] | torch.Tensor | None = None,
+    ablate: dict[int, list[int]] | torch.Tensor | None = None, cache=None, past: int = 0,
 ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
     """Greedy continuation of each row of input_ids (B, N), KV cache, stopping as :data:`Stop` says.
 
     Returns the answer ids of each row and, with ``track_argmax``, one (T_b, L, H) int64 tensor per row:
-    the argmax over all keys (prompt and answer so far) of each head's attention row in the pass that
-    predicted answer token t.
+    the position (in the whole sequence) of the key each head attended most, over all keys (prompt and
+    answer so far), in the pass that predicted answer token t. ``cache``: a cache already holding the first
+    ``past`` positions (a shared context; it grows), input_ids then being what follows them.
     """
     cfg = model.config.get_text_config()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -90,7 +91,9 @@ def greedy_decode(
     step: dict[str, torch.Tensor] = {}
 
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, 1, K), the row of the newest position
-        step["argmax"][:, layer] = probs[:, :, -1].argmax(-1).to(step["argmax"].device)  # (B, H)
+        # the K keys are the last K positions (a sliding-window layer's cache keeps only its window)
+        at = probs[:, :, -1].argmax(-1) + (step["seen"] - probs.shape[-1])  # (B, H) position in the sequence
+        step["argmax"][:, layer] = at.to(step["argmax"].device)
 
     removes = bool(ablate.any()) if isinstance(ablate, torch.Tensor) else bool(ablate)  # dict, or (B, L, H) mask
     probe = attention_probe(model, on_layer if track_argmax else None, ablate=ablate) \
@@ -98,10 +101,11 @@ def greedy_decode(
     answers: list[list[int]] = [[] for _ in range(B)]
     tracks: list[list[torch.Tensor]] = [[] for _ in range(B)]
     done = [False] * B
-    feed, cache, kw = input_ids, None, cache_kwarg(model)
+    feed, kw, seen = input_ids, cache_kwarg(model), past
     with probe as state:
         for _ in range(max_new_tokens):
-            step["argmax"] = torch.zeros(B, L, H, dtype=torch.long)  # (B, L, H)
+            seen += feed.shape[1]
+            step["argmax"], step["seen"] = torch.zeros(B, L, H, dtype=torch.long), seen  # (B, L, H)
             out = model(input_ids=feed, use_cache=True, logits_to_keep=1, **{kw: cache})
             if state is not None:
                 state.end_pass(model)  # every layer reported (and was ablated) exactly once
@@ -124,11 +128,13 @@ def greedy_decode(
 
 def answer_batch(
     model, tokenizer, batch: Sequence[PromptSample], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    track_argmax: bool = False, ablate: dict[int, list[int]] | None = None,
+    track_argmax: bool = False, ablate: dict[int, list[int]] | None = None, cache=None, past: int = 0,
 ) -> list[Answer]:
-    """Greedy answers to a batch of equal-length prompts, each checked against its gold answer."""
-    ids = stack_ids(batch, input_device(model))  # (B, N)
-    answers, tracks = greedy_decode(model, ids, max_new_tokens, stop_rule(model, tokenizer), track_argmax, ablate)
+    """Greedy answers to a batch of equal-length prompts, each checked against its gold answer. With
+    ``cache`` holding the prompts' first ``past`` ids (their shared context), only the rest is fed."""
+    ids = stack_ids(batch, input_device(model))[:, past:]  # (B, N - past)
+    answers, tracks = greedy_decode(model, ids, max_new_tokens, stop_rule(model, tokenizer), track_argmax, ablate,
+                                    cache=cache, past=past)
     out = []
     for i, (p, a) in enumerate(zip(batch, answers)):
         text = tokenizer.decode(a, skip_special_tokens=True).strip()

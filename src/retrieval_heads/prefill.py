@@ -38,7 +38,9 @@ common start of the suffixes), so neither do the scores, up to float rounding.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +57,11 @@ def _new_cache(model):
 
     cache = DynamicCache(config=model.config)
     return cache if all(isinstance(layer, DynamicLayer) for layer in cache.layers) else None
+
+
+def can_share(model) -> bool:
+    """Whether ``model``'s cache holds only keys and values, so that a context pass can be shared."""
+    return _new_cache(model) is not None
 
 
 def shared_length(group: Mapping[str, PromptSample], questions: Sequence[str], where: str = "sample") -> int:
@@ -110,58 +117,127 @@ def shared_span_masses(
     suffix (mass, baseline), each (B, L, H, M); the mass of each span is bit-identical to
     :func:`shared_needle_mass` with that span as the needle.
     """
+    if _new_cache(model) is None:
+        return [_full_mass(model, context_ids, s, masks) for s in suffix_ids]
+    B = context_ids.shape[0]
+    last = []
+    for s in suffix_ids:  # one row set per suffix: its last token
+        w = torch.zeros(B, 1, s.shape[1])  # (B, 1, n_q)
+        w[:, 0, -1] = 1.0
+        last.append(w)
+    return [(r.mass[:, :, :, 0], r.baseline[:, :, :, 0]) for r in shared_reads(model, context_ids, suffix_ids, last, masks)]
+
+
+@dataclass
+class Reads:
+    """What :func:`shared_reads` measured for one suffix: per row set j (a weighted mean of the suffix's query
+    rows), the attention mass on each span and its chance baseline, and the attention on chosen keys."""
+
+    mass: torch.Tensor  # (B, L, H, J, M) float32
+    baseline: torch.Tensor  # (B, L, H, J, M) float32: the same rows under uniform attention over visible keys
+    keys: torch.Tensor | None  # (B, L, H, J, P) float32: attention on each chosen context key (0 outside a window)
+
+
+def context_cache(model, context_ids: torch.Tensor):
+    """The KV cache of one pass over the context (B, C), under the probe's attention function with no rows
+    built; None for a model whose cache holds more than keys and values (see :func:`_new_cache`)."""
+    cache = _new_cache(model)
+    if cache is None:
+        return None
+    kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    with attention_probe(model, None) as probe:  # same attention function as the suffix passes; no rows
+        model(input_ids=context_ids, **kw)
+        probe.end_pass(model)
+    if cache.get_seq_length() != context_ids.shape[1]:
+        raise RuntimeError(f"{type(model).__name__} did not fill the cache it was given")
+    return cache
+
+
+def fork(cache):
+    """A cache that starts as ``cache`` and grows on its own, sharing its tensors (no copy): a dynamic layer's
+    update and ``batch_repeat_interleave`` make new tensors, so the original keeps its length and batch."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+@torch.no_grad()
+def shared_reads(
+    model, context_ids: torch.Tensor, suffix_ids: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
+    masks: torch.Tensor, keys: torch.Tensor | None = None, cache=None,
+) -> list[Reads]:
+    """Every suffix's rows from one pass over the context: what several methods read from one prefill.
+
+    context_ids (B, C); suffix_ids[q] (B, n_q); rows[q] (B, J, n_q) weights over suffix q's positions (row set
+    j of suffix q is the weighted sum of those query rows; a one-hot on n_q - 1 is the last token, 1/len on a
+    range its mean); masks (B, M, C) 0/1 spans over the context; keys (B, P) context positions whose attention
+    is read (or None). ``cache``: the context's cache from :func:`context_cache` (it is forked, not changed);
+    None runs the context pass here. All suffixes run as one pass on the context's keys and values repeated
+    once per suffix, right-padded to the longest (under causal attention no real row sees the padding).
+    Returns one :class:`Reads` per suffix. Raises NumericalError naming the first layer whose attention is not
+    finite, UserError when a layer did not report exactly once, RuntimeError for a model without a plain
+    key/value cache (call :func:`context_cache` first to know).
+    """
     cfg = model.config.get_text_config()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     B, C = context_ids.shape
     M = masks.shape[1]
     Q = len(suffix_ids)
-    cache = _new_cache(model)
+    J = rows[0].shape[1]
     if cache is None:
-        return [_full_mass(model, context_ids, s, masks) for s in suffix_ids]
+        cache = context_cache(model, context_ids)
+        if cache is None:
+            raise RuntimeError(f"{type(model).__name__} keeps more than keys and values in its cache")
+    cache = fork(cache)
     kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
-    with attention_probe(model, None) as probe:  # same attention function as the suffix pass; no rows are built
-        model(input_ids=context_ids, **kw)
-        probe.end_pass(model)
-    if cache.get_seq_length() != C:
-        raise RuntimeError(f"{type(model).__name__} did not fill the cache it was given")
 
-    # All suffixes in one pass: row b * Q + q is sample b's question q. Each suffix is right-padded to the
-    # longest (n); under causal attention no real token sees the padding after it.
+    # Row r = b * Q + q is sample b's suffix q, right-padded to the longest (n).
     lengths = [s.shape[1] for s in suffix_ids]
     n = max(lengths)
     padded = torch.stack(
         [torch.cat([s, s[:, -1:].expand(B, n - s.shape[1])], dim=1) for s in suffix_ids], dim=1
     ).reshape(B * Q, n)  # (B*Q, n)
-    cache.batch_repeat_interleave(Q)  # each sample's keys and values, once per question
-    rows = sorted({k - 1 for k in lengths})  # the distinct last-token positions in the suffix
-    query_positions = torch.tensor(rows)  # (S,) indices into this pass's n queries
-    pick = torch.tensor([rows.index(k - 1) for k in lengths] * B)  # (B*Q,) which row is each row's last token
+    w_all = torch.stack([torch.nn.functional.pad(r.float().cpu(), (0, n - r.shape[2])) for r in rows], dim=1)
+    w_all = w_all.reshape(B * Q, J, n)  # (B*Q, J, n)
+    picked = torch.nonzero(w_all.abs().sum((0, 1))).flatten()  # (S,) the query rows any row set reads
+    query_positions = picked.clone()
+    W = w_all[:, :, picked]  # (B*Q, J, S)
+    cache.batch_repeat_interleave(Q)  # each sample's keys and values, once per suffix
     weights = torch.cat([masks.float(), masks.new_zeros(B, M, n).float()], dim=2)  # (B, M, C + n)
     weights = weights.repeat_interleave(Q, dim=0)[:, None, None]  # (B*Q, 1, 1, M, C + n)
-    mass = torch.zeros(B * Q, L, H, M, device=masks.device)  # (B*Q, L, H, M)
-    baseline = torch.zeros(B * Q, L, H, M, device=masks.device)  # (B*Q, L, H, M)
-
-    def last_rows(per_row: torch.Tensor) -> torch.Tensor:  # (B*Q, H', S, M) -> (B*Q, H', M)
-        at = pick.to(per_row.device)[:, None, None, None].expand(-1, per_row.shape[1], 1, M)  # (B*Q, H', 1, M)
-        return per_row.gather(2, at)[:, :, 0]
+    P = 0 if keys is None else keys.shape[1]
+    at_keys = None if keys is None else keys.repeat_interleave(Q, dim=0)  # (B*Q, P) positions in the prompt
+    dev = masks.device
+    mass = torch.zeros(B * Q, L, H, J, M, device=dev)  # (B*Q, L, H, J, M)
+    baseline = torch.zeros(B * Q, L, H, J, M, device=dev)  # (B*Q, L, H, J, M)
+    got_keys = torch.zeros(B * Q, L, H, J, P, device=dev) if keys is not None else None  # (B*Q, L, H, J, P)
 
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs (B*Q, H, S, K): the last K keys
-        w = weights[..., C + n - probs.shape[-1] :].to(probs.device)  # (B*Q, 1, 1, M, K)
-        per_row = (probs[..., None, :] * w).sum(-1)  # (B*Q, H, S, M)
-        mass[:, layer] = last_rows(per_row).to(mass.device)  # (B*Q, H, M)
+        combined = torch.einsum("rjs,rhsk->rhjk", W.to(probs.device), probs)  # (B*Q, H, J, K)
+        K = probs.shape[-1]
+        w = weights[..., C + n - K :].to(probs.device)  # (B*Q, 1, 1, M, K)
+        for j in range(J):  # the product and sum of needle_mass, one row set at a time
+            mass[:, layer, :, j] = (combined[:, :, j, None, :] * w[:, :, 0]).sum(-1).to(dev)  # (B*Q, H, M)
+        if at_keys is not None:
+            idx = at_keys.to(probs.device) - (C + n - K)  # (B*Q, P) index among this layer's keys
+            inside = (idx >= 0) & (idx < K)
+            g = combined.gather(-1, idx.clamp(0, K - 1)[:, None, None, :].expand(-1, H, J, -1))  # (B*Q, H, J, P)
+            got_keys[:, layer] = (g * inside[:, None, None, :]).to(dev)
 
     def on_visible(layer: int, allowed: torch.Tensor) -> None:  # allowed (B*Q, 1 or H, S, K)
         a = allowed.double()[..., None, :]  # (B*Q, 1 or H, S, 1, K)
         w = weights[..., C + n - a.shape[-1] :].to(a.device).double()  # (B*Q, 1, 1, M, K)
         share = (a * w).sum(-1) / a.sum(-1).clamp(min=1)  # (B*Q, 1 or H, S, M)
-        baseline[:, layer] = last_rows(share).expand(B * Q, H, M).to(baseline.device, baseline.dtype)
+        per_set = torch.einsum("rjs,rhsm->rhjm", W.to(share.device).double(), share)  # (B*Q, 1 or H, J, M)
+        baseline[:, layer] = per_set.expand(B * Q, H, J, M).to(dev, baseline.dtype)
 
     with attention_probe(model, on_layer, query_positions=query_positions, on_visible=on_visible) as probe:
         result = model(input_ids=padded, **kw)
         probe.end_pass(model)  # every layer reported exactly once
     check_finite(mass, result.logits)
-    mass, baseline = mass.view(B, Q, L, H, M), baseline.view(B, Q, L, H, M)
-    return [(mass[:, q], baseline[:, q]) for q in range(Q)]
+    mass, baseline = mass.view(B, Q, L, H, J, M), baseline.view(B, Q, L, H, J, M)
+    got = None if got_keys is None else got_keys.view(B, Q, L, H, J, P)
+    return [Reads(mass[:, q], baseline[:, q], None if got is None else got[:, q]) for q in range(Q)]
 
 
 def _full_mass(model, context_ids, suffix, masks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from .sweep import (
     Grid,
     SweepSummary,
     Unit,
-    result_line,
+    outcome_line,
     announce,
     model_key,
     own_files,
@@ -86,8 +86,9 @@ class ModelWorker:
         return load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
                           trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
 
-    def compute(self, unit: Unit, todo: list[str]) -> tuple[list[Payload], float]:
-        """The payloads of ``todo`` (questions of ``unit`` to write), and the seconds the scoring took."""
+    def compute(self, unit: Unit, todo: list[tuple]) -> tuple[list[Payload], float]:
+        """The payloads of ``todo`` ((method, question) experiments of ``unit`` to write), and the seconds the
+        scoring took."""
         from .sweep import compute_unit
 
         if self.lm is None:
@@ -104,7 +105,7 @@ class ModelWorker:
                         list(r.prompts) if keep else None,
                         r.answers, r.attention,
                         r.spans if keep else None)
-                for r in results if r.record["question"] in todo], seconds
+                for r in results if (r.record["method"], r.record["question"]) in todo], seconds
 
 
 def connect(address: str | None = None, **init: Any) -> bool:
@@ -219,16 +220,11 @@ def _dispatch(ray, grid, output_dir, units, statuses, gpus, cpus, device_map, wo
             [ref], _ = ray.wait(list(pending), num_returns=1)
             unit, st = pending.pop(ref)
             payloads, seconds = _get(ray, ref, retries, f"{st.model_key} at {unit.tokens} tokens, depth {unit.depth:g}")
-            timing = f"{seconds:.1f} s (unit of {len(unit.questions)} questions, one prefill per sample)"
             for p in payloads:
-                q = p.record["question"]
+                e = (p.record["method"], p.record["question"])
                 path = write(output_dir, p.result(), grid.save_samples)
-                if st.state[q] == "corrupt":
-                    say(result_line("recomputed", st.model_key, q, unit.tokens, p.record, f"{timing}  (was: {st.reason[q]})"))
-                    summary.recomputed.append(path)
-                else:
-                    say(result_line("done", st.model_key, q, unit.tokens, p.record, timing))
-                    summary.done.append(path)
+                say(outcome_line(st, e, unit, grid, p.record, seconds))
+                (summary.recomputed if st.state[e] == "corrupt" else summary.done).append(path)
             left[st.model_key] -= 1
             if not left[st.model_key]:  # its model's last unit: free the worker (and its GPUs) for the others
                 ray.kill(actors.pop(st.model_key))

@@ -82,7 +82,7 @@ class Grid:
     samples: int = DEFAULT_SAMPLES
     needle_positions: tuple[float, ...] = (0.5,)  # the needle depths, each its own unit of work
     seed: int = 0
-    method: str = "summed_attention"
+    method: str = "summed_attention"  # one method, or several comma-separated: all from one prefill per sample
     dtype: str = "float32"
     device: str = "cpu"
     batch_size: int = 1
@@ -93,8 +93,14 @@ class Grid:
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The grid's methods (``method`` split at commas)."""
+        return tuple(self.method.split(","))
+
+    @property
     def size(self) -> int:
-        return len(self.models) * len(self.questions) * len(self.tokens) * len(self.needle_positions)
+        return len(self.models) * len(self.questions) * len(self.tokens) * len(self.needle_positions) * \
+            len(self.methods)
 
     @property
     def needle_position(self) -> float:
@@ -113,18 +119,21 @@ class Unit:
     depth: float = 0.5  # the needle's depth in the haystack
 
 
+Experiment = tuple  # (method, question): one result of a unit
+
+
 @dataclass
 class Status:
-    """Per question of a unit: "done", "missing" or "corrupt" (with the reason)."""
+    """Per experiment (method, question) of a unit: "done", "missing" or "corrupt" (with the reason)."""
 
     unit: Unit
     model_key: str
-    state: dict[str, str] = field(default_factory=dict)
-    reason: dict[str, str] = field(default_factory=dict)
+    state: dict[Experiment, str] = field(default_factory=dict)
+    reason: dict[Experiment, str] = field(default_factory=dict)
 
     @property
-    def todo(self) -> list[str]:
-        return [q for q in self.unit.questions if self.state[q] != "done"]
+    def todo(self) -> list[Experiment]:
+        return [e for e, s in self.state.items() if s != "done"]
 
 
 # --- the grid -------------------------------------------------------------------------------------------
@@ -217,7 +226,7 @@ class GridSettings(BaseModel):
     needle_position: Optional[float] = None  # an int (0, 1) is a number too; a bool is not
     needle_positions: Optional[Union[float, list[float]]] = None
     seed: Optional[int] = None
-    method: Optional[str] = None
+    method: Optional[Union[str, list[str]]] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
     batch_size: Optional[int] = None
@@ -231,7 +240,7 @@ class GridSettings(BaseModel):
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
             "tokens": "a whole number or a list of whole numbers", "samples": "a whole number",
             "needle_position": "a number", "needle_positions": "a number or a list of numbers",
-            "seed": "a whole number", "method": "a name", "dtype": "a name",
+            "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "save_attention": "a whole number",
             "rank_by": "score or lift", "answers": "true or false"}
@@ -285,7 +294,7 @@ def make_grid(**settings: Any) -> Grid:
             given["needle_position"] = float(given["needle_position"])
         except ValueError:
             raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
-    for k in ("models", "questions", "tokens", "needle_positions"):
+    for k in ("models", "questions", "tokens", "needle_positions", "method"):
         if isinstance(given.get(k), tuple):
             given[k] = list(given[k])
     check_types(given)
@@ -297,7 +306,11 @@ def make_grid(**settings: Any) -> Grid:
         values["questions"] = _unique(x for q in qs for x in (tuple(QUESTIONS) if q == "all" else (q,)))
     if "tokens" in given:
         values["tokens"] = _unique([given["tokens"]] if isinstance(given["tokens"], int) else given["tokens"])
-    for k in ("samples", "seed", "batch_size", "method", "dtype", "device", "save_samples", "trust_remote_code",
+    if "method" in given:
+        from .experiments import method_names
+
+        values["method"] = ",".join(method_names(given["method"]))
+    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
               "save_attention", "rank_by", "answers"):
         if k in given:
             values[k] = given[k]
@@ -322,7 +335,8 @@ def make_grid(**settings: Any) -> Grid:
             raise UserError(f"models {filed[k]!r} and {m!r} would both be filed as {k!r}; sweep them into "
                             f"separate --output-dir folders")
         filed[k] = m
-    METHODS.get(grid.method)
+    for m in grid.methods:
+        METHODS.get(m)
     from .chance import check_rank_by
 
     check_rank_by(grid.rank_by)
@@ -384,8 +398,8 @@ def plan(grid: Grid) -> list[Unit]:
 
 
 def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str, tokens: int,
-                    depth: float = 0.5) -> Path:
-    return result_path(output_dir, grid.method, key, question, tokens, depth)
+                    depth: float = 0.5, method: str | None = None) -> Path:
+    return result_path(output_dir, method or grid.methods[0], key, question, tokens, depth)
 
 
 def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> str | None:
@@ -421,40 +435,41 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
     key = key or model_key(unit.model)
     identity = identity or model_identity(unit.model)
     st = Status(unit, key)
-    for q in unit.questions:
-        path = experiment_path(output_dir, grid, key, q, unit.tokens, unit.depth)
+    for m, q in ((m, q) for m in grid.methods for q in unit.questions):
+        exp = (m, q)
+        path = experiment_path(output_dir, grid, key, q, unit.tokens, unit.depth, m)
         if not path.exists():
-            st.state[q] = "missing"
+            st.state[exp] = "missing"
             continue
         try:
             record = load_result(path)
         except MisnamedResult as e:  # another experiment's result under this one's name: not trusted, not replaced
             raise UserError(f"{e}; use another --output-dir or move it away") from None
         except UserError as e:
-            st.state[q] = "corrupt"
-            st.reason[q] = str(e).removeprefix(f"{path}: ")
+            st.state[exp] = "corrupt"
+            st.reason[exp] = str(e).removeprefix(f"{path}: ")
             continue
         other = _settings_mismatch(record, grid, unit.depth) or _identity_mismatch(record, identity)
         if other:
             raise UserError(f"{path} was made with {other}; use another --output-dir or move it away")
         if grid.answers and not (isinstance(record.get("extra"), dict) and "accuracy" in record["extra"]):
-            st.state[q] = "missing"  # made without answers; one made with them serves a sweep without
-            st.reason[q] = "no answers recorded"
+            st.state[exp] = "missing"  # made without answers; one made with them serves a sweep without
+            st.reason[exp] = "no answers recorded"
             continue
         if grid.save_samples and not samples_path(path).exists():
-            st.state[q] = "missing"
-            st.reason[q] = "no samples file"
+            st.state[exp] = "missing"
+            st.reason[exp] = "no samples file"
             continue
         bad = samples_problem(path, record) if grid.save_samples else None
         if bad:
-            st.state[q] = "corrupt"
-            st.reason[q] = bad
+            st.state[exp] = "corrupt"
+            st.reason[exp] = bad
             continue
         if grid.save_attention and not attention_path(path).exists():
-            st.state[q] = "missing"
-            st.reason[q] = "no attention file"
+            st.state[exp] = "missing"
+            st.reason[exp] = "no attention file"
             continue
-        st.state[q] = "done"
+        st.state[exp] = "done"
     return st
 
 
@@ -464,28 +479,19 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
 def compute_unit(
     lm: LoadedModel, unit: Unit, grid: Grid, on_progress: Callable[[float], None] | None = None
 ) -> list[DetectResult]:
-    """Score every question of ``unit`` on ``lm``: one :class:`DetectResult` per question, record included,
-    exactly as :func:`~retrieval_heads.experiments.detect` would make it. Writes nothing. For
-    summed_attention the questions share one context pass per sample; other methods run ``detect`` per
-    question. ``on_progress(f)`` gets the fraction of the unit done so far."""
-    from .experiments import build_prompts, detect, synthetic_record
-
-    progress = on_progress or (lambda f: None)
-    if grid.method != "summed_attention":
-        out = []
-        for i, q in enumerate(unit.questions):
-            out.append(detect(lm, question=q, tokens=unit.tokens, samples=grid.samples,
-                              needle_position=unit.depth, seed=grid.seed, method=grid.method,
-                              batch_size=grid.batch_size, save_attention=grid.save_attention,
-                              answers=grid.answers).result)
-            progress((i + 1) / len(unit.questions))
-        return out
-
+    """Score every method x question of ``unit`` on ``lm``: one :class:`DetectResult` per experiment, record
+    included, as :func:`~retrieval_heads.experiments.detect` would make it (equal within float tolerance:
+    here every method, question and the answers share one context pass per sample,
+    :mod:`retrieval_heads.onepass`). Writes nothing. ``on_progress(f)`` gets the fraction of the unit done so
+    far."""
     import torch
 
-    from .chance import chance_fields, probe_shared, span_scores
-    from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy, answer_prompts
+    from .chance import chance_fields, span_scores
+    from .experiments import build_prompts, synthetic_record
+    from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .onepass import score_groups
 
+    progress = on_progress or (lambda f: None)
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
     done = 0
 
@@ -494,20 +500,26 @@ def compute_unit(
         done += k
         progress(done / len(groups))
 
-    # the shared prefill measures the needle, its control span and the facts in the same passes
-    masses = probe_shared(lm.model, lm.tokenizer, groups, unit.questions, grid.batch_size, on_batch)
+    scored = score_groups(lm, groups, unit.questions, grid.methods, grid.answers, DEFAULT_MAX_NEW_TOKENS,
+                          grid.batch_size, on_batch)
     out = []
-    for q in unit.questions:
-        prompts = [g[q] for g in groups]
-        ss = span_scores(masses[q], prompts, "needle")
-        scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
-        got = answer_prompts(lm, prompts, DEFAULT_MAX_NEW_TOKENS, grid.batch_size) if grid.answers else None
-        answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-        record = synthetic_record(lm, grid.method, q, unit.tokens, unit.depth, grid.seed, scores,
-                                  added=chance_fields(ss, accuracy=answered), rank_by=grid.rank_by,
-                                  answered=answered)
-        out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
-                                rank_by=grid.rank_by, spans=ss, answers=got))
+    for m in grid.methods:
+        for q in unit.questions:
+            prompts, sc = [g[q] for g in groups], scored[q]
+            got = sc.answers
+            answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+            if m == "summed_attention":
+                ss = span_scores(sc.masses, prompts, "needle")
+                scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
+                record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores,
+                                          added=chance_fields(ss, accuracy=answered), rank_by=grid.rank_by,
+                                          answered=answered)
+                out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
+                                        rank_by=grid.rank_by, spans=ss, answers=got))
+                continue
+            scores = sc.scores[m].to(lm.device, torch.float32)  # (S, L, H)
+            record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores, answered=answered)
+            out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, answers=got))
     for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
         r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
     return out
@@ -528,9 +540,10 @@ def own_files(output_dir: str | Path, grid: Grid, keys: dict[str, str] | None = 
     keys = keys or {m: model_key(m) for m in grid.models}
     out = []
     for u in plan(grid):
-        for q in u.questions:
-            path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens, u.depth)
-            out += [path, samples_path(path)]
+        for m in grid.methods:
+            for q in u.questions:
+                path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens, u.depth, m)
+                out += [path, samples_path(path)]
     return out
 
 
@@ -700,12 +713,20 @@ class SweepSummary:
     seconds: float = 0.0
 
 
-def result_line(state: str, key: str, q: str, tokens: int, record: dict, timing: str) -> str:
+def result_line(state: str, key: str, q: str, tokens: int, record: dict, timing: str, method: bool = False) -> str:
+    """One line per experiment; ``method``: name the result's method too (a sweep of several)."""
     top = record["head_rankings"][0]
     lift = f", lift {top['lift']:.2f}x" if "lift" in top else ""
     depth = record["needle_position"]
     tokens = f"{tokens:>6}" if depth == 0.5 else f"{tokens:>6} d{depth_text(depth)}"
-    return f"{state:<10} {key} {q:<14} {tokens}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
+    name = f"{record['method']:<17} " if method else ""
+    return f"{state:<10} {name}{key} {q:<14} {tokens}  top {top['head']:<7} ({top['score']:.4f}{lift})  {timing}"
+
+
+def results_folders(grid: Grid, output_dir: str | Path) -> str:
+    """Where the grid's results go: OUTPUT_DIR/METHOD, or the folders of each method."""
+    folders = [str(Path(output_dir) / m) for m in grid.methods]
+    return folders[0] if len(folders) == 1 else "{" + ", ".join(folders) + "}"
 
 
 def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: list[Status], summary: SweepSummary,
@@ -714,14 +735,16 @@ def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: li
     the number of experiments left to compute."""
     todo = sum(len(st.todo) for st in statuses)
     depths = f" x {len(grid.needle_positions)} depth(s)" if len(grid.needle_positions) > 1 else ""
+    methods = f" x {len(grid.methods)} methods" if len(grid.methods) > 1 else ""
     say(f"sweep: {len(grid.models)} model(s) x {len(grid.questions)} question(s) x {len(grid.tokens)} "
-        f"length(s){depths} = {grid.size} experiments, {grid.samples} samples each; {todo} to compute{where} -> "
-        f"{Path(output_dir) / grid.method}")
+        f"length(s){depths}{methods} = {grid.size} experiments, {grid.samples} samples each; {todo} to compute"
+        f"{where} -> {results_folders(grid, output_dir)}")
     for unit, st in zip(units, statuses):
-        for q in unit.questions:
-            if st.state[q] == "done":
-                path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens, unit.depth)
-                say(result_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)"))
+        for (m, q), state in st.state.items():
+            if state == "done":
+                path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens, unit.depth, m)
+                say(result_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)",
+                                len(grid.methods) > 1))
                 summary.skipped.append(path)
     return todo
 
@@ -776,24 +799,28 @@ def run_sweep(
                 results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)))
                 seconds = time.perf_counter() - start
                 for res in results:
-                    q = res.record["question"]
-                    if q not in todo:
+                    e = (res.record["method"], res.record["question"])
+                    if e not in todo:
                         continue
                     path = write(output_dir, res, grid.save_samples)
-                    timing = f"{seconds:.1f} s (unit of {len(unit.questions)} questions, one prefill per sample)"
-                    if st.state[q] == "corrupt":
-                        say(result_line("recomputed", st.model_key, q, unit.tokens, res.record,
-                                  f"{timing}  (was: {st.reason[q]})"))
-                        summary.recomputed.append(path)
-                    else:
-                        say(result_line("done", st.model_key, q, unit.tokens, res.record, timing))
-                        summary.done.append(path)
+                    say(outcome_line(st, e, unit, grid, res.record, seconds))
+                    (summary.recomputed if st.state[e] == "corrupt" else summary.done).append(path)
                 bar.update(base + len(todo) - bar.n)
         finally:
             if bar is not None:
                 bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def outcome_line(st: Status, e: Experiment, unit: Unit, grid: Grid, record: dict, seconds: float) -> str:
+    """The line printed for experiment ``e`` of ``unit`` once written (done, or recomputed with the reason)."""
+    what = f"{len(unit.questions)} questions" + (f" x {len(grid.methods)} methods" if len(grid.methods) > 1 else "")
+    timing = f"{seconds:.1f} s (unit of {what}, one prefill per sample)"
+    if st.state[e] == "corrupt":
+        return result_line("recomputed", st.model_key, e[1], unit.tokens, record, f"{timing}  (was: {st.reason[e]})",
+                           len(grid.methods) > 1)
+    return result_line("done", st.model_key, e[1], unit.tokens, record, timing, len(grid.methods) > 1)
 
 
 def _advance(bar, base: float, n: int) -> Callable[[float], None]:

@@ -57,7 +57,7 @@ def sweep(
         None, metavar="DEPTH...", help="Several needle depths, each swept like a length (0.5 keeps the seed's "
                                        "file names; others add _dDEPTH) [default: 0.5]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the synthetic filings [default: 0]."),
-    method: Optional[str] = typer.Option(None, help="Scoring method [default: summed_attention]."),
+    method: Optional[str] = typer.Option(None, help="Scoring method, or several comma-separated (all from one prefill per sample) [default: summed_attention]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps ... [default: cpu]."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per forward pass [default: 1]."),
@@ -87,7 +87,7 @@ def sweep(
     """Run every model x question x length x depth experiment not already done; resumable, one model load each."""
     from ..errors import UserError
     from ..io import given_path
-    from ..sweep import load_grid_file, make_grid, run_sweep
+    from ..sweep import load_grid_file, make_grid, results_folders, run_sweep
 
     output_dir = given_path(output_dir, "--output-dir")
     settings = load_grid_file(config) if config else {}
@@ -118,7 +118,7 @@ def sweep(
     else:
         raise UserError(f"unknown engine {engine!r}; choose from: local, ray")
     print(f"sweep finished in {s.seconds:.0f} s: {len(s.done)} computed, {len(s.recomputed)} recomputed, "
-          f"{len(s.skipped)} already done; results in {output_dir / grid.method}")
+          f"{len(s.skipped)} already done; results in {results_folders(grid, output_dir)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -27,17 +27,46 @@ class MethodContext:
 CONTEXT_FIELDS = frozenset(f.name for f in fields(MethodContext))
 
 
+@dataclass(frozen=True)
+class RowReads:
+    """What a method reads of one prompt suffix in a shared context pass (:func:`retrieval_heads.prefill.shared_reads`):
+    the mean of its own query rows (:meth:`Method.row_span`) against the context's keys."""
+
+    mass: dict[str, torch.Tensor]  # span name ("needle", ...) -> (B, L, H) attention mass on that span
+    keys: torch.Tensor | None = None  # (B, L, H, P) attention on needle token j (key needle_start + j), 0 past its end
+
+
 class Method(ABC):
     """A scoring method: per-sample scores (B, layers, heads) of a batch of equal-length prompts.
 
     ``name`` is its registry key; ``needs`` the :class:`MethodContext` fields :meth:`score_batch` reads
     (``answers`` are decoded with ``track_argmax``); ``success_only`` marks a method whose scores already
     count only the samples the model answers correctly.
+
+    A method that can also be scored from one context pass shared with other methods and questions
+    (:mod:`retrieval_heads.onepass`) sets ``shared`` and says what it reads there: :meth:`row_span`, the
+    prompt rows whose mean attention it reads (None: no rows, e.g. a method that reads the answers only);
+    ``reads_null``, the same rows of the content-free question "N/A" over the same context too;
+    ``reads_needle_keys``, the attention on each needle token and not only the mass on spans. Its
+    :meth:`from_reads` must equal :meth:`score_batch` (float tolerance), which stays the reference.
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     success_only: ClassVar[bool] = False
+    shared: ClassVar[bool] = False
+    reads_null: ClassVar[bool] = False
+    reads_needle_keys: ClassVar[bool] = False
+
+    def row_span(self, fmt: PromptFormat, p: PromptSample) -> tuple[int, int] | None:
+        """[start, end): the rows of prompt ``p`` (all after its shared context) whose mean a shared pass reads."""
+        return None
+
+    def from_reads(self, model, real: RowReads | None, null: RowReads | None, batch: Sequence[PromptSample],
+                   ctx: MethodContext) -> torch.Tensor:
+        """Per-sample scores (B, L, H) from a shared pass's reads of the prompts' rows and (with
+        ``reads_null``) of the content-free question's; only for a ``shared`` method."""
+        raise NotImplementedError(f"method {self.name!r} has no shared-pass path")
 
     @abstractmethod
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:

@@ -94,6 +94,18 @@ def filtered_sum(c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 class QRHead(Method):
     name = "qrhead"
     needs = frozenset({"prompt_format"})
+    shared = True
+    reads_null = True
+    reads_needle_keys = True
+
+    def row_span(self, fmt, p: PromptSample) -> tuple[int, int]:
+        return query_start(fmt, p), len(p.input_ids)
+
+    def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
+        width = real.keys.shape[-1]
+        j = torch.arange(width)
+        valid = j[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]  # (B, P)
+        return filtered_sum(real.keys - null.keys, valid.to(real.keys.device))  # (B, L, H)
 
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         """Per-sample scores (B, L, H), see the module's docstring."""

@@ -67,6 +67,15 @@ def question_mass(model, batch: Sequence[PromptSample]) -> torch.Tensor:
 class QueryFocused(Method):
     name = "query_focused"
     needs = frozenset({"prompt_format"})
+    shared = True
+    reads_null = True
+
+    def row_span(self, fmt, p: PromptSample) -> tuple[int, int]:
+        question_rows([p], "cpu")  # checks that the prompt records its question span
+        return p.question_start, p.question_end
+
+    def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
+        return real.mass["needle"] - null.mass["needle"]  # (B, L, H)
 
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         fmt = self.check_context(ctx).prompt_format

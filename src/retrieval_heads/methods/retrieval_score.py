@@ -63,6 +63,10 @@ class RetrievalScore(Method):
     name = "retrieval_score"
     needs = frozenset({"answers", "tokenizer"})  # answers decoded with track_argmax=True
     success_only = True  # scores are always counted on correct samples only
+    shared = True  # reads no rows: the answers, decoded from the shared context's cache
+
+    def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
+        return self.score_batch(model, batch, ctx)
 
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         """Per-sample scores (B, L, H) from answers decoded with ``track_argmax``."""
@@ -89,7 +93,8 @@ register(RetrievalScore())
 @torch.no_grad()
 def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> torch.Tensor:
     """The slow reference for what decoding records: eager attention with ``output_attentions=True``, step by
-    step over a KV cache feeding the given answer tokens; (T, L, H) argmax of each head's full row per step."""
+    step over a KV cache feeding the given answer tokens; (T, L, H) position of the argmax of each head's
+    full row per step (its keys are the last ones of the sequence so far)."""
     from ..capture import eager_attention
     from ..hf import cache_kwarg, input_device, returned_cache
 
@@ -98,7 +103,9 @@ def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]
         dev = input_device(model)
         out = model(input_ids=torch.tensor([list(prompt_ids)], device=dev), use_cache=True, output_attentions=True)
         for t in range(len(answer_ids)):
-            rows.append(torch.stack([a[0, :, -1, :].float().argmax(-1).cpu() for a in out.attentions]))  # (L, H)
+            seen = len(prompt_ids) + t
+            rows.append(torch.stack([a[0, :, -1, :].float().argmax(-1).cpu() + seen - a.shape[-1]
+                                     for a in out.attentions]))  # (L, H)
             if t + 1 < len(answer_ids):
                 out = model(input_ids=torch.tensor([[answer_ids[t]]], device=dev), use_cache=True,
                             output_attentions=True, **{cache_kwarg(model): returned_cache(out)})

@@ -17,6 +17,13 @@ from .base import Method, MethodContext, needle_mass, register, span_mask, stack
 
 class SummedAttention(Method):
     name = "summed_attention"
+    shared = True
+
+    def row_span(self, fmt, p: PromptSample) -> tuple[int, int]:
+        return len(p.input_ids) - 1, len(p.input_ids)  # the last prompt token
+
+    def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
+        return real.mass["needle"]  # (B, L, H)
 
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
         device = input_device(model)

@@ -1,0 +1,201 @@
+"""Every method, every span and the greedy answers from one context pass per sample.
+
+The prompts of an experiment (or of a sweep unit's questions) share their context: ``input_ids[:context_end]``
+(template prefix, haystack, needle) is the same for every question of a sample, and only the suffix differs.
+:func:`score_groups` runs, per batch of samples:
+
+1. the context once, filling a KV cache (:func:`~retrieval_heads.prefill.context_cache`);
+2. one pass over every question's suffix, plus the content-free question "N/A" when a method calibrates
+   with it (``query_focused``, ``qrhead``), all on the context's cache
+   (:func:`~retrieval_heads.prefill.shared_reads`): the probe reads, for each method, the mean of the rows
+   that method reads (:meth:`~retrieval_heads.methods.base.Method.row_span`: the last token for
+   ``summed_attention``, the question's tokens for ``query_focused``, the query part for ``qrhead``) against
+   every span (needle, control spans, facts, answer; with their chance baselines) and, for ``qrhead``, each
+   needle token;
+3. greedy decoding (answers, and ``retrieval_score``'s copy tracking) per question from a fork of the same
+   cache, feeding only the suffix.
+
+Each method turns what was read into its scores (:meth:`~retrieval_heads.methods.base.Method.from_reads`).
+Why this equals separate full passes: see :mod:`retrieval_heads.prefill` (causal attention; the cache hands
+the suffix the context's keys at the same positions). Tests hold every method to its own ``score_batch`` on
+the full prompts within 1e-5 in float32, and the answers (and the heads' argmax keys) to be identical, on
+the tiny families of the test suite and on SmolLM2.
+
+A method that is not ``shared`` (a user's own), and every method of a model whose cache holds more than keys
+and values, is scored the plain way (its own passes), so the results never depend on which path ran.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .chance import SpanMasses, probe_prompts, prompt_spans, span_masks, union_names
+from .data.prompt import PromptFormat, PromptSample
+from .generation import Answer, answer_batch, answer_prompts
+from .hf import input_device
+from .methods import METHODS
+from .methods.base import MethodContext, RowReads, batches
+from .methods.query_focused import null_prompt
+from .prefill import can_share, context_cache, context_groups, fork, shared_reads
+
+
+@dataclass
+class Scored:
+    """One question's numbers over all samples: summed_attention's span masses (None when it was not asked
+    for), each other method's per-sample scores (S, L, H), and the greedy answers (None when not asked for)."""
+
+    masses: SpanMasses | None
+    scores: dict[str, torch.Tensor]
+    answers: list[Answer] | None
+
+
+def score_groups(
+    lm, groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str], methods: Sequence[str],
+    answers: bool = False, max_new_tokens: int = 12, batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Scored]:
+    """Score ``methods`` on every question of every sample, one context pass per sample (batch of samples).
+
+    ``groups``: {question: PromptSample} per sample, sharing the context (as from
+    :func:`~retrieval_heads.data.samples.synthetic_samples`, or ``[{key: p} for p in prompts]`` for one
+    question). ``summed_attention`` yields :class:`~retrieval_heads.chance.SpanMasses` (every span, with
+    baselines); the other methods per-sample scores. Answers are decoded when ``answers`` is set or a method
+    needs them. Returns {question: :class:`Scored`}. ``on_batch(k)`` after each batch of k samples.
+    """
+    model, tok = lm.model, lm.tokenizer
+    fmt = PromptFormat(tok)
+    ms = [METHODS.get(n) for n in methods]
+    want = answers or any("answers" in m.needs for m in ms)
+    track = any("answers" in m.needs for m in ms)
+    S = len(groups)
+    shared = [m for m in ms if m.shared] if can_share(model) else []
+    own = [m for m in ms if m not in shared]
+    readers = [m for m in shared if m.row_span(fmt, groups[0][questions[0]]) is not None] if shared else []
+    summed = any(m.name == "summed_attention" for m in shared)
+    keys = any(m.reads_needle_keys for m in readers)
+    null = any(m.reads_null for m in readers)
+    spans = [prompt_spans(tok, g[questions[0]]) for g in groups] if summed else \
+        [{"needle": (g[questions[0]].needle_start, g[questions[0]].needle_end)} for g in groups]
+    names = union_names(spans)
+    device = input_device(model)
+    L, H, M = lm.num_layers, lm.num_heads, len(names)
+    mass = {q: torch.zeros(S, L, H, M, device=lm.device) for q in questions}  # (S, L, H, M)
+    base = {q: torch.zeros(S, L, H, M, device=lm.device) for q in questions}  # (S, L, H, M)
+    scores = {q: {m.name: torch.zeros(S, L, H, device=lm.device) for m in ms if m.name != "summed_attention"}
+              for q in questions}
+    got: dict[str, list] = {q: [None] * S for q in questions}
+
+    for end, same in (context_groups(groups, questions) if shared else []):
+        for j in range(0, len(same), batch_size):
+            idx = same[j : j + batch_size]
+            batch = {q: [groups[i][q] for i in idx] for q in questions}
+            B = len(idx)
+            context = torch.tensor([p.input_ids[:end] for p in batch[questions[0]]], device=device)  # (B, C)
+            cache = context_cache(model, context)
+            reads = {}
+            if readers:
+                nulls = [null_prompt(fmt, p) for p in batch[questions[0]]] if null else []
+                suffixes = [(q, batch[q]) for q in questions] + ([("N/A", nulls)] if null else [])
+                masks = span_masks([spans[i] for i in idx], names, end, device)  # (B, M, C)
+                width = max(p.needle_end - p.needle_start for p in batch[questions[0]])
+                at = None
+                if keys:  # needle token j of each sample, clamped inside its needle (reads past the end are unused)
+                    first = batch[questions[0]]
+                    at = torch.stack([(torch.arange(width) + p.needle_start).clamp(max=p.needle_end - 1)
+                                      for p in first])  # (B, P)
+                rows = [_row_weights(fmt, readers, ps, end, summed_only=(q == "N/A")) for q, ps in suffixes]
+                ids = [torch.tensor([p.input_ids[end:] for p in ps], device=device) for _, ps in suffixes]
+                out = shared_reads(model, context, ids, rows, masks, at, cache=cache)
+                reads = {q: r for (q, _), r in zip(suffixes, out)}
+            for q in questions:
+                ans = None
+                if want:
+                    ans = answer_batch(model, tok, batch[q], max_new_tokens, track_argmax=track,
+                                       cache=fork(cache), past=end)
+                    for i, a in zip(idx, ans):
+                        got[q][i] = a
+                ctx = MethodContext(tokenizer=tok, prompt_format=fmt, answers=ans)
+                for k, m in enumerate(readers):
+                    r = reads[q]
+                    if m.name == "summed_attention":
+                        mass[q][idx] = r.mass[:, :, :, k].to(lm.device)
+                        base[q][idx] = r.baseline[:, :, :, k].to(lm.device)
+                        continue
+                    real = _row_reads(r, k, names)
+                    nr = _row_reads(reads["N/A"], k, names) if m.reads_null else None
+                    scores[q][m.name][idx] = m.from_reads(model, real, nr, batch[q], ctx).to(lm.device, torch.float32)
+                for m in shared:
+                    if m not in readers:  # reads the answers only
+                        scores[q][m.name][idx] = m.from_reads(model, None, None, batch[q], ctx).to(lm.device,
+                                                                                                   torch.float32)
+            del cache, reads
+            if on_batch is not None:
+                on_batch(B)
+
+    out: dict[str, Scored] = {}
+    for q in questions:
+        prompts = [g[q] for g in groups]
+        answered = got[q] if shared and want else None
+        if want and answered is None:  # no shared path: decode the plain way
+            answered = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track)
+        masses = SpanMasses({n: mass[q][..., j] for j, n in enumerate(names)},
+                            {n: base[q][..., j] for j, n in enumerate(names)}, spans) if summed else None
+        for m in own:  # not shareable here: the method's own passes
+            if m.name == "summed_attention":
+                masses = probe_prompts(lm, prompts, batch_size)
+            else:
+                scores[q][m.name] = score_prompts(lm, m.name, prompts, batch_size, answers=answered)
+        out[q] = Scored(masses, scores[q], answered)
+    return out
+
+
+def _row_weights(fmt: PromptFormat, readers, prompts: Sequence[PromptSample], end: int,
+                 summed_only: bool = False) -> torch.Tensor:
+    """(B, J, n) weights over the suffix positions: row set k is the mean of method k's rows. On the "N/A"
+    suffix only the methods that read it get rows."""
+    n = len(prompts[0].input_ids) - end
+    w = torch.zeros(len(prompts), len(readers), n)  # (B, J, n)
+    for k, m in enumerate(readers):
+        if summed_only and not m.reads_null:
+            continue
+        for b, p in enumerate(prompts):
+            a, z = m.row_span(fmt, p)
+            if not end <= a < z <= len(p.input_ids):
+                raise ValueError(f"method {m.name!r} reads rows {a}..{z} outside the suffix ({end}..{len(p.input_ids)})")
+            w[b, k, a - end : z - end] = 1.0 / (z - a)
+    return w
+
+
+def _row_reads(r, k: int, names: Sequence[str]) -> RowReads:
+    return RowReads({n: r.mass[:, :, :, k, j] for j, n in enumerate(names)},
+                    None if r.keys is None else r.keys[:, :, :, k])
+
+
+def score_prompts(
+    lm: LoadedModel, method: str, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
+    desc: str = "samples", answers: Sequence | None = None,
+) -> torch.Tensor:
+    """Per-sample scores (S, L, H), kept on the model's device until the end. ``answers`` (one per prompt)
+    go to methods that need them (see :mod:`retrieval_heads.methods`), in the batch's
+    :class:`~retrieval_heads.methods.base.MethodContext`."""
+    from tqdm.auto import tqdm
+
+    m = METHODS.get(method)
+    if "answers" in m.needs and answers is None:
+        raise ValueError(f"method {method!r} needs the model's answers")
+    ctx = MethodContext(tokenizer=lm.tokenizer,
+                        prompt_format=PromptFormat(lm.tokenizer) if "prompt_format" in m.needs else None)
+
+    def context(idx: list[int]) -> MethodContext:
+        return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
+
+    out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for idx in batches(prompts, batch_size):
+            out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
+            bar.update(len(idx))
+    return out
