@@ -132,10 +132,10 @@ def test_cli_defaults_are_the_library_defaults():
     import inspect
 
     from retrieval_heads import experiments, sweep
-    from retrieval_heads.commands.detect import detect as cli_detect
+    from retrieval_heads.cli import parse
 
-    params = inspect.signature(cli_detect).parameters
+    args = parse(["detect"])
     lib = inspect.signature(experiments.detect).parameters
-    assert (params["tokens"].default.default, params["samples"].default.default) == (512, 16)
+    assert (args.tokens, args.samples) == (512, 16)
     assert (lib["tokens"].default, lib["samples"].default) == (512, 16)
     assert sweep.Grid.__dataclass_fields__["samples"].default == 6

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from retrieval_heads import detect
-from retrieval_heads.commands.sweep import spread
 from retrieval_heads.errors import UserError
 from retrieval_heads.results import load_result
 from retrieval_heads.sweep import (
@@ -84,11 +83,13 @@ def test_grid_files(tmp_path):
 
 
 def test_list_options_take_several_values():
-    assert spread(["--models", "a", "b", "--tokens=1", "2", "--samples", "3", "--questions", "all"]) == \
-        ["--models", "a", "--models", "b", "--tokens=1", "--tokens", "2", "--samples", "3", "--questions", "all"]
-    for args in (["--questions", "--tokens", "1"], ["--tokens"]):
+    from retrieval_heads.cli import parse
+
+    args = parse(["sweep", "--models", "a", "b", "--tokens", "1", "2", "--samples", "3", "--questions", "all"])
+    assert (args.models, args.tokens, args.samples, args.questions) == (["a", "b"], ["1", "2"], 3, ["all"])
+    for argv in (["--questions", "--tokens", "1"], ["--tokens"]):
         with pytest.raises(UserError, match="needs at least one value"):
-            spread(args)
+            parse(["sweep", *argv])
 
 
 # --- bad input through the CLI: one line, exit 2, no output ----------------------------------------------

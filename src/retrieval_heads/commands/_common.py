@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 from ..errors import UserError
 from ..hf import quiet_transformers  # noqa: F401  (the subcommands read it from here)
+
+
+def flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
+    """``--name/--no-name``; with ``default=None`` the option is tri-state (None: not given)."""
+    action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
+    action.help = help  # set after: Python 3.10's BooleanOptionalAction appends its own "(default: ...)"
+
+
+def values(parser: argparse.ArgumentParser, name: str, metavar: str, help: str) -> None:
+    """An option that takes one value or several, space- or comma-separated (commas are split by the API or
+    the command), or repeated: ``--tokens 1024 2048``, ``--tokens 1024,2048``, ``--tokens 1024 --tokens 2048``.
+    None when not given (a default list would be extended, not replaced, by what is given)."""
+    parser.add_argument(name, nargs="+", action="extend", metavar=metavar, default=None, help=help)
 
 
 def print_top(rows: list[tuple], title: str) -> None:

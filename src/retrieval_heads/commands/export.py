@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Optional
 
-import typer
+SUMMARY = "Write a result as Wu/HeadKV JSON, a QRHead head-set string, a DuoAttention TSV or a KV-head view."
 
 
-def export(
-    result: Path = typer.Argument(..., help="A result JSON written by detect."),
-    format: str = typer.Option(..., "--format", help="wu (needs .samples.jsonl), qrhead, duo or kv."),
-    k: int = typer.Option(20, help="Heads in the qrhead head set."),
-    kv_heads: Optional[int] = typer.Option(None, help="KV heads of the model (default: the result's record)."),
-    out: Optional[str] = typer.Option(None, help="Write here (atomically) instead of printing."),
-) -> None:
+def register(commands) -> None:
+    p = commands.add_parser("export", help=SUMMARY, description=SUMMARY)
+    p.add_argument("result", type=Path, metavar="RESULT", help="A result JSON written by detect.")
+    p.add_argument("--format", required=True, help="wu (needs .samples.jsonl), qrhead, duo or kv.")
+    p.add_argument("--k", type=int, default=20, help="Heads in the qrhead head set.")
+    p.add_argument("--kv-heads", type=int, help="KV heads of the model (default: the result's record).")
+    p.add_argument("--out", help="Write here (atomically) instead of printing.")
+    p.set_defaults(run=export)
+
+
+def export(args: argparse.Namespace) -> None:
     """Write a result as Wu/HeadKV JSON, a QRHead head-set string, a DuoAttention TSV or a KV-head view."""
     from ..export import FORMATS, render
     from ..errors import UserError
@@ -22,18 +26,16 @@ def export(
     from ..results import load_result, samples_path
     from ._common import check_not_input
 
-    if format not in FORMATS:
-        raise UserError(f"unknown format {format!r}; choose from: {', '.join(FORMATS)}")
-    out = None if out is None else given_path(out, "--out")
+    result = args.result
+    if args.format not in FORMATS:
+        raise UserError(f"unknown format {args.format!r}; choose from: {', '.join(FORMATS)}")
+    out = None if args.out is None else given_path(args.out, "--out")
     if out is not None:
         check_not_input(out, [result, samples_path(result)])
-    text = render(format, load_result(result), result, k, kv_heads)
+    text = render(args.format, load_result(result), result, args.k, args.kv_heads)
     if out is None:
-        typer.echo(text, nl=False)
+        print(text, end="", flush=True)
     else:
         atomic_write_text(out, text)
         print(f"wrote {out}")
 
-
-def register(app: typer.Typer) -> None:
-    app.command()(export)
