@@ -148,3 +148,9 @@ def test_sweep_flags_win_over_the_grid_file(tmp_path):
     g.write_text(json.dumps({"models": ["smollm2"], "tokens": [256], "answers": True, "samples": 3}))
     got = grid("--config", str(g), "--tokens", "512", "1024", "--no-answers")
     assert (got.tokens, got.answers, got.samples) == ((512, 1024), False, 3)
+
+
+def test_sweep_takes_several_methods():
+    a = grid("--models", "smollm2", "--method", "summed_attention", "qrhead")
+    b = grid("--models", "smollm2", "--method", "summed_attention,qrhead")
+    assert a.methods == b.methods == ("summed_attention", "qrhead") and a.size == 2 * 4 * 4

@@ -61,10 +61,10 @@ def check_equal(lm, groups, got, questions, max_new_tokens, methods=ALL):
 @pytest.mark.parametrize("family", [f if f in ("llama", "gemma2") else pytest.param(f, marks=pytest.mark.slow)
                                     for f in FAMILIES])
 def test_every_method_from_one_prefill_on_tiny_families(family, smollm2_tokenizer):
-    """Two questions (suffixes of different lengths) x four methods x every span, answers tracked, 3 samples
-    in batches of 2 and 1."""
+    """Three questions x four methods x every span, answers tracked, 3 samples in batches of 2 and 1. On this
+    tokenizer two suffixes have 25 tokens (decoded together) and one 26 (padded in the reads pass)."""
     lm = family_lm(family, smollm2_tokenizer)
-    qs = ["inc_state", "employee_count"]
+    qs = ["inc_state", "employee_count", "hq_state"]
     groups = synthetic_samples(PromptFormat(smollm2_tokenizer), qs, 300, 3, 0.5, 0)
     got = score_groups(lm, groups, qs, ALL, answers=True, max_new_tokens=2, batch_size=2)
     check_equal(lm, groups, got, qs, 2)
@@ -109,7 +109,6 @@ def test_one_context_pass_per_batch(smollm2_tokenizer):
     assert all(n < 40 for n in lengths if n != context)  # everything else: suffixes and answer tokens
 
 
-@pytest.mark.slow
 def test_detect_of_several_methods_shares_the_prefill(smollm2_tokenizer):
     """detect's default path for several methods equals its separate passes (one_prefill=False)."""
     lm = family_lm("qwen2", smollm2_tokenizer)
@@ -131,7 +130,6 @@ def tiny(tmp_path_factory):
     return d, load_model(str(d))
 
 
-@pytest.mark.slow
 def test_a_sweep_of_several_methods(tiny, tmp_path):
     """One sweep of 2 questions x 3 methods writes every method's results, each equal to detect's for that
     method and question; deleting one file recomputes that one only."""
@@ -176,3 +174,13 @@ def test_every_method_from_one_prefill_on_smollm2(smollm2):
     check_equal(smollm2, groups, got, qs, 12)
     assert sum(a.correct for a in got["inc_state"].answers) >= 2
     assert float(got["inc_state"].scores["retrieval_score"].max()) > 0
+
+
+def test_the_context_cache_keeps_no_autograd_graph(smollm2_tokenizer):
+    """Called with autograd on, the cache holds plain tensors (a graph kept alive by the cache costs the
+    activations of the whole context pass)."""
+    lm = family_lm("llama", smollm2_tokenizer)
+    ids = torch.randint(0, 1000, (1, 40))
+    cache = prefill.context_cache(lm.model, ids)
+    assert all(not (layer.keys.requires_grad or layer.values.requires_grad) for layer in cache.layers)
+    assert cache.get_seq_length() == 40

@@ -12,8 +12,8 @@ The prompts of an experiment (or of a sweep unit's questions) share their contex
    ``summed_attention``, the question's tokens for ``query_focused``, the query part for ``qrhead``) against
    every span (needle, control spans, facts, answer; with their chance baselines) and, for ``qrhead``, each
    needle token;
-3. greedy decoding (answers, and ``retrieval_score``'s copy tracking) per question from a fork of the same
-   cache, feeding only the suffix.
+3. greedy decoding (answers, and ``retrieval_score``'s copy tracking) from a fork of the same cache, feeding
+   only the suffixes: the questions whose suffixes have one length decode together as rows of one batch.
 
 Each method turns what was read into its scores (:meth:`~retrieval_heads.methods.base.Method.from_reads`).
 Why this equals separate full passes: see :mod:`retrieval_heads.prefill` (causal attention; the cache hands
@@ -53,6 +53,7 @@ class Scored:
     answers: list[Answer] | None
 
 
+@torch.no_grad()
 def score_groups(
     lm, groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str], methods: Sequence[str],
     answers: bool = False, max_new_tokens: int = 12, batch_size: int = 1,
@@ -111,13 +112,11 @@ def score_groups(
                 ids = [torch.tensor([p.input_ids[end:] for p in ps], device=device) for _, ps in suffixes]
                 out = shared_reads(model, context, ids, rows, masks, at, cache=cache)
                 reads = {q: r for (q, _), r in zip(suffixes, out)}
+            decoded = _decode(model, tok, batch, questions, cache, end, max_new_tokens, track) if want else {}
             for q in questions:
-                ans = None
-                if want:
-                    ans = answer_batch(model, tok, batch[q], max_new_tokens, track_argmax=track,
-                                       cache=fork(cache), past=end)
-                    for i, a in zip(idx, ans):
-                        got[q][i] = a
+                ans = decoded.get(q)
+                for i, a in zip(idx, ans or ()):
+                    got[q][i] = a
                 ctx = MethodContext(tokenizer=tok, prompt_format=fmt, answers=ans)
                 for k, m in enumerate(readers):
                     r = reads[q]
@@ -150,6 +149,25 @@ def score_groups(
             else:
                 scores[q][m.name] = score_prompts(lm, m.name, prompts, batch_size, answers=answered)
         out[q] = Scored(masses, scores[q], answered)
+    return out
+
+
+def _decode(model, tok, batch: Mapping[str, Sequence[PromptSample]], questions: Sequence[str], cache, end: int,
+            max_new_tokens: int, track: bool) -> dict[str, list[Answer]]:
+    """Greedy answers of every question of a batch from the context's cache: the questions whose suffixes have
+    one length decode together, as rows (sample-major) of one batch on the cache repeated once per question."""
+    by_length: dict[int, list[str]] = {}
+    for q in questions:
+        by_length.setdefault(len(batch[q][0].input_ids), []).append(q)
+    out: dict[str, list[Answer]] = {q: [] for q in questions}
+    for same in by_length.values():
+        rows = [batch[q][b] for b in range(len(batch[same[0]])) for q in same]  # row b * len(same) + j
+        grown = fork(cache)
+        if len(same) > 1:
+            grown.batch_repeat_interleave(len(same))  # new tensors on the fork; the context's cache is unchanged
+        answers = answer_batch(model, tok, rows, max_new_tokens, track_argmax=track, cache=grown, past=end)
+        for k, a in enumerate(answers):
+            out[same[k % len(same)]].append(a)
     return out
 
 

@@ -138,6 +138,7 @@ class Reads:
     keys: torch.Tensor | None  # (B, L, H, J, P) float32: attention on each chosen context key (0 outside a window)
 
 
+@torch.no_grad()
 def context_cache(model, context_ids: torch.Tensor):
     """The KV cache of one pass over the context (B, C), under the probe's attention function with no rows
     built; None for a model whose cache holds more than keys and values (see :func:`_new_cache`)."""

@@ -149,6 +149,8 @@ def verdict(significant: int, alpha: float, samples: int, top_lift: float | None
 
     >>> verdict(7, 0.05, 8, 8.1, "L12H3", 5, 8)
     '7 heads beat the control at alpha 0.05; top lift 8.1x (L12H3); accuracy 5/8'
+    >>> verdict(6, 0.05, 16, 1.07, "L0H4", 4, 16)
+    '6 heads beat the control at alpha 0.05; top lift 1.1x (L0H4); accuracy 4/16: they favour the span over the control but stay near chance (top lift under 2x)'
     >>> verdict(0, 0.05, 4, 1.3, "L0H4", 1, 8, too_few=True)
     'no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); accuracy 1/8: the model may not be retrieving at this length'
     """
@@ -156,7 +158,11 @@ def verdict(significant: int, alpha: float, samples: int, top_lift: float | None
     top = f"; top lift {top_lift:.1f}x ({top_head})" if top_lift is not None and top_head else ""
     if significant:
         heads = "head beats" if significant == 1 else "heads beat"
-        return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}"
+        near = ""
+        if top_lift is not None and top_lift < 2:  # beating the control is not retrieving (README "Reading the scores")
+            near = f": {'it favours' if significant == 1 else 'they favour'} the span over the control but stay" \
+                   f"{'s' if significant == 1 else ''} near chance (top lift under 2x)"
+        return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}{near}"
     why = f" (too few samples for alpha {alpha:g})" if too_few else ""
     weak = (n_correct is not None and bool(n_answered) and 2 * n_correct < n_answered) or \
         (top_lift is not None and top_lift < 2)
