@@ -35,7 +35,7 @@ INTERRUPTED = "error: interrupted; finished results are kept"
 # written and synced, not yet renamed). FAULT: KILL or INT (a signal to itself) or ENOSPC (the disk is full).
 WRAPPER = textwrap.dedent("""
     import errno, os, signal, sys
-    from retrieval_heads import chance, io as rio, models
+    from retrieval_heads import io as rio, models, onepass
     from retrieval_heads.cli import main
 
     at, fault = os.environ["FAULT_AT"], os.environ["FAULT"]
@@ -54,10 +54,11 @@ WRAPPER = textwrap.dedent("""
             return lm
 
         models.load_model = load_model
-    elif at == "compute":  # the sweep's shared prefill (chance.probe_shared): fire after one batch of unit 2
-        real_probe, calls = chance.probe_shared, []
+    elif at == "compute":  # the sweep's shared prefill (onepass.score_groups): fire after one batch of unit 2
+        real_score, calls = onepass.score_groups, []
 
-        def probe_shared(model, tokenizer, groups, questions, batch_size=1, on_batch=None):
+        def score_groups(lm, groups, questions, methods, answers=False, max_new_tokens=12, batch_size=1,
+                         on_batch=None):
             calls.append(1)
 
             def batch_done(k):
@@ -65,9 +66,9 @@ WRAPPER = textwrap.dedent("""
                 if len(calls) == 2:
                     fire()
 
-            return real_probe(model, tokenizer, groups, questions, batch_size, batch_done)
+            return real_score(lm, groups, questions, methods, answers, max_new_tokens, batch_size, batch_done)
 
-        chance.probe_shared = probe_shared
+        onepass.score_groups = score_groups
     elif at == "write":
         class OsWithFault:
             replaced = 0

@@ -57,8 +57,8 @@ def check_equal(lm, groups, got, questions, max_new_tokens, methods=ALL):
                                            atol=1e-5, rtol=0)
 
 
-# llama and gemma2 (soft-capping, alternating windows) in the fast loop; the other families in the full suite
-@pytest.mark.parametrize("family", [f if f in ("llama", "gemma2") else pytest.param(f, marks=pytest.mark.slow)
+# llama in the fast loop; the other families in the full suite
+@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow)
                                     for f in FAMILIES])
 def test_every_method_from_one_prefill_on_tiny_families(family, smollm2_tokenizer):
     """Three questions x four methods x every span, answers tracked, 3 samples in batches of 2 and 1. On this
@@ -109,6 +109,7 @@ def test_one_context_pass_per_batch(smollm2_tokenizer):
     assert all(n < 40 for n in lengths if n != context)  # everything else: suffixes and answer tokens
 
 
+@pytest.mark.slow
 def test_detect_of_several_methods_shares_the_prefill(smollm2_tokenizer):
     """detect's default path for several methods equals its separate passes (one_prefill=False)."""
     lm = family_lm("qwen2", smollm2_tokenizer)
@@ -130,6 +131,7 @@ def tiny(tmp_path_factory):
     return d, load_model(str(d))
 
 
+@pytest.mark.slow
 def test_a_sweep_of_several_methods(tiny, tmp_path):
     """One sweep of 2 questions x 3 methods writes every method's results, each equal to detect's for that
     method and question; deleting one file recomputes that one only."""

@@ -2,7 +2,8 @@
 
 For every prompt a few key spans are laid out (:func:`prompt_spans`) and the probe measures, in the one
 forward pass that scores the needle, the attention mass the last prompt token puts on each of them and each
-one's chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the sweep's shared prefill):
+one's chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
+:mod:`retrieval_heads.onepass`):
 
 - ``needle``: the seed's span (Section 1); ``control:needle``: a control span as long as the needle;
 - ``fact:KEY`` (synthetic samples): the tokens stating each of the needle's four facts;
@@ -178,36 +179,6 @@ def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, prog
             bar.update(len(idx))
     return SpanMasses({n: mass[..., j] for j, n in enumerate(names)},
                       {n: base[..., j] for j, n in enumerate(names)}, spans)
-
-
-def probe_shared(model, tokenizer, groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str],
-                 batch_size: int = 1, on_batch=None) -> dict[str, SpanMasses]:
-    """The sweep's shared prefill with every span: one context pass per sample for all ``questions``
-    (:func:`~retrieval_heads.prefill.shared_span_masses`); {question: SpanMasses}. The needle's mass is
-    bit-identical to :func:`~retrieval_heads.prefill.score_shared`'s."""
-    from .models import input_device
-    from .prefill import context_groups, shared_span_masses
-
-    cfg = model.config.get_text_config()
-    device = input_device(model)
-    S, L, H = len(groups), cfg.num_hidden_layers, cfg.num_attention_heads
-    spans = [prompt_spans(tokenizer, g[questions[0]]) for g in groups]  # the spans lie in the shared context
-    names = union_names(spans)
-    mass = {q: torch.zeros(S, L, H, len(names), device=device) for q in questions}  # (S, L, H, M)
-    base = {q: torch.zeros(S, L, H, len(names), device=device) for q in questions}
-    for end, same in context_groups(groups, questions):
-        for j in range(0, len(same), batch_size):
-            idx = same[j : j + batch_size]
-            first = [groups[i][questions[0]] for i in idx]
-            context = torch.tensor([p.input_ids[:end] for p in first], device=device)  # (B, C)
-            masks = span_masks([spans[i] for i in idx], names, end, device)  # (B, M, C)
-            suffixes = [torch.tensor([groups[i][q].input_ids[end:] for i in idx], device=device) for q in questions]
-            for q, (m, b) in zip(questions, shared_span_masses(model, context, suffixes, masks)):
-                mass[q][idx], base[q][idx] = m.to(device), b.to(device)
-            if on_batch is not None:
-                on_batch(len(idx))
-    return {q: SpanMasses({n: mass[q][..., k] for k, n in enumerate(names)},
-                          {n: base[q][..., k] for k, n in enumerate(names)}, spans) for q in questions}
 
 
 # --- from masses to a result -------------------------------------------------------------------------------------

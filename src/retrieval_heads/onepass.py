@@ -68,8 +68,8 @@ def score_groups(
     needs them. Returns {question: :class:`Scored`}. ``on_batch(k)`` after each batch of k samples.
     """
     model, tok = lm.model, lm.tokenizer
-    fmt = PromptFormat(tok)
     ms = [METHODS.get(n) for n in methods]
+    fmt = PromptFormat(tok) if any("prompt_format" in m.needs for m in ms) else None
     want = answers or any("answers" in m.needs for m in ms)
     track = any("answers" in m.needs for m in ms)
     S = len(groups)
