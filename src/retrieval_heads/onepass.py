@@ -100,7 +100,7 @@ def score_groups(
             reads = {}
             if readers:
                 nulls = [null_prompt(fmt, p) for p in batch[questions[0]]] if null else []
-                suffixes = [(q, batch[q]) for q in questions] + ([("N/A", nulls)] if null else [])
+                suffixes = [(q, batch[q]) for q in questions] + ([(None, nulls)] if null else [])  # None: "N/A"
                 masks = span_masks([spans[i] for i in idx], names, end, device)  # (B, M, C)
                 width = max(p.needle_end - p.needle_start for p in batch[questions[0]])
                 at = None
@@ -108,7 +108,7 @@ def score_groups(
                     first = batch[questions[0]]
                     at = torch.stack([(torch.arange(width) + p.needle_start).clamp(max=p.needle_end - 1)
                                       for p in first])  # (B, P)
-                rows = [_row_weights(fmt, readers, ps, end, summed_only=(q == "N/A")) for q, ps in suffixes]
+                rows = [_row_weights(fmt, readers, ps, end, null=q is None) for q, ps in suffixes]
                 ids = [torch.tensor([p.input_ids[end:] for p in ps], device=device) for _, ps in suffixes]
                 out = shared_reads(model, context, ids, rows, masks, at, cache=cache)
                 reads = {q: r for (q, _), r in zip(suffixes, out)}
@@ -125,7 +125,7 @@ def score_groups(
                         base[q][idx] = r.baseline[:, :, :, k].to(lm.device)
                         continue
                     real = _row_reads(r, k, names)
-                    nr = _row_reads(reads["N/A"], k, names) if m.reads_null else None
+                    nr = _row_reads(reads[None], k, names) if m.reads_null else None
                     scores[q][m.name][idx] = m.from_reads(model, real, nr, batch[q], ctx).to(lm.device, torch.float32)
                 for m in shared:
                     if m not in readers:  # reads the answers only
@@ -149,6 +149,8 @@ def score_groups(
             else:
                 scores[q][m.name] = score_prompts(lm, m.name, prompts, batch_size, answers=answered)
         out[q] = Scored(masses, scores[q], answered)
+    if not shared and on_batch is not None:  # the plain passes report once, at the end
+        on_batch(S)
     return out
 
 
@@ -171,14 +173,14 @@ def _decode(model, tok, batch: Mapping[str, Sequence[PromptSample]], questions: 
     return out
 
 
-def _row_weights(fmt: PromptFormat, readers, prompts: Sequence[PromptSample], end: int,
-                 summed_only: bool = False) -> torch.Tensor:
+def _row_weights(fmt: PromptFormat | None, readers, prompts: Sequence[PromptSample], end: int,
+                 null: bool = False) -> torch.Tensor:
     """(B, J, n) weights over the suffix positions: row set k is the mean of method k's rows. On the "N/A"
-    suffix only the methods that read it get rows."""
+    suffix (``null``) only the methods that read it get rows."""
     n = len(prompts[0].input_ids) - end
     w = torch.zeros(len(prompts), len(readers), n)  # (B, J, n)
     for k, m in enumerate(readers):
-        if summed_only and not m.reads_null:
+        if null and not m.reads_null:
             continue
         for b, p in enumerate(prompts):
             a, z = m.row_span(fmt, p)
