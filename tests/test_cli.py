@@ -154,3 +154,9 @@ def test_sweep_takes_several_methods():
     a = grid("--models", "smollm2", "--method", "summed_attention", "qrhead")
     b = grid("--models", "smollm2", "--method", "summed_attention,qrhead")
     assert a.methods == b.methods == ("summed_attention", "qrhead") and a.size == 2 * 4 * 4
+
+
+def test_sweep_takes_span_kinds():
+    a = grid("--models", "smollm2", "--span", "needle", "answer")
+    b = grid("--models", "smollm2", "--span", "needle,answer")
+    assert a.results == b.results == ("summed_attention", "summed_attention+answer")

@@ -142,7 +142,7 @@ def test_a_sweep_of_several_methods(tiny, tmp_path):
     assert grid.methods == ("summed_attention", "query_focused", "retrieval_score") and grid.size == 6
     lines: list[str] = []
     s = run_sweep(grid, out, load=lambda m, **k: lm, progress=False, echo=lines.append, check_models=False)
-    assert len(s.done) == 6 and "x 3 methods = 6 experiments" in lines[0]
+    assert len(s.done) == 6 and "x 3 results = 6 experiments" in lines[0]
     for m in grid.methods:
         for q in grid.questions:
             path = result_path(out, m, lm.key, q, 260)
@@ -186,3 +186,31 @@ def test_the_context_cache_keeps_no_autograd_graph(smollm2_tokenizer):
     cache = prefill.context_cache(lm.model, ids)
     assert all(not (layer.keys.requires_grad or layer.values.requires_grad) for layer in cache.layers)
     assert cache.get_seq_length() == 40
+
+
+@pytest.mark.slow
+def test_a_sweep_of_span_kinds(tiny, tmp_path):
+    """--span needle,answer,fact in a sweep: one result per kind (summed_attention, +answer, +fact), each as
+    detect makes it (scores, lift, verdict), from the unit's one context pass per sample; a rerun skips all."""
+    d, lm = tiny
+    out = tmp_path / "out"
+    grid = make_grid(models=[str(d)], questions=["inc_year"], tokens=[260], samples=2, span=["needle", "answer", "fact"],
+                     method="summed_attention,qrhead")
+    assert grid.results == ("summed_attention", "summed_attention+answer", "summed_attention+fact", "qrhead")
+    s = run_sweep(grid, out, load=lambda m, **k: lm, progress=False, echo=lambda s: None, check_models=False)
+    assert len(s.done) == 4
+    ref = detect(lm, question="inc_year", tokens=260, samples=2, span="needle,answer,fact", method="summed_attention,qrhead")
+    for name in grid.results:
+        rec = load_result(result_path(out, name, lm.key, "inc_year", 260))
+        assert rec["method"] == name
+        torch.testing.assert_close(torch.tensor(rec["scores"]), ref[name].scores, atol=1e-5, rtol=0)
+        if name != "qrhead":
+            assert rec["verdict"] == ref[name].record["verdict"] and rec["span"] == ref[name].record["span"]
+            torch.testing.assert_close(torch.tensor(rec["lift"]), torch.tensor(ref[name].record["lift"]), atol=1e-4,
+                                       rtol=1e-4)
+    s = run_sweep(grid, out, load=lambda m, **k: lm, progress=False, echo=lambda s: None, check_models=False)
+    assert s.done == [] and len(s.skipped) == 4
+    from retrieval_heads.errors import UserError
+
+    with pytest.raises(UserError, match="unknown span"):
+        make_grid(models=["smollm2"], span="needle,nope")

@@ -91,6 +91,7 @@ class Grid:
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
+    span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -98,9 +99,19 @@ class Grid:
         return tuple(self.method.split(","))
 
     @property
+    def results(self) -> tuple[str, ...]:
+        """The result names of each experiment: every method, and summed_attention once per span kind
+        (``summed_attention``, ``summed_attention+answer``, ...; :func:`~retrieval_heads.chance.span_result_name`)."""
+        from .chance import span_result_name
+
+        spans = self.span.split(",")
+        return tuple(span_result_name(m, sp) for m in self.methods
+                     for sp in (spans if m == "summed_attention" else ("needle",)))
+
+    @property
     def size(self) -> int:
         return len(self.models) * len(self.questions) * len(self.tokens) * len(self.needle_positions) * \
-            len(self.methods)
+            len(self.results)
 
     @property
     def needle_position(self) -> float:
@@ -119,12 +130,12 @@ class Unit:
     depth: float = 0.5  # the needle's depth in the haystack
 
 
-Experiment = tuple  # (method, question): one result of a unit
+Experiment = tuple  # (result name, question): one result of a unit
 
 
 @dataclass
 class Status:
-    """Per experiment (method, question) of a unit: "done", "missing" or "corrupt" (with the reason)."""
+    """Per experiment (result name, question) of a unit: "done", "missing" or "corrupt" (with the reason)."""
 
     unit: Unit
     model_key: str
@@ -140,7 +151,8 @@ class Status:
 
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
-           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers"):
+           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
+           "span"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -235,6 +247,7 @@ class GridSettings(BaseModel):
     save_attention: Optional[int] = None
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
+    span: Optional[Union[str, list[str]]] = None
 
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
@@ -243,7 +256,7 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "save_attention": "a whole number",
-            "rank_by": "score or lift", "answers": "true or false"}
+            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names"}
 
 
 def _shown(value: Any) -> str:
@@ -294,7 +307,7 @@ def make_grid(**settings: Any) -> Grid:
             given["needle_position"] = float(given["needle_position"])
         except ValueError:
             raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
-    for k in ("models", "questions", "tokens", "needle_positions", "method"):
+    for k in ("models", "questions", "tokens", "needle_positions", "method", "span"):
         if isinstance(given.get(k), tuple):
             given[k] = list(given[k])
     check_types(given)
@@ -310,6 +323,10 @@ def make_grid(**settings: Any) -> Grid:
         from .experiments import method_names
 
         values["method"] = ",".join(method_names(given["method"]))
+    if "span" in given:
+        from .chance import span_names
+
+        values["span"] = ",".join(span_names(given["span"]))
     for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
               "save_attention", "rank_by", "answers"):
         if k in given:
@@ -399,7 +416,7 @@ def plan(grid: Grid) -> list[Unit]:
 
 def experiment_path(output_dir: str | Path, grid: Grid, key: str, question: str, tokens: int,
                     depth: float = 0.5, method: str | None = None) -> Path:
-    return result_path(output_dir, method or grid.methods[0], key, question, tokens, depth)
+    return result_path(output_dir, method or grid.results[0], key, question, tokens, depth)
 
 
 def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> str | None:
@@ -435,7 +452,7 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
     key = key or model_key(unit.model)
     identity = identity or model_identity(unit.model)
     st = Status(unit, key)
-    for m, q in ((m, q) for m in grid.methods for q in unit.questions):
+    for m, q in ((m, q) for m in grid.results for q in unit.questions):
         exp = (m, q)
         path = experiment_path(output_dir, grid, key, q, unit.tokens, unit.depth, m)
         if not path.exists():
@@ -486,7 +503,7 @@ def compute_unit(
     far."""
     import torch
 
-    from .chance import chance_fields, span_scores
+    from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
     from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
     from .onepass import score_groups
@@ -503,17 +520,18 @@ def compute_unit(
     scored = score_groups(lm, groups, unit.questions, grid.methods, grid.answers, DEFAULT_MAX_NEW_TOKENS,
                           grid.batch_size, on_batch)
     out = []
+    spans = grid.span.split(",")
     for m in grid.methods:
-        for q in unit.questions:
+        for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-            if m == "summed_attention":
-                ss = span_scores(sc.masses, prompts, "needle")
-                scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 needle masses
-                record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores,
-                                          added=chance_fields(ss, accuracy=answered), rank_by=grid.rank_by,
-                                          answered=answered)
+            if m == "summed_attention":  # every span kind from the same masses
+                ss = span_scores(sc.masses, prompts, sp)
+                scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
+                record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
+                                          scores, added=chance_fields(ss, accuracy=answered),
+                                          rank_by=grid.rank_by, answered=answered)
                 out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, lift=ss.lift.float(),
                                         rank_by=grid.rank_by, spans=ss, answers=got))
                 continue
@@ -540,7 +558,7 @@ def own_files(output_dir: str | Path, grid: Grid, keys: dict[str, str] | None = 
     keys = keys or {m: model_key(m) for m in grid.models}
     out = []
     for u in plan(grid):
-        for m in grid.methods:
+        for m in grid.results:
             for q in u.questions:
                 path = experiment_path(output_dir, grid, keys[u.model], q, u.tokens, u.depth, m)
                 out += [path, samples_path(path)]
@@ -725,7 +743,7 @@ def result_line(state: str, key: str, q: str, tokens: int, record: dict, timing:
 
 def results_folders(grid: Grid, output_dir: str | Path) -> str:
     """Where the grid's results go: OUTPUT_DIR/METHOD, or the folders of each method."""
-    folders = [str(Path(output_dir) / m) for m in grid.methods]
+    folders = [str(Path(output_dir) / m) for m in grid.results]
     return folders[0] if len(folders) == 1 else "{" + ", ".join(folders) + "}"
 
 
@@ -735,7 +753,7 @@ def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: li
     the number of experiments left to compute."""
     todo = sum(len(st.todo) for st in statuses)
     depths = f" x {len(grid.needle_positions)} depth(s)" if len(grid.needle_positions) > 1 else ""
-    methods = f" x {len(grid.methods)} methods" if len(grid.methods) > 1 else ""
+    methods = f" x {len(grid.results)} results" if len(grid.results) > 1 else ""
     say(f"sweep: {len(grid.models)} model(s) x {len(grid.questions)} question(s) x {len(grid.tokens)} "
         f"length(s){depths}{methods} = {grid.size} experiments, {grid.samples} samples each; {todo} to compute"
         f"{where} -> {results_folders(grid, output_dir)}")
@@ -744,7 +762,7 @@ def announce(grid: Grid, output_dir: str | Path, units: list[Unit], statuses: li
             if state == "done":
                 path = experiment_path(output_dir, grid, st.model_key, q, unit.tokens, unit.depth, m)
                 say(result_line("skipped", st.model_key, q, unit.tokens, load_result(path), "(valid result)",
-                                len(grid.methods) > 1))
+                                len(grid.results) > 1))
                 summary.skipped.append(path)
     return todo
 
@@ -815,12 +833,12 @@ def run_sweep(
 
 def outcome_line(st: Status, e: Experiment, unit: Unit, grid: Grid, record: dict, seconds: float) -> str:
     """The line printed for experiment ``e`` of ``unit`` once written (done, or recomputed with the reason)."""
-    what = f"{len(unit.questions)} questions" + (f" x {len(grid.methods)} methods" if len(grid.methods) > 1 else "")
+    what = f"{len(unit.questions)} questions" + (f" x {len(grid.results)} results" if len(grid.results) > 1 else "")
     timing = f"{seconds:.1f} s (unit of {what}, one prefill per sample)"
     if st.state[e] == "corrupt":
         return result_line("recomputed", st.model_key, e[1], unit.tokens, record, f"{timing}  (was: {st.reason[e]})",
-                           len(grid.methods) > 1)
-    return result_line("done", st.model_key, e[1], unit.tokens, record, timing, len(grid.methods) > 1)
+                           len(grid.results) > 1)
+    return result_line("done", st.model_key, e[1], unit.tokens, record, timing, len(grid.results) > 1)
 
 
 def _advance(bar, base: float, n: int) -> Callable[[float], None]:

@@ -16,7 +16,7 @@ SUMMARY = "Run every model x question x length x depth experiment not already do
 # the grid's settings (sweep.make_grid's arguments) that flags give; a flag not given leaves the grid file's
 GRID_FLAGS = ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
               "dtype", "device", "batch_size", "save_samples", "save_attention", "trust_remote_code", "rank_by",
-              "answers")
+              "answers", "span")
 
 
 def register(commands) -> None:
@@ -40,6 +40,8 @@ def register(commands) -> None:
                    help="Save the top K heads' last-token attention rows beside each result (.attention.npz) "
                         "[default: 0, off].")
     p.add_argument("--rank-by", help="Rank summed_attention's heads by score or lift [default: score].")
+    values(p, "--span", "SPAN", "summed_attention's span kinds, each its own result: needle, answer, fact "
+                                "(summed_attention+answer, ...) [default: needle].")
     flag(p, "--answers", None, "Also decode the model's greedy answers (accuracy in each result) [default: off].")
     p.add_argument("--config", type=Path, help="Grid file (.json or .toml) of the settings above; flags win.")
     p.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
