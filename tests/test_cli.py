@@ -160,3 +160,42 @@ def test_sweep_takes_span_kinds():
     a = grid("--models", "smollm2", "--span", "needle", "answer")
     b = grid("--models", "smollm2", "--span", "needle,answer")
     assert a.results == b.results == ("summed_attention", "summed_attention+answer")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["ablate", ""], "RESULT is empty"),
+    (["ablate", "r.json", "--dataset", ""], "--dataset is empty"),
+    (["export", "", "--format", "kv"], "RESULT is empty"),
+    (["report", ""], "RESULTS_DIR is empty"),
+    (["detect", "--dataset", ""], "--dataset is empty"),
+    (["sweep", "--config", ""], "--config is empty"),
+])
+def test_an_empty_path_is_not_the_current_folder(capfd, tmp_path, monkeypatch, argv, msg):
+    """An empty path argument is refused (as --output-dir and --out are), never read as '.': ``report ""``
+    would report on the current folder and write there, ``ablate ""`` failed with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capfd, *argv)
+    one_line(rc, err, msg)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_model_is_refused_not_the_current_folder(capfd, tmp_path, monkeypatch):
+    """``--model ""`` never loads the model folder the command runs in, nor (ablate) the folder a result's
+    model_key names, which a result file's field must never choose."""
+    import torch
+
+    from retrieval_heads.ablation import ablate
+    from retrieval_heads.results import make_record
+
+    (tmp_path / "config.json").write_text("{}")  # the current folder looks like a model folder
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")  # and so does the folder the result's model_key names
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capfd, "detect", "--model", "", "--output-dir", "out")
+    one_line(rc, err, "the model is empty")
+    rec = make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
+                      question_prompt="q", total_tokens=256, needle_position=0.5, scores=torch.ones(3, 4),
+                      samples_processed=2, seed=0, dtype="float32")
+    with pytest.raises(UserError, match="the model is empty"):
+        ablate(rec, model="", ks=(0, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "tiny"]

@@ -304,7 +304,8 @@ def test_bad_options(tmp_path, capsys):
     put(tmp_path / "r", shifted(0))
     for args, msg in [(["--out", str(tmp_path / "r")], "would hold the results folder"),
                       (["--out", str(tmp_path)], "would hold the results folder"),
-                      (["--resamples", "0"], "--resamples must be positive")]:
+                      (["--resamples", "0"], "--resamples must be positive"),
+                      (["--resamples", str(10**23)], "--resamples must be at most 100000")]:
         rc, _, err = run(["report", str(tmp_path / "r"), *args], capsys)
         assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["m1_inc_state_2048.json"]

@@ -55,6 +55,12 @@ def test_significance_lists_heads_and_says_when_samples_are_too_few():
     assert few["test"].startswith("Wilcoxon signed-rank") and few["correction"].startswith("Benjamini-Hochberg")
 
 
+
+def test_a_tiny_alpha_names_the_samples_it_needs():
+    """An alpha so small that 1 / alpha overflows (any alpha in (0, 1) is accepted) still gives the note."""
+    got = stats.significance(np.ones((3, 1, 2)), np.zeros((3, 1, 2)), alpha=1e-320)
+    assert got["heads"] == [] and "use at least 1064 samples" in got["note"]  # 2 ** -1063 > 1e-320
+
 def test_verdict_lines():
     assert stats.verdict(7, 0.05, 8, 8.14, "L12H3", 5, 8) == \
         "7 heads beat the control at alpha 0.05; top lift 8.1x (L12H3); accuracy 5/8"

@@ -351,8 +351,9 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
-    lm = model if isinstance(model, LoadedModel) else load_model(
-        model or record["model_key"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = model if isinstance(model, LoadedModel) else load_model(  # an empty name is refused, not the result's
+        record["model_key"] if model is None else model, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code)
     if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
         raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
                         f"{record['num_heads']}")

@@ -190,6 +190,9 @@ def resolve(model: str) -> tuple[str, str, str]:
     """(model_key, model_name, path-or-hub-id) for a key, a local path or a hub id ("org/name"). The key
     becomes part of file names, so it is made safe (``io.safe_key``: a folder named ``my model`` is
     filed as ``my_model``)."""
+    if not str(model).strip():  # Path("") is the current folder: never load it unasked
+        raise UserError("the model is empty; give a key (e.g. smollm2), a local path (. for the current folder) "
+                        "or a hub id")
     if model in MODELS:
         spec = MODELS.get(model)
         path = str(smollm2_path()) if spec.source == "gguf-wheel" else spec.source

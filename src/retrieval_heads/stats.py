@@ -128,7 +128,7 @@ def significance(target: np.ndarray, control: np.ndarray, alpha: float = DEFAULT
     if floor > alpha:
         note = (f"too few samples: with {S} sample(s) the smallest attainable one-sided p is "
                 f"1/{2 ** S} = {floor:.4g} > alpha {alpha:g}; no head can be significant (use at least "
-                f"{max(1, math.ceil(math.log2(1 / alpha)))} samples, more for many heads)")
+                f"{max(1, math.ceil(-math.log2(alpha)))} samples, more for many heads)")
     elif not heads:
         note = f"no head beats the control at alpha {alpha:g} ({S} samples, {L * H} heads)"
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import UserError
 from ._common import flag, quiet_transformers, values
@@ -31,7 +30,7 @@ def parse_ks(given: list[str] | None) -> list[int]:
 
 def register(commands) -> None:
     p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY)
-    p.add_argument("result", type=Path, metavar="RESULT", help="A result JSON written by detect.")
+    p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
     values(p, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
                           f"[default: {' '.join(map(str, DEFAULT_KS))}].")
     p.add_argument("--random-seeds", type=int, default=3,
@@ -40,7 +39,7 @@ def register(commands) -> None:
     p.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
     p.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the samples "
                                             "the heads were found on).")
-    p.add_argument("--dataset", type=Path, help="JSONL samples (needed when the result came from a dataset).")
+    p.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
     p.add_argument("--model", help="Model (default: the result's model_key).")
     p.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
@@ -61,7 +60,8 @@ def ablate(args: argparse.Namespace) -> None:
     from ..results import samples_path
     from ._common import check_not_input
 
-    result, dataset = args.result, args.dataset
+    result = given_path(args.result, "RESULT")
+    dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     ks = parse_ks(args.k)
     out = None if args.out is None else given_path(args.out, "--out")
     out = out or result.with_name(result.stem + ".ablation.json")

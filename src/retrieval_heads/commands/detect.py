@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import UserError
 from ._common import flag, print_top, quiet_transformers, values
@@ -20,7 +19,7 @@ def register(commands) -> None:
                    help="Number of samples (synthetic filings, or the first records of --dataset).")
     p.add_argument("--needle-position", type=float, default=0.5,
                    help="Depth of the needle in the haystack, 0 (start) to 1 (end).")
-    p.add_argument("--dataset", type=Path, default=None, help="JSONL file of your own samples (see README).")
+    p.add_argument("--dataset", default=None, help="JSONL file of your own samples (see README).")
     p.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                           "(_dDEPTH before .json at a depth other than 0.5).")
     flag(p, "--save-samples", False, "Also write the per-sample audit file (.samples.jsonl).")
@@ -54,12 +53,13 @@ def detect(args: argparse.Namespace) -> None:
     from ..experiments import check_args, detect as run, method_names
     from ..io import given_path
 
-    check_args(None if args.dataset else args.question, args.tokens, args.samples, args.needle_position,
+    dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
+    check_args(None if dataset else args.question, args.tokens, args.samples, args.needle_position,
                args.batch_size)
     method = method_names(args.method or ["summed_attention"])
     span = span_names(args.span or ["needle"])
     check_rank_by(args.rank_by)
-    check_spans_for(span, args.dataset is not None)
+    check_spans_for(span, dataset is not None)
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.max_new_tokens <= 0:
@@ -70,7 +70,7 @@ def detect(args: argparse.Namespace) -> None:
         raise UserError(f"--top must be >= 0, got {args.top}")
     quiet_transformers()
     res = run(model=args.model, question=args.question, tokens=args.tokens, samples=args.samples,
-              needle_position=args.needle_position, dataset=args.dataset, seed=args.seed, method=method,
+              needle_position=args.needle_position, dataset=dataset, seed=args.seed, method=method,
               dtype=args.dtype, device=args.device, batch_size=args.batch_size,
               output_dir=given_path(args.output_dir, "--output-dir"), save_samples=args.save_samples, progress=True,
               trust_remote_code=args.trust_remote_code, success_only=args.success_only,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 SUMMARY = "Write a result as Wu/HeadKV JSON, a QRHead head-set string, a DuoAttention TSV or a KV-head view."
 
 
 def register(commands) -> None:
     p = commands.add_parser("export", help=SUMMARY, description=SUMMARY)
-    p.add_argument("result", type=Path, metavar="RESULT", help="A result JSON written by detect.")
+    p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
     p.add_argument("--format", required=True, help="wu (needs .samples.jsonl), qrhead, duo or kv.")
     p.add_argument("--k", type=int, default=20, help="Heads in the qrhead head set.")
     p.add_argument("--kv-heads", type=int, help="KV heads of the model (default: the result's record).")
@@ -26,7 +25,7 @@ def export(args: argparse.Namespace) -> None:
     from ..results import load_result, samples_path
     from ._common import check_not_input
 
-    result = args.result
+    result = given_path(args.result, "RESULT")
     if args.format not in FORMATS:
         raise UserError(f"unknown format {args.format!r}; choose from: {', '.join(FORMATS)}")
     out = None if args.out is None else given_path(args.out, "--out")

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import UserError
+
+MAX_RESAMPLES = 100_000  # the bootstrap holds every resample's ranks of every head in memory
 
 SUMMARY = "Write report.html (self-contained), report.md, report.json and heatmap PNGs."
 
 
 def register(commands) -> None:
     p = commands.add_parser("report", help=SUMMARY, description=SUMMARY)
-    p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
+    p.add_argument("results_dir", metavar="RESULTS_DIR",
                    help="Folder of result files (METHOD/MODEL_QUESTION_TOKENS.json).")
     p.add_argument("--out", help="Output folder (default: RESULTS_DIR/report).")
     p.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples of the samples, for the rank "
-                                                               "intervals.")
+                                                               f"intervals (at most {MAX_RESAMPLES}).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
     p.add_argument("--top", type=int, default=20, help="Heads per experiment in the bootstrap table.")
     p.set_defaults(run=report)
@@ -29,11 +30,14 @@ def report(args: argparse.Namespace) -> None:
 
     if args.resamples <= 0:
         raise UserError(f"--resamples must be positive, got {args.resamples}")
+    if args.resamples > MAX_RESAMPLES:
+        raise UserError(f"--resamples must be at most {MAX_RESAMPLES}, got {args.resamples}")
     if args.top <= 0:
         raise UserError(f"--top must be positive, got {args.top}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    rep, folder = make_report(args.results_dir, None if args.out is None else given_path(args.out, "--out"),
+    rep, folder = make_report(given_path(args.results_dir, "RESULTS_DIR"),
+                              None if args.out is None else given_path(args.out, "--out"),
                               resamples=args.resamples, seed=args.seed, top=args.top)
     n = len(rep.collection.experiments)
     print(f"read {n} result(s); wrote {folder / 'report.html'}, report.md, report.json and "

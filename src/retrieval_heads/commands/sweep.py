@@ -7,7 +7,6 @@ comma-separated: ``--models smollm2 --questions all --tokens 1024 2048 --needle-
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ._common import flag, quiet_transformers, values
 
@@ -43,7 +42,7 @@ def register(commands) -> None:
     values(p, "--span", "SPAN", "summed_attention's span kinds, each its own result: needle, answer, fact "
                                 "(summed_attention+answer, ...) [default: needle].")
     flag(p, "--answers", None, "Also decode the model's greedy answers (accuracy in each result) [default: off].")
-    p.add_argument("--config", type=Path, help="Grid file (.json or .toml) of the settings above; flags win.")
+    p.add_argument("--config", help="Grid file (.json or .toml) of the settings above; flags win.")
     p.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                           "(_dDEPTH before .json at a depth other than 0.5).")
     flag(p, "--progress", True, "Show the progress bar (stderr).")
@@ -61,9 +60,10 @@ def register(commands) -> None:
 def grid_settings(args: argparse.Namespace) -> dict:
     """The grid's settings: the grid file's (``--config``), and over them every flag given, both ways
     (``--no-answers`` beats a file's true). A depth flag replaces the file's depth(s), either key."""
+    from ..io import given_path
     from ..sweep import load_grid_file
 
-    settings = load_grid_file(args.config) if args.config else {}
+    settings = load_grid_file(given_path(args.config, "--config")) if args.config is not None else {}
     if args.needle_position is not None or args.needle_positions:
         settings.pop("needle_position", None)
         settings.pop("needle_positions", None)
