@@ -68,9 +68,11 @@ def test_verdict_lines():
     assert stats.verdict(6, 0.05, 16, 1.07, "L0H4", 4, 16) == (
         "6 heads beat the control at alpha 0.05; top lift 1.1x (L0H4); accuracy 4/16: they favour the span over the "
         "control but stay near chance (top lift under 2x)")
-    assert stats.verdict(1, 0.05, 16, 1.99, "L0H4").endswith(
-        "1 head beats the control at alpha 0.05; top lift 2.0x (L0H4): it favours the span over the control but "
+    assert stats.verdict(1, 0.05, 16, 1.94, "L0H4") == (
+        "1 head beats the control at alpha 0.05; top lift 1.9x (L0H4): it favours the span over the control but "
         "stays near chance (top lift under 2x)")
+    assert stats.verdict(1, 0.05, 16, 1.96, "L0H4") == "1 head beats the control at alpha 0.05; top lift 2.0x (L0H4)"
+    assert stats.verdict(0, 0.05, 16, 1.96, "L0H4") == "no head beats the control on these 16 samples; top lift 2.0x (L0H4)"
     assert stats.verdict(0, 0.05, 4, 1.3, "L0H4", 1, 8, too_few=True) == (
         "no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); "
         "accuracy 1/8: the model may not be retrieving at this length")

@@ -155,16 +155,16 @@ def verdict(significant: int, alpha: float, samples: int, top_lift: float | None
     'no head beats the control on these 4 samples (too few samples for alpha 0.05); top lift 1.3x (L0H4); accuracy 1/8: the model may not be retrieving at this length'
     """
     acc = f"; accuracy {n_correct}/{n_answered}" if n_correct is not None and n_answered else ""
+    near = top_lift is not None and round(top_lift, 1) < 2  # as shown: "2.0x" is never "under 2x"
     top = f"; top lift {top_lift:.1f}x ({top_head})" if top_lift is not None and top_head else ""
     if significant:
         heads = "head beats" if significant == 1 else "heads beat"
-        near = ""
-        if top_lift is not None and top_lift < 2:  # beating the control is not retrieving (README "Reading the scores")
-            near = f": {'it favours' if significant == 1 else 'they favour'} the span over the control but stay" \
+        tail = ""
+        if near:  # beating the control is not retrieving (README "Reading the scores")
+            tail = f": {'it favours' if significant == 1 else 'they favour'} the span over the control but stay" \
                    f"{'s' if significant == 1 else ''} near chance (top lift under 2x)"
-        return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}{near}"
+        return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}{tail}"
     why = f" (too few samples for alpha {alpha:g})" if too_few else ""
-    weak = (n_correct is not None and bool(n_answered) and 2 * n_correct < n_answered) or \
-        (top_lift is not None and top_lift < 2)
+    weak = (n_correct is not None and bool(n_answered) and 2 * n_correct < n_answered) or near
     tail = ": the model may not be retrieving at this length" if weak else ""
     return f"no head beats the control on these {samples} samples{why}{top}{acc}{tail}"
