@@ -39,6 +39,9 @@ WRAPPER = textwrap.dedent("""
     from retrieval_heads.cli import main
 
     at, fault = os.environ["FAULT_AT"], os.environ["FAULT"]
+    # Ctrl-C as in a terminal, whatever this process inherited: a test run started in the background by a
+    # non-interactive shell ignores SIGINT, and Python then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fire():
         if fault == "ENOSPC":
