@@ -117,7 +117,7 @@ def shared_span_masses(
     suffix (mass, baseline), each (B, L, H, M); the mass of each span is bit-identical to
     :func:`shared_needle_mass` with that span as the needle.
     """
-    if _new_cache(model) is None:
+    if not can_share(model):
         return [_full_mass(model, context_ids, s, masks) for s in suffix_ids]
     B = context_ids.shape[0]
     last = []

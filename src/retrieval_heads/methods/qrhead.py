@@ -46,6 +46,11 @@ def query_start(fmt: PromptFormat, p: PromptSample) -> int:
     return p.context_end + (len(sep) if suffix[: len(sep)] == sep else 0)
 
 
+def needle_tokens(batch: Sequence[PromptSample], width: int) -> torch.Tensor:
+    """(B, width) bool: True where j < the prompt's needle length (needle token j is key needle_start + j)."""
+    return torch.arange(width)[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]
+
+
 @torch.no_grad()
 def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[int], width: int) -> torch.Tensor:
     """(B, L, H, width): per needle token k (k = needle_start + j, j < width), the mean over each prompt's query
@@ -62,9 +67,8 @@ def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[
     w = torch.zeros(B, N - lo)  # (B, S): 1/|Q| on each prompt's own query rows
     for i, s in enumerate(starts):
         w[i, s - lo :] = 1.0 / (N - s)
-    j = torch.arange(width)  # (P,)
-    keys = (torch.tensor([p.needle_start for p in batch])[:, None] + j).clamp(max=N - 1)  # (B, P)
-    valid = j[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]  # (B, P)
+    keys = (torch.tensor([p.needle_start for p in batch])[:, None] + torch.arange(width)).clamp(max=N - 1)  # (B, P)
+    valid = needle_tokens(batch, width)  # (B, P)
     out = torch.zeros(B, L, H, width, device=device)  # (B, L, H, P)
 
     def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, S, K)
@@ -102,9 +106,7 @@ class QRHead(Method):
         return query_start(fmt, p), len(p.input_ids)
 
     def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
-        width = real.keys.shape[-1]
-        j = torch.arange(width)
-        valid = j[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]  # (B, P)
+        valid = needle_tokens(batch, real.keys.shape[-1])  # (B, P)
         return filtered_sum(real.keys - null.keys, valid.to(real.keys.device))  # (B, L, H)
 
     def score_batch(self, model, batch: Sequence[PromptSample], ctx: MethodContext | None = None) -> torch.Tensor:
@@ -117,9 +119,7 @@ class QRHead(Method):
         for idx in batches(null, len(null)):  # null prompts of one batch differ in length only if their contexts do
             group = [null[i] for i in idx]
             calib[idx] = needle_key_attention(model, group, [query_start(fmt, p) for p in group], width).to(calib.dtype)
-        j = torch.arange(width)
-        valid = j[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]  # (B, P)
-        return filtered_sum(real - calib, valid.to(real.device))  # (B, L, H)
+        return filtered_sum(real - calib, needle_tokens(batch, width).to(real.device))  # (B, L, H)
 
 
 register(QRHead())
