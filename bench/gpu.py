@@ -96,6 +96,8 @@ def main() -> None:
              "to check the script on the CPU: python bench/gpu.py --dry-run --device cpu --tiny")
     device = torch.device(args.device)
     if cuda:
+        if device.index is None:  # plain "cuda": the current device, named by its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     lengths = args.lengths or ([256, 512] if args.tiny else [2048, 4096, 8192])
     shape = TINY if args.tiny else LLAMA3_8B
