@@ -60,13 +60,17 @@ class PromptSample:
     haystack_start: int | None = None
     separator_start: int | None = None
     fact_spans: dict = field(default_factory=dict)
+    # a long-context task's key inside the needle (prompt positions [start, end)), exact by construction
+    answer_at: tuple[int, int] | None = None
 
 
 class PromptFormat:
-    """How one tokenizer frames the context and the question."""
+    """How one tokenizer frames the context and the question. ``instruction`` opens the user turn (the
+    filings' by default; a long-context task brings its own): it changes the prefix only, never the suffix."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, instruction: str = INSTRUCTION):
         self.tokenizer = tokenizer
+        self.instruction = instruction
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         if self.chat:
             text = tokenizer.apply_chat_template(
@@ -76,15 +80,14 @@ class PromptFormat:
             self._after_pre, self._after_post = after.split("{Q}")
             self._prefix = self.encode(self._before)
         else:
-            before = INSTRUCTION + "\n\n"
+            before = instruction + "\n\n"
             self._prefix = list(tokenizer(before, add_special_tokens=True)["input_ids"])
             self._after_pre, self._after_post = "\n\nQuestion: ", "\nAnswer:"
         self._sep = self.encode("\n\n")
         self._suffix_cache: dict[str, list[int]] = {}
 
-    @staticmethod
-    def _user_content(question: str) -> str:
-        return f"{INSTRUCTION}\n\n{_CTX}\n\nQuestion: {question}\n{ANSWER_HINT}"
+    def _user_content(self, question: str) -> str:
+        return f"{self.instruction}\n\n{_CTX}\n\nQuestion: {question}\n{ANSWER_HINT}"
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -99,7 +99,10 @@ def prompt_answer_span(tokenizer, prompt) -> tuple[int, int] | None:
     """Prompt positions ``[start, end)`` of the answer's tokens inside the needle of a
     :class:`~retrieval_heads.data.prompt.PromptSample`: on synthetic samples, the span of the fact the
     question asks for (exact by construction, even when another fact has the same text); otherwise the first
-    whole-word occurrence of the answer in the needle. None when the needle does not hold it."""
+    whole-word occurrence of the answer in the needle; on a long-context task (:mod:`~retrieval_heads.data.tasks`)
+    the key's own span (``answer_at``). None when the needle does not hold it."""
+    if getattr(prompt, "answer_at", None) is not None:
+        return prompt.answer_at
     fact = prompt.fact_spans.get(prompt.question_key) if prompt.question_key else None
     if fact is not None:
         return fact
