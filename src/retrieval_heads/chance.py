@@ -76,10 +76,13 @@ def span_result_name(name: str, span: str) -> str:
     return name if span == "needle" else f"{name}+{span}"
 
 
-def check_spans_for(spans: Sequence[str], dataset: bool) -> None:
+def check_spans_for(spans: Sequence[str], dataset: bool, question: str | None = None) -> None:
     if dataset and "fact" in spans:
         raise UserError("--span fact needs the synthetic samples (a dataset record does not say where each "
                         "fact is); use --span needle or answer with --dataset")
+    if not dataset and question is not None and question not in QUESTIONS and "fact" in spans:
+        raise UserError(f"--span fact needs a filing question (the needle of {question!r} states one key); "
+                        "use --span needle or answer")
 
 
 # --- where the spans lie ------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import torch
 from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
-from .data.samples import dataset_samples, synthetic_samples
+from .data.samples import dataset_samples
+from .data.tasks import check_question, decode_budget, is_task, question_groups, question_text
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
@@ -120,7 +121,7 @@ class Detection(Mapping[str, DetectResult]):
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
     """The checks that need no model: fail before spending time on loading one."""
     if question is not None:
-        QUESTIONS.get(question)
+        check_question(question)
     if tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}")
     if samples <= 0:
@@ -140,10 +141,11 @@ def check_tokens(lm: LoadedModel, tokens: int) -> None:
 def build_prompts(
     lm: LoadedModel, questions: Sequence[str], tokens: int, samples: int, needle_position: float, seed: int
 ) -> list[dict[str, PromptSample]]:
-    """Synthetic samples, each a {question: prompt} group sharing one context (a sweep scores every question
-    of a context from one pass)."""
+    """Synthetic samples, each a {question: prompt} group: the filing questions share one context (a sweep
+    scores every question of a context from one pass), each long-context task has its own
+    (:func:`~retrieval_heads.data.tasks.question_groups`)."""
     check_tokens(lm, tokens)
-    return synthetic_samples(PromptFormat(lm.tokenizer), questions, tokens, samples, needle_position, seed)
+    return question_groups(lm.tokenizer, questions, tokens, samples, needle_position, seed)
 
 
 def experiment_prompts(
@@ -189,7 +191,7 @@ def dataset_key(dataset: str | Path) -> str:
     """The question key of a ``--dataset`` experiment: the file's stem, with ``+dataset`` appended when the
     stem is a built-in question (``inc_state.jsonl`` must not replace the synthetic ``inc_state`` result)."""
     stem = safe_key(Path(dataset).stem)  # a file name may hold any character; a result's name may not
-    return stem + DATASET_SUFFIX if stem in QUESTIONS else stem
+    return stem + DATASET_SUFFIX if stem in QUESTIONS or is_task(stem) else stem
 
 
 def method_names(method: str | Sequence[str]) -> list[str]:
@@ -230,7 +232,7 @@ def detect(
     trust_remote_code: bool = False,
     success_only: bool = False,
     answers: bool | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     save_attention: int = 0,
     span: str | Sequence[str] = "needle",
     rank_by: str = "score",
@@ -246,7 +248,8 @@ def detect(
     result JSON (and, with ``save_samples``, its per-sample audit file) is written to
     ``output_dir/{name}/``.
 
-    The model's greedy answers (at most ``max_new_tokens``) are decoded once per sample when a method needs
+    The model's greedy answers (at most ``max_new_tokens``; None: the task's own budget,
+    :func:`~retrieval_heads.data.tasks.decode_budget`, 12 for a filing question or a dataset) are decoded once per sample when a method needs
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
@@ -274,9 +277,11 @@ def detect(
     names = method_names(method)
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)
-    chance.check_spans_for(spans, dataset is not None)
+    chance.check_spans_for(spans, dataset is not None, question)
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
+    if max_new_tokens is None:  # the task's own (a UUID is long), else the seed's 12
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if dataset else decode_budget(question)
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if save_attention < 0:
@@ -298,7 +303,7 @@ def detect(
         qs = {p.question for p in prompts}
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:
-        qkey, qprompt = question, QUESTIONS.get(question).prompt
+        qkey, qprompt = question, question_text(question)
     shared = None
     if one_prefill and (want_answers or any(n != "summed_attention" for n in names)):  # several passes: share one
         from tqdm.auto import tqdm
@@ -388,7 +393,7 @@ def synthetic_record(
     ``max_new_tokens``, as ``detect(answers=True)`` records them (None: no answers asked for)."""
     extra = {"num_key_value_heads": lm.num_kv_heads, **(answered or {}),
              "success_only": METHODS.get(method.split("+", 1)[0]).success_only}  # a span's result: its method's
-    return experiment_record(lm, method, question, QUESTIONS.get(question).prompt, tokens, needle_position, seed,
+    return experiment_record(lm, method, question, question_text(question), tokens, needle_position, seed,
                              sample_scores, extra=extra, provenance=make_provenance(lm.identity), added=added,
                              rank_by=rank_by)
 
