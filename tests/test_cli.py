@@ -86,7 +86,8 @@ def test_flags_both_ways_and_tri_state():
     assert grid_settings(parse(["sweep"])) == {}  # nothing given: the grid file's settings (or the grid's)
     assert grid_settings(off) == {"answers": False, "save_samples": False, "trust_remote_code": False}
     detect = parse(["detect"])
-    assert (detect.save_samples, detect.answers, detect.success_only, detect.trust_remote_code) == (False,) * 4
+    assert (detect.save_samples, detect.success_only, detect.trust_remote_code) == (False,) * 3
+    assert detect.answers is None  # the question's default: on for a task, off for a filing question
     assert parse(["detect", "--trust-remote-code", "--no-trust-remote-code"]).trust_remote_code is False
     assert parse(["ablate", "r.json", "--trust-remote-code"]).trust_remote_code is True
 

@@ -127,15 +127,22 @@ def test_cli_malformed_dataset_names_line(tmp_path):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    """`retrieval-heads detect` with no flags runs the same experiment as `detect(lm)`; a grid keeps its own
-    sample count (its units are long prompts)."""
+    """`retrieval-heads detect` with no flags runs the same experiment as `detect(lm)`: the passkey task on the
+    answer span with answers (bench/results/default_task.md); a filing question keeps the seed's experiment
+    (512 tokens, 16 samples, needle span); a grid keeps its own sample count (its units are long prompts)."""
     import inspect
 
     from retrieval_heads import experiments, sweep
     from retrieval_heads.cli import parse
+    from retrieval_heads.defaults import Settings, settings_for
 
     args = parse(["detect"])
     lib = inspect.signature(experiments.detect).parameters
-    assert (args.tokens, args.samples) == (512, 16)
-    assert (lib["tokens"].default, lib["samples"].default) == (512, 16)
+    assert args.question == lib["question"].default == "passkey"
+    assert (args.tokens, args.samples, args.span, args.answers) == (None,) * 4  # taken from the question
+    assert (lib["tokens"].default, lib["samples"].default, lib["span"].default, lib["answers"].default) == (None,) * 4
+    assert settings_for("passkey", dataset=False) == Settings(1024, 8, "answer", True)
+    assert settings_for("niah_uuid", dataset=False) == Settings(1024, 8, "answer", True)
+    assert settings_for("inc_state", dataset=False) == Settings(512, 16, "needle", False)
+    assert settings_for("passkey", dataset=True) == Settings(512, 16, "needle", False)  # a dataset: the seed's
     assert sweep.Grid.__dataclass_fields__["samples"].default == 6

@@ -42,6 +42,7 @@ from .capture import attention_probe
 from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS, answer_matches
+from .data.tasks import is_task
 from .errors import UserError
 from .experiments import check_args, experiment_prompts
 from .generation import DEFAULT_MAX_NEW_TOKENS, Answer, accuracy, answer_prompts, gold_logprob, greedy_decode, stop_rule
@@ -339,7 +340,7 @@ def ablate(
     t = record["total_tokens"] if tokens is None else tokens
     s = record.get("seed", 0) if seed is None else seed
     synthetic = dataset is None
-    if synthetic and record["question"] not in QUESTIONS:
+    if synthetic and record["question"] not in QUESTIONS and not is_task(record["question"]):
         raise UserError(f"{source or 'the result'} was made from a dataset ({record['question']}); "
                         "pass it with --dataset")
     check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size)

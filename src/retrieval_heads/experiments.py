@@ -22,6 +22,7 @@ from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
 from .data.samples import dataset_samples
 from .data.tasks import check_question, decode_budget, is_task, question_groups, question_text
+from .defaults import DEFAULT_QUESTION, FILING, settings_for
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
@@ -31,10 +32,10 @@ from .models import LoadedModel, load_model
 from .onepass import score_prompts  # noqa: F401  (part of this module's API)
 from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
-# detect's defaults: where the embedded model answers and heads beat the control, under 2 minutes on 2 cores
-# (bench/default_experiment.py applies the rule and measures the time)
-DEFAULT_TOKENS = 512
-DEFAULT_SAMPLES = 16
+# detect's defaults per question (retrieval_heads.defaults): with none given, the passkey task, where the
+# embedded model answers and heads beat the control; a filing question keeps the seed's experiment
+DEFAULT_TOKENS = FILING.tokens  # a filing question's (the seed's experiment)
+DEFAULT_SAMPLES = FILING.samples
 
 
 @dataclass
@@ -216,9 +217,9 @@ def result_name(method: str, success_only: bool) -> str:
 
 def detect(
     model: str | LoadedModel = "smollm2",
-    question: str = "inc_state",
-    tokens: int = DEFAULT_TOKENS,
-    samples: int = DEFAULT_SAMPLES,
+    question: str = DEFAULT_QUESTION,
+    tokens: int | None = None,
+    samples: int | None = None,
     needle_position: float = 0.5,
     dataset: str | Path | None = None,
     seed: int = 0,
@@ -234,12 +235,17 @@ def detect(
     answers: bool | None = None,
     max_new_tokens: int | None = None,
     save_attention: int = 0,
-    span: str | Sequence[str] = "needle",
+    span: str | Sequence[str] | None = None,
     rank_by: str = "score",
     alpha: float = 0.05,
     one_prefill: bool = True,
 ) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
+
+    ``tokens``, ``samples``, ``span`` and ``answers`` left out (None) take the defaults of ``question``
+    (:mod:`retrieval_heads.defaults`): with no question given, the ``passkey`` task on the ``answer`` span with
+    answers; a filing question (``"inc_state"``, ...) or a dataset, the seed's 512 tokens, 16 samples,
+    ``needle`` span. ``question`` is a filing question or a long-context task (:mod:`retrieval_heads.data.tasks`).
 
     ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``, ``qrhead``), a comma-separated
     list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
@@ -273,7 +279,13 @@ def detect(
     from . import chance
     from .generation import accuracy, answer_prompts
 
-    check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
+    check_args(None if dataset else question, 1 if tokens is None else tokens, 1 if samples is None else samples,
+               needle_position, batch_size)
+    given = settings_for(question, dataset is not None)  # what a setting left out (None) takes
+    tokens = given.tokens if tokens is None else tokens
+    samples = given.samples if samples is None else samples
+    span = given.span if span is None else span
+    answers = given.answers if answers is None else answers
     names = method_names(method)
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)

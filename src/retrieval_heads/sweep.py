@@ -2,8 +2,8 @@
 resumable.
 
 The work is cut into *units*: one model x one token length x one needle depth x all the grid's questions, the
-questions
-sharing one context pass per sample (:mod:`retrieval_heads.prefill`). The pieces are separate so that any
+filing questions sharing one context pass per sample (:mod:`retrieval_heads.prefill`), each long-context task
+(:mod:`retrieval_heads.data.tasks`) with a context pass of its own. The pieces are separate so that any
 engine (this module's local loop, or a Ray driver with one actor per model) can run them:
 
 - :func:`make_grid` / :func:`load_grid_file`: the grid, validated without loading anything;
@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
+from .data.tasks import check_question, context_families, decode_budget
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
 from .io import given_path
@@ -344,7 +345,12 @@ def make_grid(**settings: Any) -> Grid:
         if not getattr(grid, what):
             raise UserError(f"the grid names no {what}")
     for q in grid.questions:
-        QUESTIONS.get(q)
+        check_question(q)
+    if "fact" in grid.span.split(","):
+        from .chance import check_spans_for
+
+        for q in grid.questions:
+            check_spans_for(["fact"], False, q)
     filed: dict[str, str] = {}
     for m in grid.models:
         k = model_key(m)
@@ -505,27 +511,30 @@ def compute_unit(
 
     from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
-    from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .generation import accuracy
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
+    families = context_families(unit.questions)  # the filing questions share a context; a task has its own
     done = 0
 
     def on_batch(k: int) -> None:
         nonlocal done
         done += k
-        progress(done / len(groups))
+        progress(done / (len(groups) * len(families)))
 
-    scored = score_groups(lm, groups, unit.questions, grid.methods, grid.answers, DEFAULT_MAX_NEW_TOKENS,
-                          grid.batch_size, on_batch)
+    scored = {}
+    for fam in families:
+        scored.update(score_groups(lm, groups, fam, grid.methods, grid.answers, decode_budget(fam[0]),
+                                   grid.batch_size, on_batch))
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
         for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
-            answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+            answered = None if got is None else dict(accuracy(got), max_new_tokens=decode_budget(q))
             if m == "summed_attention":  # every span kind from the same masses
                 ss = span_scores(sc.masses, prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
@@ -699,8 +708,7 @@ def preflight(grid: Grid) -> None:
     holds template + needle + question. Loads configs and tokenizers only; UserError on the first problem."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .data.prompt import PromptFormat
-    from .data.samples import synthetic_samples
+    from .data.tasks import question_groups
 
     for m in grid.models:
         _, name, path = resolve(m)
@@ -717,7 +725,7 @@ def preflight(grid: Grid) -> None:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
         for depth in grid.needle_positions:
-            synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, depth, grid.seed)
+            question_groups(tokenizer, grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
 
 # --- the local engine -----------------------------------------------------------------------------------

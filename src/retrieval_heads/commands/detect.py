@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_QUESTION, FILING, TASK, settings_for
 from ..errors import UserError
 from ._common import flag, print_top, quiet_transformers, values
 
@@ -13,10 +14,16 @@ SUMMARY = "Run one experiment and write its result JSON."
 def register(commands) -> None:
     p = commands.add_parser("detect", help=SUMMARY, description=SUMMARY)
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded), instruct, base, a local path or a hub id.")
-    p.add_argument("--question", default="inc_state", help="inc_state, inc_year, employee_count or hq_state.")
-    p.add_argument("--tokens", type=int, default=512, help="Prompt length in tokens, template and question included.")
-    p.add_argument("--samples", type=int, default=16,
-                   help="Number of samples (synthetic filings, or the first records of --dataset).")
+    p.add_argument("--question", default=DEFAULT_QUESTION,
+                   help="A filing question (inc_state, inc_year, employee_count, hq_state: the seed's experiment) or a "
+                        "long-context task (passkey, niah_number, niah_word, niah_uuid, niah_number_filings, "
+                        "niah_word_filings, niah_uuid_filings, multikey; see docs/tasks.md).")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="Prompt length in tokens, template and question included "
+                        f"[default: {TASK.tokens} for a task, {FILING.tokens} for a filing question or --dataset].")
+    p.add_argument("--samples", type=int, default=None,
+                   help="Number of samples (synthetic, or the first records of --dataset) "
+                        f"[default: {TASK.samples} for a task, {FILING.samples} for a filing question or --dataset].")
     p.add_argument("--needle-position", type=float, default=0.5,
                    help="Depth of the needle in the haystack, 0 (start) to 1 (end).")
     p.add_argument("--dataset", default=None, help="JSONL file of your own samples (see README).")
@@ -30,9 +37,12 @@ def register(commands) -> None:
                                     "space- or comma-separated or repeated, all on the same samples "
                                     "[default: summed_attention].")
     flag(p, "--success-only", False, "Count only correctly answered samples (written as METHOD_success).")
-    flag(p, "--answers", False, "Also decode and record the model's answers and accuracy (automatic with "
-                                "retrieval_score or --success-only).")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    flag(p, "--answers", None, "Also decode and record the model's answers and accuracy [default: on for a task; "
+                               "off for a filing question or --dataset, automatic with retrieval_score or "
+                               "--success-only].")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="Longest greedy answer, in tokens [default: the task's own (docs/tasks.md); 12 for a filing "
+                        "question or --dataset].")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (the probe's softmax is float32).")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--batch-size", type=int, default=1, help="Samples per forward pass.")
@@ -40,7 +50,8 @@ def register(commands) -> None:
     flag(p, "--trust-remote-code", False, "Allow the model's own Python code to run (off by default).")
     p.add_argument("--top", type=int, default=10, help="Rows of the printed top-heads table.")
     values(p, "--span", "SPAN", "Span(s) scored by summed_attention: needle, answer, fact; space- or comma-separated "
-                                "or repeated, each written as its own result [default: needle].")
+                                "or repeated, each written as its own result [default: answer for a task; needle "
+                                "for a filing question or --dataset].")
     p.add_argument("--rank-by", default="score", help="Rank summed_attention's heads by score (the seed's) or lift.")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="Level of the test against the control span (Benjamini-Hochberg).")
@@ -54,27 +65,29 @@ def detect(args: argparse.Namespace) -> None:
     from ..io import given_path
 
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
-    check_args(None if dataset else args.question, args.tokens, args.samples, args.needle_position,
-               args.batch_size)
+    given = settings_for(args.question, dataset is not None)
+    tokens = given.tokens if args.tokens is None else args.tokens
+    samples = given.samples if args.samples is None else args.samples
+    check_args(None if dataset else args.question, tokens, samples, args.needle_position, args.batch_size)
     method = method_names(args.method or ["summed_attention"])
-    span = span_names(args.span or ["needle"])
+    span = span_names(args.span or [given.span])
     check_rank_by(args.rank_by)
-    check_spans_for(span, dataset is not None)
+    check_spans_for(span, dataset is not None, None if dataset else args.question)
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if args.max_new_tokens <= 0:
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {args.save_attention}")
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
     quiet_transformers()
-    res = run(model=args.model, question=args.question, tokens=args.tokens, samples=args.samples,
+    res = run(model=args.model, question=args.question, tokens=tokens, samples=samples,
               needle_position=args.needle_position, dataset=dataset, seed=args.seed, method=method,
               dtype=args.dtype, device=args.device, batch_size=args.batch_size,
               output_dir=given_path(args.output_dir, "--output-dir"), save_samples=args.save_samples, progress=True,
               trust_remote_code=args.trust_remote_code, success_only=args.success_only,
-              answers=args.answers or None, max_new_tokens=args.max_new_tokens, save_attention=args.save_attention,
+              answers=args.answers, max_new_tokens=args.max_new_tokens, save_attention=args.save_attention,
               span=span, rank_by=args.rank_by, alpha=args.alpha)
     verdicts = []
     for res in res.values():

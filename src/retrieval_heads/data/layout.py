@@ -6,8 +6,8 @@ needles placed inside the haystack at given depths.
 As in :func:`~retrieval_heads.data.prompt.build_prompt`: the context gets ``tokens - len(suffix)`` ids exactly,
 B holds whole units from the start of its stream, A the last ids of its stream (cut at a token boundary at
 its start), and the needle starts after ``round(needle_position * H)`` of the ``H`` haystack ids, give or take
-one unit. A distractor at depth ``d`` goes in at the unit boundary nearest to ``|d - needle_position| * H``
-haystack ids away from the needle, on its side; its ids count against its side's budget, so every distractor
+one unit. A distractor at depth ``d`` goes in at the unit boundary nearest to where it starts ``d * H`` haystack ids
+into the haystack (measured from the needle, on its side, earlier distractors included); its ids count against its side's budget, so every distractor
 is in the prompt whole, never cut. Each unit and distractor is tokenized on its own, so the needle's ids are
 ``encode(needle)`` exactly, and the key's token span inside it comes from its character span
 (:func:`~retrieval_heads.data.spans.char_spans_to_tokens`).
@@ -30,22 +30,24 @@ def _encoder(fmt: PromptFormat, units: Sequence[str]):
 
 
 def _insert(pieces: list[list[int]], items: list[tuple[int, list[int]]], from_end: bool, first: int) -> list[int]:
-    """The ids of ``pieces`` with each (distance, ids) item put in at the piece boundary nearest ``distance``
-    ids from the start (from the end with ``from_end``), with at least ``first`` pieces beyond it."""
-    lengths = [len(p) for p in (reversed(pieces) if from_end else pieces)]
+    """The ids of ``pieces`` with each (distance, ids) item put in at the piece boundary whose distance (in
+    ids, items placed before it included) from the start (from the end with ``from_end``) is nearest
+    ``distance``, with at least ``first`` pieces beyond it. Items are placed nearest first."""
+    order = list(reversed(pieces)) if from_end else list(pieces)
     bounds, at = [0], 0
-    for n in lengths:
-        at += n
+    for piece in order:
+        at += len(piece)
         bounds.append(at)
     slots: dict[int, list[list[int]]] = {}
-    for distance, ids in items:
-        j = min(range(len(bounds)), key=lambda i: (abs(bounds[i] - distance), i))
-        j = min(j, len(pieces) - first)
+    for distance, ids in sorted(items, key=lambda x: x[0]):
+        def where(j: int) -> int:  # ids before boundary j, the items already placed at or before it included
+            return bounds[j] + sum(len(x) for k, xs in slots.items() if k <= j for x in xs)
+
+        j = min(range(len(order) + 1 - first), key=lambda i: (abs(where(i) - distance), i))
         slots.setdefault(j, []).append(ids)
-    order = list(reversed(pieces)) if from_end else list(pieces)
     out: list[list[int]] = []
     for j in range(len(order) + 1):
-        out.extend(slots.get(j, []))
+        out.extend(slots.get(j, []))  # nearest first, outwards from the needle
         if j < len(order):
             out.append(order[j])
     if from_end:
@@ -65,7 +67,9 @@ def assemble(
     needle_ids = fmt.encode(needle)
     h = context_budget(fmt, tokens, len(suffix), len(needle_ids))
     target_a = round(needle_position * h)
-    side_a = [(round((needle_position - d) * h), fmt.encode(" " + s)) for d, s in distractors if d < needle_position]
+    side_a = [(ids, round((needle_position - d) * h) - len(ids)) for ids, d in  # its start at depth d, as in B
+              ((fmt.encode(" " + s), d) for d, s in distractors if d < needle_position)]
+    side_a = [(max(0, dist), ids) for ids, dist in side_a]
     side_b = [(round((d - needle_position) * h), fmt.encode(" " + s)) for d, s in distractors if d >= needle_position]
     # B: whole units from the start of its stream, the distractors' ids reserved
     budget = h - target_a - sum(len(x) for _, x in side_b)

@@ -1,0 +1,80 @@
+"""The embedded model's accuracy on each long-context task at 512, 1K, 2K, 4K and 8K tokens (measured, not tuned).
+
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/tasks.py --threads 1
+
+Per task and length: the task's prompts (seed 0, needle depth 0.5; 8 samples up to 2K tokens, 4 at 4K and 8K,
+where one forward pass costs tens of seconds on a CPU), the model's greedy answers with the task's own decoding
+budget (:func:`retrieval_heads.data.tasks.decode_budget`), and the share it answers right (the documented
+lenient matcher). Cells run length by length, every task at one length before the next, and the results are
+written after every cell, so a run cut short leaves a table whose missing cells say "not run".
+Writes bench/results/tasks.md, .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+LENGTHS = (512, 1024, 2048, 4096, 8192)
+SAMPLES = {512: 8, 1024: 8, 2048: 8, 4096: 4, 8192: 4}
+
+
+def markdown(rec: dict) -> str:
+    from retrieval_heads.data.tasks import TASKS, decode_budget
+
+    lines = ["# Accuracy of the embedded model on the long-context tasks", "", f"Command: `{rec['command']}`", "",
+             *C.machine_lines(rec["machine"]), "",
+             "Model SmolLM2-135M-Instruct (8,192 positions), float32, CPU; seed 0, needle depth 0.5; greedy "
+             "answers with each task's decoding budget, checked by the lenient matcher (the key as a whole "
+             "number or whole words). Samples per cell: " +
+             ", ".join(f"{t}: {n}" for t, n in SAMPLES.items()) + " (fewer at 4K and 8K: CPU time). Cells "
+             "marked \"not run\" were not measured.", ""]
+    rows = []
+    for k in TASKS.names():
+        cells = []
+        for t in LENGTHS:
+            r = rec["cells"].get(k, {}).get(str(t))
+            cells.append("not run" if r is None else f"{r['n_correct']}/{r['n_answered']}")
+        rows.append([f"`{k}`", str(decode_budget(k)), *cells])
+    lines += [C.table(["task", "decoded tokens", *(f"{t} tokens" for t in LENGTHS)], rows), ""]
+    lines += ["Answers of the failed samples (first 3 per cell):", ""]
+    for k, by_t in rec["cells"].items():
+        for t, r in by_t.items():
+            bad = [f"{a!r} (gold {g})" for a, g, ok in r["answers"] if not ok][:3]
+            if bad:
+                lines.append(f"- `{k}` at {t}: " + "; ".join(bad))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(LENGTHS))
+    args = ap.parse_args()
+    from retrieval_heads.data.tasks import TASKS, decode_budget, task_prompts
+    from retrieval_heads.generation import answer_prompts
+
+    info, lm = C.setup(args.threads, "smollm2")
+    rec = {"command": C.command_line(), "machine": info, "samples": SAMPLES, "cells": {}}
+    for t in args.tokens:
+        for k in TASKS.names():
+            t0 = time.perf_counter()
+            prompts = task_prompts(lm.tokenizer, k, t, SAMPLES[t], 0.5, 0)
+            got = answer_prompts(lm, prompts, decode_budget(k))
+            r = {"n_correct": sum(a.correct for a in got), "n_answered": len(got),
+                 "answers": [[a.text, p.answer, a.correct] for a, p in zip(got, prompts)],
+                 "wall_seconds": round(time.perf_counter() - t0, 1)}
+            rec["cells"].setdefault(k, {})[str(t)] = r
+            print(k, t, f"{r['n_correct']}/{r['n_answered']}", r["wall_seconds"], flush=True)
+            C.write_results("tasks", rec, markdown(rec))
+
+
+if __name__ == "__main__":
+    main()
