@@ -4,7 +4,8 @@
 
 Per task and length: the task's prompts (seed 0, needle depth 0.5; 8 samples up to 2K tokens, 4 at 4K and 8K,
 where one forward pass costs tens of seconds on a CPU), the model's greedy answers with the task's own decoding
-budget (:func:`retrieval_heads.data.tasks.decode_budget`), and the share it answers right (the documented
+budget (:func:`retrieval_heads.data.tasks.decode_budget`; ``--batch-size`` prompts decoded together, as
+``detect --batch-size`` does), and the share it answers right (the documented
 lenient matcher). Cells run length by length, every task at one length before the next, and the results are
 written after every cell, so a run cut short leaves a table whose missing cells say "not run".
 Writes bench/results/tasks.md, .json.
@@ -57,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=list(LENGTHS))
+    ap.add_argument("--batch-size", type=int, default=4, help="Prompts decoded together (all of one length).")
     args = ap.parse_args()
     from retrieval_heads.data.tasks import TASKS, decode_budget, task_prompts
     from retrieval_heads.generation import answer_prompts
@@ -67,7 +69,7 @@ def main() -> None:
         for k in TASKS.names():
             t0 = time.perf_counter()
             prompts = task_prompts(lm.tokenizer, k, t, SAMPLES[t], 0.5, 0)
-            got = answer_prompts(lm, prompts, decode_budget(k))
+            got = answer_prompts(lm, prompts, decode_budget(k), args.batch_size)
             r = {"n_correct": sum(a.correct for a in got), "n_answered": len(got),
                  "answers": [[a.text, p.answer, a.correct] for a, p in zip(got, prompts)],
                  "wall_seconds": round(time.perf_counter() - t0, 1)}
