@@ -19,6 +19,14 @@ from retrieval_heads.errors import UserError
 ALL_TASKS = TASKS.names()
 
 
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny random Llama with SmolLM2's tokenizer (real prompts, fast passes)."""
+    from conftest import tiny_smol_lm
+
+    return tiny_smol_lm()
+
+
 def decode(tok, ids) -> str:
     return tok.decode(list(ids), clean_up_tokenization_spaces=False)
 
@@ -169,3 +177,31 @@ def test_cli_task_errors(capfd):
                            "use --span needle or answer")
     assert main(["detect", "--question", "paskey"]) == 2
     assert "did you mean 'passkey'" in capfd.readouterr().err
+
+
+@pytest.mark.slow  # a few seconds: two decodes of 20 tokens on a tiny model
+def test_sweep_unit_scores_tasks_as_detect_does(tiny_lm):
+    """A unit mixing filing questions and tasks: each task on its own context, the same numbers and answers as
+    `detect` on that task, and the task's own decoding budget recorded."""
+    import torch
+
+    from retrieval_heads.experiments import detect
+    from retrieval_heads.sweep import Unit, compute_unit, make_grid
+
+    grid = make_grid(models=["smollm2"], questions=["inc_state", "multikey"], tokens=[200], samples=2,
+                     span="needle,answer", answers=True)
+    out = {(r.record["method"], r.record["question"]): r for r in
+           compute_unit(tiny_lm, Unit("smollm2", 200, grid.questions), grid)}
+    assert len(out) == 4
+    for q in ("multikey",):
+        det = detect(tiny_lm, question=q, tokens=200, samples=2, span="needle,answer")  # answers: the task default
+        for name in ("summed_attention", "summed_attention+answer"):
+            got, want = out[(name, q)], det[name]
+            assert [p.input_ids for p in got.prompts] == [p.input_ids for p in want.prompts]
+            torch.testing.assert_close(got.sample_scores, want.sample_scores, atol=1e-5, rtol=1e-4)
+            assert [a.text for a in got.answers] == [a.text for a in want.answers]
+            budget = 20 if q == "multikey" else 18
+            assert got.record["extra"]["max_new_tokens"] == want.record["extra"]["max_new_tokens"] == budget
+            assert got.record["question_prompt"] == want.record["question_prompt"] == question_text(q)
+            assert f"; accuracy {want.record['extra']['n_correct']}/2" in want.record["verdict"]
+    assert out[("summed_attention", "inc_state")].record["extra"]["max_new_tokens"] == 12
