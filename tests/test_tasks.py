@@ -9,11 +9,18 @@ import pytest
 
 from retrieval_heads.chance import prompt_spans
 from retrieval_heads.data.haystacks import FILLER, filler_units
+from retrieval_heads.data.prompt import PromptFormat
 from retrieval_heads.data.questions import QUESTIONS, answer_matches
 from retrieval_heads.data.samples import synthetic_samples
-from retrieval_heads.data.prompt import PromptFormat
-from retrieval_heads.data.tasks import (TASKS, check_question, context_families, decode_budget, question_groups,
-                                        question_text, task_prompts)
+from retrieval_heads.data.tasks import (
+    TASKS,
+    check_question,
+    context_families,
+    decode_budget,
+    question_groups,
+    question_text,
+    task_prompts,
+)
 from retrieval_heads.errors import UserError
 
 ALL_TASKS = TASKS.names()
@@ -131,14 +138,15 @@ def test_question_names_and_budgets():
     assert question_text("passkey") == "What is the pass key?"
     assert question_text("inc_state") == QUESTIONS.get("inc_state").prompt
     assert question_text("niah_word") == "What is the special magic word for {query} mentioned in the provided text?"
-    # the seed's 12 tokens of lead-in room plus the longest key under SmolLM2's tokenizer
+    # 32 tokens of lead-in room (the longest question, restated) plus the longest key under SmolLM2's tokenizer
     assert [decode_budget(k) for k in ("inc_state", None, "passkey", "niah_number", "niah_word", "niah_uuid",
-                                        "multikey")] == [12, 12, 18, 20, 16, 49, 20]
+                                        "multikey")] == [12, 12, 38, 40, 36, 69, 40]
 
 
 def test_key_token_counts_hold(smollm2_tokenizer):
-    """KEY_TOKENS is the longest key's token count: check it on the keys of many samples."""
-    from retrieval_heads.data.tasks import KEY_TOKENS
+    """KEY_TOKENS is the longest key's token count, and LEAD_IN_TOKENS holds the longest question restated:
+    check them on the keys and questions of many samples."""
+    from retrieval_heads.data.tasks import KEY_TOKENS, LEAD_IN_TOKENS
 
     longest: dict[str, int] = {}
     for k in ("passkey", "niah_number", "niah_word", "niah_uuid"):
@@ -147,8 +155,11 @@ def test_key_token_counts_hold(smollm2_tokenizer):
             n = task.needle(0, i)
             got = len(smollm2_tokenizer(" " + n.answer, add_special_tokens=False)["input_ids"])
             longest[task.kind] = max(longest.get(task.kind, 0), got)
+            asked = len(smollm2_tokenizer(n.question, add_special_tokens=False)["input_ids"])
+            longest["question"] = max(longest.get("question", 0), asked)
     assert longest["passkey"] == KEY_TOKENS["passkey"] and longest["number"] == KEY_TOKENS["number"]
     assert longest["word"] <= KEY_TOKENS["word"] and longest["uuid"] <= KEY_TOKENS["uuid"]
+    assert longest["question"] <= 20 < LEAD_IN_TOKENS
 
 
 def test_too_short_for_the_task(smollm2_tokenizer):
@@ -200,8 +211,22 @@ def test_sweep_unit_scores_tasks_as_detect_does(tiny_lm):
             assert [p.input_ids for p in got.prompts] == [p.input_ids for p in want.prompts]
             torch.testing.assert_close(got.sample_scores, want.sample_scores, atol=1e-5, rtol=1e-4)
             assert [a.text for a in got.answers] == [a.text for a in want.answers]
-            budget = 20 if q == "multikey" else 18
+            budget = 40 if q == "multikey" else 38
             assert got.record["extra"]["max_new_tokens"] == want.record["extra"]["max_new_tokens"] == budget
             assert got.record["question_prompt"] == want.record["question_prompt"] == question_text(q)
             assert f"; accuracy {want.record['extra']['n_correct']}/2" in want.record["verdict"]
     assert out[("summed_attention", "inc_state")].record["extra"]["max_new_tokens"] == 12
+
+
+def test_default_detect_decodes_and_shows_accuracy(smollm2, tmp_path):
+    """The no-flag experiment on SmolLM2, shortened: passkey on the answer span, answers decoded with the
+    task's budget, the verdict ending with the accuracy; the embedded model reads the key back."""
+    from retrieval_heads.experiments import detect
+
+    res = detect(smollm2, tokens=384, samples=2, output_dir=tmp_path).result
+    rec = res.record
+    assert (rec["question"], rec["method"], rec["span"]) == ("passkey", "summed_attention+answer", "answer")
+    assert rec["question_prompt"] == "What is the pass key?" and rec["extra"]["max_new_tokens"] == 38
+    assert [a.correct for a in res.answers] == [True, True]  # 8/8 at 512 and 1,024 tokens (default_task.md)
+    assert rec["verdict"].endswith("accuracy 2/2") or "; accuracy 2/2" in rec["verdict"]
+    assert (tmp_path / "summed_attention+answer" / "smollm2_passkey_384.json").is_file()

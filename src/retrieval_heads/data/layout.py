@@ -15,7 +15,7 @@ is in the prompt whole, never cut. Each unit and distractor is tokenized on its 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import UserError
 from .prompt import MAX_SHORTFALL, PromptFormat, PromptSample, context_budget
