@@ -7,7 +7,9 @@ where one forward pass costs tens of seconds on a CPU), the model's greedy answe
 budget (:func:`retrieval_heads.data.tasks.decode_budget`; ``--batch-size`` prompts decoded together, as
 ``detect --batch-size`` does), and the share it answers right (the documented
 lenient matcher). Cells run length by length, every task at one length before the next, and the results are
-written after every cell, so a run cut short leaves a table whose missing cells say "not run".
+written after every cell, so a run cut short leaves a table whose missing cells say "not run". ``--tokens``
+picks lengths; cells of other lengths already in the results file are kept (two runs on different lengths
+can share it).
 Writes bench/results/tasks.md, .json.
 """
 
@@ -54,6 +56,20 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(mine: dict) -> dict:
+    """The cells already in bench/results/tasks.json (a run on other lengths, e.g. ``--tokens 4096 8192`` at
+    the same time) with this run's own, which win."""
+    import json
+
+    try:
+        cells = json.loads((C.RESULTS / "tasks.json").read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        cells = {}
+    for k, by_t in mine.items():
+        cells.setdefault(k, {}).update(by_t)
+    return cells
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None)
@@ -65,6 +81,7 @@ def main() -> None:
 
     info, lm = C.setup(args.threads, "smollm2")
     rec = {"command": C.command_line(), "machine": info, "samples": SAMPLES, "cells": {}}
+    mine: dict = {}
     for t in args.tokens:
         for k in TASKS.names():
             t0 = time.perf_counter()
@@ -73,8 +90,9 @@ def main() -> None:
             r = {"n_correct": sum(a.correct for a in got), "n_answered": len(got),
                  "answers": [[a.text, p.answer, a.correct] for a, p in zip(got, prompts)],
                  "wall_seconds": round(time.perf_counter() - t0, 1)}
-            rec["cells"].setdefault(k, {})[str(t)] = r
+            mine.setdefault(k, {})[str(t)] = r
             print(k, t, f"{r['n_correct']}/{r['n_answered']}", r["wall_seconds"], flush=True)
+            rec["cells"] = merged(mine)
             C.write_results("tasks", rec, markdown(rec))
 
 
