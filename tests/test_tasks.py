@@ -230,3 +230,15 @@ def test_default_detect_decodes_and_shows_accuracy(smollm2, tmp_path):
     assert [a.correct for a in res.answers] == [True, True]  # 8/8 at 512 and 1,024 tokens (default_task.md)
     assert rec["verdict"].endswith("accuracy 2/2") or "; accuracy 2/2" in rec["verdict"]
     assert (tmp_path / "summed_attention+answer" / "smollm2_passkey_384.json").is_file()
+
+
+def test_cli_spelled_out_default_parses():
+    """`detect --question passkey --tokens 1024 --span answer` names what the no-flag run takes by default."""
+    from retrieval_heads.cli import parse
+    from retrieval_heads.defaults import settings_for
+
+    args = parse(["detect", "--question", "passkey", "--tokens", "1024", "--span", "answer"])
+    given = settings_for(parse(["detect"]).question, dataset=False)
+    assert (args.question, args.tokens, args.span) == ("passkey", given.tokens, [given.span])
+    filing = parse(["detect", "--question", "inc_state"])
+    assert settings_for(filing.question, dataset=False).span == "needle"
