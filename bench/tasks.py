@@ -8,7 +8,7 @@ budget (:func:`retrieval_heads.data.tasks.decode_budget`; ``--batch-size`` promp
 ``detect --batch-size`` does), and the share it answers right (the documented
 lenient matcher). Cells run length by length, every task at one length before the next, and the results are
 written after every cell, so a run cut short leaves a table whose missing cells say "not run". ``--tokens``
-picks lengths; cells of other lengths already in the results file are kept (two runs on different lengths
+and ``--tasks`` pick cells; cells of other lengths already in the results file are kept (two runs on different lengths
 can share it).
 Writes bench/results/tasks.md, .json.
 """
@@ -74,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=list(LENGTHS))
+    ap.add_argument("--tasks", nargs="+", default=None, help="Tasks to run [default: all].")
     ap.add_argument("--batch-size", type=int, default=4, help="Prompts decoded together (all of one length).")
     args = ap.parse_args()
     from retrieval_heads.data.tasks import TASKS, decode_budget, task_prompts
@@ -83,7 +84,7 @@ def main() -> None:
     rec = {"command": C.command_line(), "machine": info, "samples": SAMPLES, "cells": {}}
     mine: dict = {}
     for t in args.tokens:
-        for k in TASKS.names():
+        for k in args.tasks or TASKS.names():
             t0 = time.perf_counter()
             prompts = task_prompts(lm.tokenizer, k, t, SAMPLES[t], 0.5, 0)
             got = answer_prompts(lm, prompts, decode_budget(k), args.batch_size)
