@@ -242,3 +242,16 @@ def test_cli_spelled_out_default_parses():
     assert (args.question, args.tokens, args.span) == ("passkey", given.tokens, [given.span])
     filing = parse(["detect", "--question", "inc_state"])
     assert settings_for(filing.question, dataset=False).span == "needle"
+
+
+def test_key_words_are_not_in_the_haystacks():
+    """No value word of the RULER needles occurs in the filler or in the filing text, no query word in the
+    filler."""
+    from retrieval_heads.data.haystacks import filings_units
+    from retrieval_heads.data.ruler import ADJECTIVES, NOUNS, VALUE_WORDS
+
+    text = " ".join(" ".join(a + b) for a, b in (filings_units(0, i) for i in range(4))) + " " + FILLER
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    assert not words & set(VALUE_WORDS)
+    assert not set(re.findall(r"[a-z]+", FILLER.lower())) & set(ADJECTIVES + NOUNS)
+    assert len(set(VALUE_WORDS)) == len(VALUE_WORDS) == 30

@@ -6,8 +6,8 @@
 - multi-key (``keys`` > 1): as many sentences of one value kind, each with its own query and value, the
   others placed at random depths in the haystack; one is asked (the needle), the rest are distractors.
 
-Queries and values come from the word lists below (none of their words is in the filler or the filing
-text), drawn from ``random.Random`` of the task, seed and sample index: sample ``i`` is the same whatever
+Queries and values come from the word lists below (no value word is in the filler or the filing text; the
+query words are not in the filler), drawn from ``random.Random`` of the task, seed and sample index: sample ``i`` is the same whatever
 the number of samples, and the keys of one sample are all distinct.
 
 >>> n = ruler_needle(random.Random("x:0:0"), "number", keys=4)
