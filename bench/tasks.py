@@ -37,7 +37,9 @@ def markdown(rec: dict) -> str:
              "answers with each task's decoding budget, checked by the lenient matcher (the key as a whole "
              "number or whole words). Samples per cell: " +
              ", ".join(f"{t}: {n}" for t, n in SAMPLES.items()) + " (fewer at 4K and 8K: CPU time). Cells "
-             "marked \"not run\" were not measured.", ""]
+             "marked \"not run\" were not measured. Cells may come from several runs of the script on different "
+             "`--tokens` / `--tasks` at the same time, sharing the results file; the command and machine lines "
+             "above are the last writer's.", ""]
     rows = []
     for k in TASKS.names():
         cells = []
@@ -75,11 +77,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, nargs="+", default=list(LENGTHS))
     ap.add_argument("--tasks", nargs="+", default=None, help="Tasks to run [default: all].")
+    ap.add_argument("--rewrite", action="store_true", help="Only write tasks.md again from tasks.json.")
     ap.add_argument("--batch-size", type=int, default=4, help="Prompts decoded together (all of one length).")
     args = ap.parse_args()
     from retrieval_heads.data.tasks import TASKS, decode_budget, task_prompts
     from retrieval_heads.generation import answer_prompts
 
+    if args.rewrite:
+        import json
+
+        rec = json.loads((C.RESULTS / "tasks.json").read_text())
+        C.write_results("tasks", rec, markdown(rec))
+        return
     info, lm = C.setup(args.threads, "smollm2")
     rec = {"command": C.command_line(), "machine": info, "samples": SAMPLES, "cells": {}}
     mine: dict = {}
