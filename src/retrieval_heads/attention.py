@@ -6,12 +6,15 @@ sample, the attention row of the last prompt token of the result's top-K heads (
 ranking) over every position of the prompt, with the prompt's token ids, each distinct token's text, and the
 needle's and the answer's spans. The report's explorer shows them.
 
-How the rows are captured: the ranking is known only once every sample is scored, so the rows come from one
-extra probed forward pass per sample after ranking (:func:`capture_rows`), on the very ids that were
-scored, through the same exact probe (:mod:`retrieval_heads.capture`). Keeping every head's row during the
+How the rows are captured (:mod:`retrieval_heads.attention_capture`): the ranking is known only once every
+sample is scored, so the rows come from one extra probed forward pass per sample after ranking, on the very
+ids that were scored, through the same exact probe (:mod:`retrieval_heads.capture`). Keeping every head's row during the
 scoring pass instead would cost O(samples x layers x heads x N) memory (4.4 GB in float32 for Llama-3-8B at
 8K with 131 samples) against O(layers x heads x N) for one more pass; the extra pass costs one prefill per
-sample and only when asked for. With several methods, one pass serves the union of their top heads.
+sample and only when asked for. With several methods (or span kinds, or a sweep unit's results), one pass per
+prompt serves the union of their top heads.
+
+This module is the file format only (numpy): reading a saved file (the report) imports no torch.
 
 Storage: each row is quantised to 8 bits with its own scale, ``q = round(p / s)`` with ``s = max(p) / 255``,
 so a stored value is within ``s / 2`` of the probe's (the quantisation step is ``s``; tested). The file is
@@ -49,21 +52,20 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
-from .capture import attention_probe
-from .data.prompt import PromptSample
 from .errors import UserError
 from .io import atomic_write_bytes, read_regular
-from .methods.base import batches, stack_ids
-from .models import LoadedModel
 from .results import head_name, parse_head
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data.prompt import PromptSample
 
 FORMAT = "retrieval-heads attention rows 1"
 LEVELS = 255
@@ -81,36 +83,6 @@ def attention_path(result: str | Path) -> Path:
 def top_heads(record: dict, k: int) -> list[tuple[int, int]]:
     """The result's top ``k`` heads as (layer, head), by its own final ranking."""
     return [parse_head(r["head"]) for r in record["head_rankings"][:k]]
-
-
-@torch.no_grad()
-def capture_rows(lm: LoadedModel, prompts: Sequence[PromptSample], heads: Sequence[tuple[int, int]],
-                 batch_size: int = 1) -> list[torch.Tensor]:
-    """The last prompt token's attention rows of ``heads`` over every position: one (K, N) float32 CPU tensor
-    per prompt, rows in the order of ``heads``. One probed forward pass per batch (prompts of one length)."""
-    by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)  # layer -> [(k, head)]
-    for k, (layer, head) in enumerate(heads):
-        by_layer[layer].append((k, head))
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    device = lm.device
-    for idx in batches(prompts, batch_size):
-        ids = stack_ids([prompts[i] for i in idx], device)  # (B, N)
-        rows = torch.zeros(len(idx), len(heads), ids.shape[1])  # (B, K, N)
-
-        def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, 1, N)
-            sel = by_layer.get(layer)
-            if sel:
-                ks, hs = [k for k, _ in sel], [h for _, h in sel]
-                rows[:, ks] = probs[:, hs, -1, :].float().cpu()  # (B, k_l, N)
-
-        with attention_probe(lm.model, on_layer) as probe:
-            lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            probe.end_pass(lm.model)  # every layer reported exactly once
-        if not bool(torch.isfinite(rows).all()):
-            raise UserError("the forward pass produced NaN/inf attention while saving attention rows")
-        for j, i in enumerate(idx):
-            out[i] = rows[j]
-    return out  # type: ignore[return-value]
 
 
 def quantize(rows: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -313,21 +285,3 @@ def check_matches(saved: SavedAttention, record: dict) -> str | None:
         if not (0 <= layer < L and 0 <= head < H):
             return f"head {name} is outside the result's {L}x{H} grid"
     return None
-
-
-def for_results(lm: LoadedModel, items: Sequence[tuple[dict, Sequence[PromptSample]]], k: int,
-                batch_size: int = 1) -> list[bytes]:
-    """Attention files for several results on the same prompts (e.g. several methods of one ``detect``):
-    one probed pass per batch for the union of their top-``k`` heads. ``items``: (record, prompts)."""
-    if not items:
-        return []
-    prompts = items[0][1]
-    wanted: list[tuple[int, int]] = []
-    for record, _ in items:
-        wanted += [h for h in top_heads(record, k) if h not in wanted]
-    rows = capture_rows(lm, prompts, wanted, batch_size)
-    out = []
-    for record, ps in items:
-        pick = [wanted.index(h) for h in top_heads(record, k)]
-        out.append(pack(record, ps, [r[pick] for r in rows], lm.tokenizer))
-    return out

@@ -341,7 +341,7 @@ def detect(
         )
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
-        from .attention import for_results
+        from .attention_capture import for_results
 
         files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
         for r, data in zip(out.values(), files):

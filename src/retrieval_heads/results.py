@@ -19,12 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+import numpy as np
 
 from .errors import UserError
 from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, read_regular, safe_key  # noqa: F401  (names: also read from here)
 
 if TYPE_CHECKING:
+    import torch
+
     from .data.prompt import PromptSample
 
 SEED_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
@@ -147,7 +149,22 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, an
         }
 
 
-def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor:
+def _number_grid(value: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """``value`` as an (L, H) float64 array when it is a list of L lists of H finite numbers, else None."""
+    L, H = shape
+    if not (isinstance(value, list) and len(value) == L and
+            all(isinstance(row, list) and len(row) == H for row in value)):
+        return None
+    if not all(isinstance(x, (int, float)) for row in value for x in row):
+        return None
+    try:
+        grid = np.asarray(value, dtype=np.float64)  # (L, H)
+    except OverflowError:  # an int too large for a float
+        return None
+    return grid if bool(np.isfinite(grid).all()) else None
+
+
+def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """(S, L, H) float64 per-sample scores from a ``.samples.jsonl`` (rows as :func:`sample_rows`
     writes them); blank lines are skipped. UserError naming the line for an unreadable file, a malformed
     row, or scores that are not finite or not of ``shape`` (L, H)."""
@@ -164,18 +181,19 @@ def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor
             row = parse_json(line)
         except JSONError as e:
             raise UserError(f"{path}: line {n} is not a per-sample score row ({e})") from None
-        try:
-            scores = torch.tensor(row["scores"], dtype=torch.float64)  # (L, H)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):  # RuntimeError: an int too large
-            raise UserError(f"{path}: line {n} is not a per-sample score row") from None
-        if tuple(scores.shape) != tuple(shape) or not bool(torch.isfinite(scores).all()):
-            raise UserError(f"{path}: line {n} has scores of shape {tuple(scores.shape)}, expected {tuple(shape)}")
+        if not isinstance(row, dict) or "scores" not in row:
+            raise UserError(f"{path}: line {n} is not a per-sample score row")
+        scores = _number_grid(row["scores"], shape)  # (L, H)
+        if scores is None:
+            raise UserError(f"{path}: line {n} has scores that are not a {shape[0]} x {shape[1]} grid of "
+                            "finite numbers")
         rows.append(scores)
-    return torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)  # (S, L, H)
+    return np.stack(rows) if rows else np.zeros((0, *shape), dtype=np.float64)  # (S, L, H)
 
 
-def ranking(scores: torch.Tensor) -> list[tuple[str, float]]:
-    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H)."""
+def ranking(scores) -> list[tuple[str, float]]:
+    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H): a tensor or
+    an array."""
     L, H = scores.shape
     flat = [(float(scores[l, h]), l, h) for l in range(L) for h in range(H)]
     flat.sort(key=lambda t: (-t[0], t[1], t[2]))
@@ -197,12 +215,12 @@ def make_record(
     and ``rank_by="lift"`` orders head_rankings and top_50_heads by lift instead of score."""
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
-    ranked = ranking(torch.tensor(rounded, dtype=torch.float64))
+    ranked = ranking(np.asarray(rounded, dtype=np.float64))
     lifts = (added or {}).get("lift")
     if rank_by == "lift":
         if lifts is None:
             raise ValueError("rank_by='lift' needs the lift grid")
-        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64))
+        by_lift = ranking(np.asarray(lifts, dtype=np.float64))
         ranked = [(h, rounded[parse_head(h)[0]][parse_head(h)[1]]) for h, _ in by_lift]
     record: dict[str, Any] = {
         "method": method,
@@ -234,6 +252,7 @@ def make_record(
 
 def package_versions() -> dict[str, str]:
     """The versions of this package, torch and transformers (recorded for audit; resume does not compare them)."""
+    import torch
     import transformers
 
     from . import __version__
@@ -387,9 +406,9 @@ def samples_problem(result: str | Path, record: dict) -> str | None:
         return f"samples file: {str(e).removeprefix(f'{path}: ')}"
     if rows.shape[0] != record["samples_processed"]:
         return f"samples file has {rows.shape[0]} rows, the result {record['samples_processed']} samples"
-    total = scores_tensor(record)  # (L, H)
-    atol = 1e-5 * max(1.0, float(total.abs().max()))
-    if not torch.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
+    total = scores_array(record)  # (L, H)
+    atol = 1e-5 * max(1.0, float(np.abs(total).max()))
+    if not np.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
         return "samples file does not add up to the result's scores"
     return None
 
@@ -448,5 +467,6 @@ def load_result(path: str | Path) -> dict:
     return record
 
 
-def scores_tensor(record: dict) -> torch.Tensor:
-    return torch.tensor(record["scores"], dtype=torch.float64)
+def scores_array(record: dict) -> np.ndarray:
+    """A valid record's (L, H) score grid, float64."""
+    return np.asarray(record["scores"], dtype=np.float64)

@@ -54,7 +54,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .attention import attention_path, for_results as attention_files
+from .attention import attention_path
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
@@ -538,8 +538,10 @@ def compute_unit(
             scores = sc.scores[m].to(lm.device, torch.float32)  # (S, L, H)
             record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores, answered=answered)
             out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, answers=got))
-    for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
-        r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
+    if grid.save_attention:  # rankings final: one more probed pass per question and sample, for every result
+        from .attention_capture import for_unit
+
+        for_unit(lm, out, grid.save_attention, grid.batch_size)
     return out
 
 

@@ -191,7 +191,7 @@ def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:
     path = exp.samples_path
     if not path.exists():
         return None, "no per-sample scores (run with --save-samples)"
-    per_sample = read_sample_scores(path, exp.shape).numpy()  # (S, L, H)
+    per_sample = read_sample_scores(path, exp.shape)  # (S, L, H)
     if len(per_sample) < 2:
         return None, f"{len(per_sample)} sample(s) in {path.name}; a bootstrap needs at least 2"
     total = exp.scores
