@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -428,6 +429,14 @@ class MisnamedResult(UserError):
 
 
 _RESULT_STEM = re.compile(r".+_[0-9]+")  # MODEL_QUESTION_TOKENS, the shape of a result's own name
+BUILTIN_METHODS = ("summed_attention", "query_focused", "retrieval_score", "qrhead")  # methods.METHODS's first
+
+
+def method_names():
+    """The registered methods' names: the registry where :mod:`retrieval_heads.methods` is loaded (with any
+    method a user registered), else the built-in ones, without importing torch for it (``report``)."""
+    loaded = sys.modules.get(f"{__package__}.methods")
+    return loaded.METHODS if loaded is not None else BUILTIN_METHODS
 
 
 def name_problem(path: str | Path, record: dict) -> str | None:
@@ -435,12 +444,10 @@ def name_problem(path: str | Path, record: dict) -> str | None:
     renamed or copied to another's name (``m_q_256.json`` saved as ``m_q_512.json``, or put in another
     method's folder) must not pass for that experiment. A name of another shape (``best.json``) is the
     user's own and is accepted; so is a folder that is not named like a method."""
-    from .methods import METHODS
-
     path = Path(path)
     want = file_name(record["model_key"], record["question"], record["total_tokens"], record["needle_position"])
     folder = path.parent.name
-    if folder != record["method"] and folder.split("+")[0].removesuffix("_success") in METHODS:
+    if folder != record["method"] and folder.split("+")[0].removesuffix("_success") in method_names():
         return (f"the result of {record['method']}/{want} lies in the folder of method {folder!r}; "
                 "move it to its own folder")
     if path.name != want and (_RESULT_STEM.fullmatch(path.stem) or _FILE_NAME.fullmatch(path.name)):
