@@ -191,47 +191,62 @@ def _cell(d: dict, what: str) -> str:
         return "does not fit"
     if "error" in d:
         return "failed"
-    return f"{d['wall_s']:.2f}" if what == "time" else f"{d['peak_mib']:.0f} (+{d['delta_mib']:.0f})"
+    if what == "time":
+        return f"{d['wall_s']:.2f} ({d['cpu_s']:.2f})"
+    return f"{d['peak_mib']:.0f} (+{d['delta_mib']:.0f})"
 
 
 def _slope(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+SHORT = {"b": "probe", "c": "bare", "a": "full"}
+
+
 def markdown(rec: dict) -> str:
     out = ["# Cost against prompt length, 1K-32K tokens (CPU)", "", f"Command: `{rec['command']}`", ""]
     out += C.machine_lines(rec["machine"])
-    out += ["", f"One call per point, each in a fresh process (after a 256-token warm-up), batch 1, float32; "
-            f"the whole run took {rec['seconds'] / 60:.1f} minutes. Time: wall seconds of the call. Memory: the "
-            "process's peak resident set during the call, MiB (VmHWM reset just before it; model and interpreter "
-            "included), and in brackets its rise during the call. (a) runs only where its estimated need, "
+    out += ["", f"One call per point (no repeats), each in a fresh process after a 256-token warm-up; batch 1, "
+            f"float32; the whole run took {rec['seconds'] / 60:.1f} minutes. Paths: **probe** = `SummedAttention` "
+            "(sdpa forward + the exact last row per layer), **bare** = one sdpa prefill (`use_cache=False`, "
+            "`logits_to_keep=1`), **full** = eager attention with `output_attentions=True` (every layer's N x N "
+            "matrices; the seed's path). Time: wall seconds of the call, and in brackets the process's CPU "
+            "seconds (a busy machine inflates the wall time far more). Memory: the process's peak resident set "
+            "during the call, MiB (the kernel's VmHWM, reset just before the call; model and interpreter "
+            "included), and in brackets its rise during the call. **full** runs only where its estimated need, "
             f"(layers + 2) x heads x N^2 x 4 bytes, is under {rec['budget_gib']:g} GiB.", ""]
     for m in rec["models"]:
         name = ("tiny Llama (random weights, 32768 positions: " +
                 ", ".join(f"{k} {v}" for k, v in rec["tiny_config"].items() if k != "max_position_embeddings") + ")"
                 if m["model"] == "tiny" else "SmolLM2-135M (embedded)")
         out += [f"## {name}", ""]
-        header = ["tokens"] + [f"{PATHS[p]} s" for p in PATHS] + [f"{PATHS[p]} peak MiB (+extra)" for p in PATHS] + \
-                 ["(a) estimate GiB"]
+        header = ["tokens"] + [f"{SHORT[p]} s (CPU s)" for p in PATHS] + [f"{SHORT[p]} peak MiB (+rise)" for p in PATHS] + \
+                 ["full: estimated GiB"]
         rows = []
         for r in m["rows"]:
             pts = r["points"]
             rows.append([str(r["tokens"])] + [_cell(pts[p], "time") for p in PATHS] +
                         [_cell(pts[p], "mem") for p in PATHS] + [f"{r['full_gib_estimate']:.2f}"])
         out += [C.table(header, rows), ""]
-        fit_rows = [[PATHS[p], _slope(f["time"]), _slope(f["cpu"]), _slope(f["cpu_4k_up"]), _slope(f["extra_memory"]),
+        fit_rows = [[SHORT[p], _slope(f["time"]), _slope(f["cpu"]), _slope(f["cpu_4k_up"]), _slope(f["extra_memory"]),
                      ", ".join(str(n) for n in f["lengths"])] for p, f in m["slopes"].items()]
         out += ["Fitted log-log slopes (value ~ N^slope):", "",
-                C.table(["path", "time", "CPU time", "CPU time, 4K and up", "extra memory", "over lengths"],
+                C.table(["path", "wall time", "CPU time", "CPU time, 4K and up", "memory rise", "over lengths"],
                         fit_rows), ""]
         stops = [r["tokens"] for r in m["rows"] if "skipped" in r["points"]["a"]]
         if stops:
             first = next(r for r in m["rows"] if r["tokens"] == stops[0])
-            out += [f"(a) stops fitting at {stops[0]} tokens: its matrices would need ~"
+            out += [f"**full** stops fitting at {stops[0]} tokens: its matrices would need ~"
                     f"{first['full_gib_estimate']:.1f} GiB (budget {rec['budget_gib']:g} GiB).", ""]
         failed = [(r["tokens"], p, d["error"]) for r in m["rows"] for p, d in r["points"].items() if "error" in d]
-        out += [f"- {PATHS[p]} at {n} failed: {e}" for n, p, e in failed] + ([""] if failed else [])
+        out += [f"- {SHORT[p]} at {n} failed: {e}" for n, p, e in failed] + ([""] if failed else [])
     return "\n".join(out)
+
+
+def render(name: str) -> None:
+    """Rewrite results/NAME.md from results/NAME.json (after a change to the table's layout)."""
+    rec = json.loads((C.RESULTS / f"{name}.json").read_text())
+    (C.RESULTS / f"{name}.md").write_text(markdown(rec))
 
 
 if __name__ == "__main__":

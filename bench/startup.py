@@ -11,8 +11,8 @@ Per round, each in a fresh interpreter (so every import is paid, as a user's com
   ``from_pretrained``: the Llama module's import, the model's construction and the weights' read), the
   tokenizer, the check that every weight was loaded, ``.to(device)`` and ``eval``, the weights' identity
   (their SHA-256, cached by size and mtime after the first run);
-- ``read``: ``import torch, safetensors`` then ``safetensors.torch.load_file`` of the same file: the
-  weights' read alone (from the page cache, as in every run after the first);
+- ``read``: ``import torch, safetensors``, ``safetensors.torch.load_file`` of the same file (memory-mapped),
+  then a copy of every tensor: the weights' read alone (from the page cache, as in every run after the first);
 - whole processes: ``retrieval-heads --help`` with this tree's code and, when ``--before`` names another
   ``src`` folder (an older checkout), with that one, side by side; ``report`` on a one-result folder; and
   ``detect --tokens 256 --samples 1`` (into a temp folder).
@@ -100,8 +100,10 @@ def read() -> dict:
     t1 = time.perf_counter()
     tensors = safetensors.torch.load_file(str(smollm2_path() / "model.safetensors"))
     t2 = time.perf_counter()
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"imports": t1 - t0, "read": t2 - t1, "bytes": size}
+    copies = [t.clone() for t in tensors.values()]  # every byte read from the (page-cached) file
+    t3 = time.perf_counter()
+    size = sum(t.numel() * t.element_size() for t in copies)
+    return {"imports": t1 - t0, "read": t2 - t1, "copy": t3 - t2, "bytes": size}
 
 
 def whole(cmd: list[str], src: Path, cwd: Path) -> float:
@@ -200,7 +202,8 @@ def markdown(rec: dict) -> str:
     gib = rd[0]["bytes"] / 2**30
     out += ["## The floor: the weights' read alone", "",
             C.table(["step", "s"], [["import torch, safetensors", _med([x["imports"] for x in rd])],
-                                    [f"safetensors load_file ({gib:.2f} GiB)", _med([x["read"] for x in rd])]]), "",
+                                    [f"safetensors load_file ({gib:.2f} GiB, mapped)", _med([x["read"] for x in rd])],
+                                    ["a copy of every tensor (each byte read)", _med([x["copy"] for x in rd])]]), "",
             "## Whole processes", ""]
     rows = [["`retrieval-heads --help`", _med(runs["help"])]]
     if runs["help_before"]:
