@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("models", {"models"}),
     ("capture", {"capture"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
-    ("experiments", {"results", "attention", "experiments"}),
+    ("experiments", {"results", "attention", "attention_capture", "experiments"}),
     ("sweep and engines", {"sweep", "ray_engine", "ablation", "export"}),
     ("report", {"report"}),
     ("commands", {"commands", "cli", "__main__"}),

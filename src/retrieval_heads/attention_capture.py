@@ -31,7 +31,6 @@ from .errors import UserError
 from .methods.base import batches, stack_ids
 
 if TYPE_CHECKING:
-    from .experiments import DetectResult
     from .models import LoadedModel
 
 
@@ -83,10 +82,11 @@ def for_results(lm: LoadedModel, items: Sequence[tuple[dict, Sequence[PromptSamp
     return out
 
 
-def for_unit(lm: LoadedModel, results: Sequence[DetectResult], k: int, batch_size: int = 1) -> None:
-    """Set ``r.attention`` of every result of a sweep unit: the results that read the same prompts (one
-    question's, whichever method or span kind) share one probed pass per batch (:func:`for_results`)."""
-    by_prompts: dict[tuple[int, ...], list[DetectResult]] = {}
+def for_unit(lm: LoadedModel, results: Sequence, k: int, batch_size: int = 1) -> None:
+    """Set ``r.attention`` of every result of a sweep unit (``DetectResult``s, with ``record`` and ``prompts``):
+    the results that read the same prompts (one question's, whichever method or span kind) share one probed
+    pass per batch (:func:`for_results`)."""
+    by_prompts: dict[tuple[int, ...], list] = {}
     for r in results:
         by_prompts.setdefault(tuple(map(id, r.prompts)), []).append(r)
     for same in by_prompts.values():
