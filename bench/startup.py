@@ -13,9 +13,9 @@ Per round, each in a fresh interpreter (so every import is paid, as a user's com
   (their SHA-256, cached by size and mtime after the first run);
 - ``read``: ``import torch, safetensors``, ``safetensors.torch.load_file`` of the same file (memory-mapped),
   then a copy of every tensor: the weights' read alone (from the page cache, as in every run after the first);
-- whole processes: ``retrieval-heads --help`` with this tree's code and, when ``--before`` names another
-  ``src`` folder (an older checkout), with that one, side by side; ``report`` on a one-result folder; and
-  ``detect --tokens 256 --samples 1`` (into a temp folder).
+- whole processes: ``retrieval-heads --help``, ``report`` on a one-result folder and ``detect --tokens 256
+  --samples 1`` (into a temp folder), with this tree's code and, when ``--before`` names another ``src``
+  folder (an older commit's: ``git archive COMMIT src | tar -x -C OLD``), with that one, side by side.
 
 Rounds interleave the measurements (stages, read, help, ..., stages, read, ...), so a slow spell of a shared
 machine hits them alike; the table gives the median and the range over rounds.
@@ -150,7 +150,7 @@ def one_result_folder(folder: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--before", type=Path, help="another checkout's src folder, for --help side by side")
+    ap.add_argument("--before", type=Path, help="another commit's src folder, run side by side")
     ap.add_argument("--out", default="startup", help="name of the files under bench/results/")
     ap.add_argument("--child", choices=["stages", "read"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,7 +159,8 @@ def main() -> None:
 
     machine = C.machine()
     here = ROOT / "src"
-    runs: dict[str, list] = {"stages": [], "read": [], "help": [], "help_before": [], "report": [], "detect": []}
+    runs: dict[str, list] = {"stages": [], "read": [], "help": [], "help_before": [], "report": [], "report_before": [],
+                             "detect": [], "detect_before": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = one_result_folder(tmp / "results")
@@ -169,10 +170,13 @@ def main() -> None:
             runs["help"].append(whole(["--help"], here, tmp))
             if args.before:
                 runs["help_before"].append(whole(["--help"], args.before.resolve(), tmp))
-            runs["report"].append(whole(["report", str(results), "--out", str(tmp / f"report{r}"),
-                                         "--resamples", "100"], here, tmp))
-            runs["detect"].append(whole(["detect", "--tokens", "256", "--samples", "1", "--output-dir",
-                                         str(tmp / f"out{r}")], here, tmp))
+            for key, src in (("", here), ("_before", args.before)):
+                if src is None:
+                    continue
+                runs["report" + key].append(whole(["report", str(results), "--out", str(tmp / f"report{r}{key}"),
+                                                   "--resamples", "100"], src.resolve(), tmp))
+                runs["detect" + key].append(whole(["detect", "--tokens", "256", "--samples", "1", "--output-dir",
+                                                   str(tmp / f"out{r}{key}")], src.resolve(), tmp))
             print(f"round {r + 1}/{args.repeats} done", flush=True)
     record = {"benchmark": "startup", "repeats": args.repeats, "command": C.command_line(), "machine": machine,
               "before": str(args.before) if args.before else None, "runs": runs}
@@ -205,12 +209,16 @@ def markdown(rec: dict) -> str:
                                     [f"safetensors load_file ({gib:.2f} GiB, mapped)", _med([x["read"] for x in rd])],
                                     ["a copy of every tensor (each byte read)", _med([x["copy"] for x in rd])]]), "",
             "## Whole processes", ""]
-    rows = [["`retrieval-heads --help`", _med(runs["help"])]]
-    if runs["help_before"]:
-        rows.append([f"`retrieval-heads --help` (code of {rec['before']})", _med(runs["help_before"])])
-    rows += [["`retrieval-heads report` (one result, 100 resamples)", _med(runs["report"])],
-             ["`retrieval-heads detect --tokens 256 --samples 1`", _med(runs["detect"])]]
-    out += [C.table(["command", "s"], rows), ""]
+    commands = [("help", "`retrieval-heads --help`"), ("report", "`retrieval-heads report` (one result, 100 resamples)"),
+                ("detect", "`retrieval-heads detect --tokens 256 --samples 1`")]
+    if runs.get("help_before"):
+        rows = [[text, _med(runs[k]), _med(runs[k + "_before"]),
+                 f"{statistics.median(a / b for a, b in zip(runs[k], runs[k + '_before'])):.2f}"] for k, text in commands]
+        out += [f"This tree's code against the code in `{rec['before']}` (same interpreter and packages), the two "
+                "run one after the other in each round; the ratio is the median of the rounds' ratios.", "",
+                C.table(["command", "s", "s, before", "ratio"], rows), ""]
+    else:
+        out += [C.table(["command", "s"], [[text, _med(runs[k])] for k, text in commands]), ""]
     return "\n".join(out)
 
 
