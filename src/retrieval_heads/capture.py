@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import UserError
+from .families import attention_layers
 
 PROBE = "retrieval_heads_probe"
 
@@ -59,6 +60,7 @@ class ProbeState:
     num_layers: int = 1
     on_visible: OnLayer | None = None  # gets (layer, allowed (B, 1 or H, S, K) bool): the keys each row may see
     counts: list[int] = field(default_factory=list)  # reports per layer since the last end_pass
+    attention_layers: list[int] | None = None  # the layers that attend (hybrids); None: every layer
 
     def __post_init__(self) -> None:
         self.counts = [0] * self.num_layers
@@ -74,28 +76,75 @@ class ProbeState:
         """Check that every layer reported exactly once since the last call (one forward pass), then reset.
         Raises UserError naming the layers that did not (a layer that bypasses the attention interface)."""
         counts, self.counts = self.counts, [0] * self.num_layers
-        wrong = [(layer, n) for layer, n in enumerate(counts) if n != 1]
+        attends = set(range(self.num_layers) if self.attention_layers is None else self.attention_layers)
+        wrong = [(layer, n) for layer, n in enumerate(counts) if n != (1 if layer in attends else 0)]
         if wrong:
             name = type(model).__name__ if model is not None else "the model"
             said = ", ".join(f"layer {layer} {n} times" for layer, n in wrong[:4])
             more = f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""
-            raise UserError(f"in one forward pass of {name} each layer must reach the probe once: {said}{more}; "
-                            "its attention does not go through transformers' attention interface")
+            if any(n > 1 for _, n in wrong):
+                raise UserError(f"in one forward pass of {name} each attention layer must reach the probe once: "
+                                f"{said}{more}; a layer attending several times per pass (a looped or shared "
+                                "layer) cannot be probed")
+            raise UserError(f"in one forward pass of {name} each attention layer must reach the probe once: "
+                            f"{said}{more}; its attention does not go through transformers' attention interface")
 
 
 _ACTIVE: contextvars.ContextVar[ProbeState | None] = contextvars.ContextVar("retrieval_heads_probe", default=None)
 
 
-def _base_attention(module, softcap) -> Callable:
-    """The function that computes the layer's real output: sdpa, or the family's eager path for softcap."""
+# Keywords of the attention call that do not change which weights the layer applies, or that the probe reads
+# (softcap, the sinks). Any other keyword with a value (a position bias, a kernel option) is refused.
+_UNDERSTOOD = frozenset({
+    "dropout", "scaling", "sliding_window", "is_causal", "position_ids", "output_attentions", "use_cache",
+    "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "softcap", "s_aux",
+    "sinks", "layer_idx", "position_embeddings", "past_key_values", "past_key_value", "token_type_ids",
+})
+SINK_KEYS = ("s_aux", "sinks")
+
+
+def family_of(module) -> str:
+    """The transformers family a module belongs to (``gpt_oss`` for ``transformers.models.gpt_oss...``)."""
+    parts = type(module).__module__.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["transformers", "models"] else type(module).__name__
+
+
+def _sinks(module, kwargs) -> torch.Tensor | None:
+    """The per-head sink logits (H,) the layer was given, or None; UserError for any other shape."""
+    given = [(k, kwargs[k]) for k in SINK_KEYS if kwargs.get(k) is not None]
+    if not given:
+        return None
+    key, sinks = given[0]
+    H = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or (H is not None and sinks.numel() != H):
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise UserError(f"{family_of(module)}: its attention passes {key} of shape {shape}, not one sink logit "
+                        "per head; it cannot be probed exactly")
+    return sinks
+
+
+def check_keywords(module, kwargs) -> None:
+    """UserError naming the family and the keyword for any keyword the probe does not understand."""
+    for key, value in kwargs.items():
+        if key in _UNDERSTOOD or value is None or value is False:
+            continue
+        raise UserError(f"{family_of(module)}: its attention passes {key}=, which the probe does not read; "
+                        "it cannot be probed exactly")
+
+
+def _base_attention(module, softcap, sinks) -> Callable:
+    """The function that computes the layer's real output: sdpa, or the family's own eager path where the
+    layer soft-caps its logits or has attention sinks (sdpa knows neither)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if softcap is None:
+    if softcap is None and sinks is None:
         return sdpa_attention_forward
     family = sys.modules.get(type(module).__module__)
     fn = getattr(family, "eager_attention_forward", None)
     if fn is None:
-        raise UserError(f"{type(module).__name__} soft-caps attention but its module has no eager_attention_forward")
+        what = "soft-caps attention" if softcap is not None else "has attention sinks"
+        raise UserError(f"{family_of(module)}: {type(module).__name__} {what} but its module has no "
+                        "eager_attention_forward; it cannot be probed exactly")
     return fn
 
 
@@ -106,12 +155,15 @@ def attention_rows(
     scaling: float | None,
     softcap: float | None = None,
     positions: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of the selected query rows, in float32.
 
     query (B, H, Q, d); key (B, H_kv, K, d) with H = G * H_kv (query head h reads KV head h // G, as
     ``repeat_kv`` lays them out); attention_mask None (plain causal), boolean (True = attend) or additive,
     shaped (B, 1 or H, Q, >=K). Returns (B, H, S, K) for the S rows in ``positions`` (default: the last).
+    ``sinks`` (H,): per-head sink logits, one extra column of the softmax that takes mass and is dropped
+    (gpt-oss and others): the rows then sum to less than one, the weights the layer applies to the values.
     """
     B, H, Q, d = query.shape
     Hkv, K = key.shape[1], key.shape[2]
@@ -139,6 +191,9 @@ def attention_rows(
             logits = logits.masked_fill(~m, float("-inf"))
         else:
             logits = logits + m.float()
+    if sinks is not None:
+        sink = sinks.float().to(logits.device).view(1, H, 1, 1).expand(B, H, S, 1)  # (B, H, S, 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :K]  # (B, H, S, K)
     return torch.softmax(logits, dim=-1)  # (B, H, S, K)
 
 
@@ -175,10 +230,12 @@ def _additive_mask(attention_mask, query, key) -> torch.Tensor:
 
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The registered attention function: the model's own output, plus the probe's rows when active."""
+    check_keywords(module, kwargs)
     softcap = kwargs.get("softcap")
-    base = _base_attention(module, softcap)
+    sinks = _sinks(module, kwargs)
+    base = _base_attention(module, softcap, sinks)
     base_mask = attention_mask
-    if softcap is not None:
+    if base.__name__ != "sdpa_attention_forward":
         base_mask = _additive_mask(attention_mask, query, key)
     out, weights = base(module, query, key, value, base_mask, dropout=dropout, scaling=scaling, **kwargs)
     state = _ACTIVE.get()
@@ -187,7 +244,7 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     layer = state.layer_index(module)
     state.counts[layer] += 1
     if state.on_layer is not None:
-        rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions)
+        rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions, sinks)
         state.on_layer(layer, rows)
     if state.on_visible is not None:
         state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions))
@@ -265,7 +322,7 @@ def attention_probe(
                            "(combine the callbacks and ablations in one probe)")
     removal = ablate if isinstance(ablate, torch.Tensor) else dict(ablate or {})
     state = ProbeState(on_layer, query_positions, removal, model.config.get_text_config().num_hidden_layers,
-                       on_visible=on_visible)
+                       on_visible=on_visible, attention_layers=attention_layers(model.config))
     token = _ACTIVE.set(state)
     try:
         yield state
