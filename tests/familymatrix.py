@@ -36,7 +36,8 @@ VOCAB = 256
 # shrunk wherever the default config has the attribute (sub-configs too)
 SHRINK = {
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "n_embed": 64, "embed_dim": 64, "hidden_dim": 64,
-    "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2,
+    "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
+    "decoder_attention_heads": 4, "encoder_attention_heads": 4, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "n_kv_heads": 2, "multi_query_group_num": 2,
     "head_dim": 16, "kv_channels": 16, "d_kv": 16, "swa_head_dim": 16, "global_head_dim": 16,
@@ -50,7 +51,7 @@ SHRINK = {
     "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
     "sliding_window": 8, "attention_window": 8, "local_window_size": 8, "max_window_layers": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_expand": 2,
+    "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_expand": 2,
     "ssm_state_size": 8, "state_size": 8, "n_groups": 1, "mamba_head_dim": 16, "time_step_rank": 8,
     "conv_L_cache": 3, "lru_width": 64, "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
 }
@@ -95,6 +96,8 @@ def _shrink(cfg, depth: int = 0) -> None:
         cfg.attn_layer_period, cfg.attn_layer_offset = 2, 1
     if isinstance(vars(cfg).get("attn_layer_indices"), list) or "attn_layer_indices" in vars(cfg):
         cfg.attn_layer_indices = [1]
+    if isinstance(vars(cfg).get("qk_rope_head_dim"), int) and "head_dim" in vars(cfg):
+        cfg.head_dim = cfg.qk_rope_head_dim  # multi-head latent attention: rotary on head_dim channels
     if isinstance(vars(cfg).get("mlp_layer_types"), list):
         cfg.mlp_layer_types = cfg.mlp_layer_types[:2]
     for name, sub in list(vars(cfg).items()):

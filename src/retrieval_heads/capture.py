@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -46,6 +47,10 @@ from .errors import UserError
 from .families import attention_layers
 
 PROBE = "retrieval_heads_probe"
+# The same function with masks always built: for models whose attention modules say is_causal=False (a
+# decoder that gets its causality from the mask alone, or a bidirectional one), where sdpa's mask builder
+# would skip a causal mask and leave the layer to attend everywhere.
+PROBE_MASKED = "retrieval_heads_probe_masked"
 
 OnLayer = Callable[[int, torch.Tensor], None]
 
@@ -132,12 +137,18 @@ def check_keywords(module, kwargs) -> None:
                         "it cannot be probed exactly")
 
 
+# The attention function each prepared model ran before it was switched to the probe, by module: the probe
+# computes a layer's output with the family's eager function where the model ran eager (a family without
+# sdpa support), else with sdpa.
+_RAN_EAGER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _base_attention(module, softcap, sinks) -> Callable:
     """The function that computes the layer's real output: sdpa, or the family's own eager path where the
-    layer soft-caps its logits or has attention sinks (sdpa knows neither)."""
+    layer soft-caps its logits or has attention sinks (sdpa knows neither), or where the model ran eager."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if softcap is None and sinks is None:
+    if softcap is None and sinks is None and not _RAN_EAGER.get(module, False):
         return sdpa_attention_forward
     family = sys.modules.get(type(module).__module__)
     fn = getattr(family, "eager_attention_forward", None)
@@ -156,6 +167,7 @@ def attention_rows(
     softcap: float | None = None,
     positions: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Attention probabilities of the selected query rows, in float32.
 
@@ -164,6 +176,7 @@ def attention_rows(
     shaped (B, 1 or H, Q, >=K). Returns (B, H, S, K) for the S rows in ``positions`` (default: the last).
     ``sinks`` (H,): per-head sink logits, one extra column of the softmax that takes mass and is dropped
     (gpt-oss and others): the rows then sum to less than one, the weights the layer applies to the values.
+    ``causal=False`` with no mask: every row sees every key (a bidirectional layer).
     """
     B, H, Q, d = query.shape
     Hkv, K = key.shape[1], key.shape[2]
@@ -180,7 +193,7 @@ def attention_rows(
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is None:
         # the last row sees every key under causal (lower-right) alignment; earlier rows need masking
-        absolute = None if pos is None else pos + (K - Q)  # (S,) key index of each selected query
+        absolute = None if pos is None or not causal else pos + (K - Q)  # (S,) key index of each selected query
         if absolute is not None and bool((absolute < K - 1).any()):
             future = torch.arange(K)[None, :] > absolute[:, None]  # (S, K)
             logits = logits.masked_fill(future.to(query.device), float("-inf"))
@@ -198,11 +211,13 @@ def attention_rows(
 
 
 def allowed_keys(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """The keys each selected query row may attend to, as :func:`attention_rows` masks them: (B, 1 or H, S, K)
     bool. Under uniform attention (zero queries) a row spreads its mass evenly over exactly these keys."""
     B, Q, K = query.shape[0], query.shape[2], key.shape[2]
     pos = None if positions is None else positions.cpu() % Q  # (S,)
+    if attention_mask is None and not causal:
+        return torch.ones(B, 1, 1 if pos is None else pos.numel(), K, dtype=torch.bool, device=query.device)
     if attention_mask is None:
         absolute = torch.tensor([Q - 1]) if pos is None else pos  # (S,) query index
         allowed = torch.arange(K)[None, :] <= (absolute + (K - Q))[:, None]  # (S, K) lower-right causal
@@ -213,11 +228,13 @@ def allowed_keys(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     return allowed.expand(B, -1, -1, -1)
 
 
-def _additive_mask(attention_mask, query, key) -> torch.Tensor:
+def _additive_mask(attention_mask, query, key, causal: bool = True) -> torch.Tensor | None:
     """Eager paths add the mask to the logits and get causality only from it: turn the sdpa mask (boolean,
-    or None for plain causal) into an additive one."""
+    or None for plain causal, or for no mask at all in a bidirectional layer) into an additive one."""
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         return attention_mask
+    if attention_mask is None and not causal:
+        return None
     Q, K = query.shape[2], key.shape[2]
     if attention_mask is None:
         q_abs = torch.arange(Q, device=query.device) + (K - Q)  # lower-right aligned causal mask
@@ -234,9 +251,11 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     softcap = kwargs.get("softcap")
     sinks = _sinks(module, kwargs)
     base = _base_attention(module, softcap, sinks)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal) and query.shape[2] > 1
     base_mask = attention_mask
     if base.__name__ != "sdpa_attention_forward":
-        base_mask = _additive_mask(attention_mask, query, key)
+        base_mask = _additive_mask(attention_mask, query, key, causal)
     out, weights = base(module, query, key, value, base_mask, dropout=dropout, scaling=scaling, **kwargs)
     state = _ACTIVE.get()
     if state is None:
@@ -244,10 +263,10 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     layer = state.layer_index(module)
     state.counts[layer] += 1
     if state.on_layer is not None:
-        rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions, sinks)
+        rows = attention_rows(query, key, attention_mask, scaling, softcap, state.query_positions, sinks, causal)
         state.on_layer(layer, rows)
     if state.on_visible is not None:
-        state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions))
+        state.on_visible(layer, allowed_keys(query, key, attention_mask, state.query_positions, causal))
     if isinstance(state.ablate, torch.Tensor):  # per row: out[b, :, h, :] = 0 where ablate[b, layer, h]
         remove = state.ablate[:, layer].to(out.device)  # (B, H)
         return out.masked_fill(remove[:, None, :, None], 0), weights  # out: (B, Q, H, d)
@@ -271,8 +290,14 @@ def install() -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+        def full_mask(*args, **kwargs):
+            kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+            return sdpa_mask(*args, **kwargs)
+
         AttentionInterface.register(PROBE, probe_attention)
         AttentionMaskInterface.register(PROBE, sdpa_mask)
+        AttentionInterface.register(PROBE_MASKED, probe_attention)
+        AttentionMaskInterface.register(PROBE_MASKED, full_mask)
         _installed = True
 
 
@@ -284,11 +309,16 @@ def prepare(model) -> None:
     transformers' attention interface."""
     install()
     with _lock:
-        if model.config._attn_implementation == PROBE:
+        if model.config._attn_implementation in (PROBE, PROBE_MASKED):
             return
         if not model._can_set_attn_implementation():
             raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
-        model.set_attn_implementation(PROBE)
+        ran_eager = model.config._attn_implementation == "eager"
+        masked = False
+        for module in model.modules():
+            _RAN_EAGER[module] = ran_eager
+            masked = masked or (hasattr(module, "layer_idx") and getattr(module, "is_causal", True) is False)
+        model.set_attn_implementation(PROBE_MASKED if masked else PROBE)
 
 
 @contextmanager

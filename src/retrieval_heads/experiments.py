@@ -22,6 +22,7 @@ from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
+from .families import attention_layers
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .methods import METHODS
@@ -407,5 +408,5 @@ def experiment_record(
         total_tokens=tokens, needle_position=needle_position, scores=sample_scores.sum(0),
         samples_processed=sample_scores.shape[0], seed=seed,
         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
-        rank_by=rank_by, provenance=provenance,
+        rank_by=rank_by, provenance=provenance, attention_layers=attention_layers(lm.model.config),
     )
