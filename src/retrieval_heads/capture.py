@@ -351,8 +351,12 @@ def attention_probe(
         raise RuntimeError("attention_probe is already active in this context: nested probes are not supported "
                            "(combine the callbacks and ablations in one probe)")
     removal = ablate if isinstance(ablate, torch.Tensor) else dict(ablate or {})
+    layers = attention_layers(model.config)
+    if layers == []:
+        raise UserError(f"{type(model).__name__} has no softmax-attention layer (its config's layer types); "
+                        "it cannot be probed")
     state = ProbeState(on_layer, query_positions, removal, model.config.get_text_config().num_hidden_layers,
-                       on_visible=on_visible, attention_layers=attention_layers(model.config))
+                       on_visible=on_visible, attention_layers=layers)
     token = _ACTIVE.set(state)
     try:
         yield state
