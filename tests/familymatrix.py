@@ -32,7 +32,7 @@ ROW_TOL = 1e-5
 LOGIT_TOL = 1e-5
 N = 20  # prompt length: short, longer than the tiny sliding windows below
 VOCAB = 256
-MAX_PARAMS = 5_000_000
+MAX_PARAMS = 20_000_000
 
 # shrunk wherever the default config has the attribute (sub-configs too)
 SHRINK = {
@@ -54,6 +54,8 @@ SHRINK = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_expand": 2,
     "ssm_state_size": 8, "state_size": 8, "n_groups": 1, "mamba_head_dim": 16, "time_step_rank": 8,
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "emb_dim": 64, "moe_k": 2,
+    "shape_vocab_size": 64, "pronunciation_vocab_size": 64, "shape_embed_dim": 16, "pronunciation_embed_dim": 16,
     "conv_L_cache": 3, "mamba_d_ssm": 128, "rotary_dim": 8, "num_kv_shared_layers": 0, "lru_width": 64, "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
 }
 # set even where the default is None (None there means "derive it", not "off")
@@ -112,15 +114,23 @@ def _shrink(cfg, depth: int = 0) -> None:
             _shrink(sub, depth + 1)
 
 
+# what a few families need beyond the shrinking (their defaults would not test what matters)
+FIXES = {
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},  # its default has no attention
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "mamba2": {"num_heads": 8},  # heads x head_dim = expand x hidden
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},
+}
+
+
 def tiny_config(family: str):
     """The family's default config, shrunk (see the module's docstring); float32."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cfg = CONFIG_MAPPING[family]()
     _shrink(cfg)
-    for sub in [cfg] + [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]:
-        if hasattr(sub, "rope_scaling") and isinstance(getattr(sub, "rope_scaling", None), dict):
-            pass
+    for name, value in FIXES.get(family, {}).items():
+        setattr(cfg, name, value)
     return cfg
 
 

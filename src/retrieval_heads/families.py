@@ -9,8 +9,9 @@ they are, under one of several names:
 config field                                an attention layer
 ==========================================  =====================================================
 ``layer_types`` / ``layers_block_type``     an entry ending in ``attention`` that is not linear
-                                            (``full_attention``, ``sliding_attention``, ...), or
-                                            ``attention``
+                                            (``full_attention``, ``sliding_attention``, ...),
+                                            ``attention``, or ``hybrid`` (attention beside a
+                                            Mamba mixer: falcon_h1, zaya, zamba)
 ``block_types`` (recurrent_gemma)           ``attention``
 ``attn_layer_indices`` (bamba, ...)         listed
 ``attn_layer_period``, ``attn_layer_offset``  ``i % period == offset`` (jamba)
@@ -36,7 +37,7 @@ def _attends(kind) -> bool:
     k = kind.lower()
     if any(word in k for word in _NOT_ATTENTION):
         return False
-    return k == "attention" or k.endswith("_attention") or k == "hybrid_sliding"
+    return k in ("attention", "hybrid", "hybrid_sliding") or k.endswith("_attention")
 
 
 def attention_layers(config) -> list[int] | None:
