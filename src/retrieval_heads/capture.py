@@ -3,12 +3,16 @@
 The probe is an attention function registered under :data:`PROBE` (with transformers' sdpa mask builder, so
 padding and sliding windows reach it). For every attention layer it
 
-1. computes the layer's real output with sdpa (or, where the family soft-caps its logits, with that
-   family's own eager function), so the model's forward pass is unchanged;
+1. computes the layer's real output with sdpa, or with the family's own eager function where the family
+   soft-caps its logits, has attention sinks (``s_aux``/``sinks``, one logit per head), or where the model
+   ran eager before it was prepared (a family without sdpa support), so the model's forward pass is
+   unchanged;
 2. recomputes only the selected query rows (by default the last one) exactly as the model attends: on the
    query and keys it was given (after rotary embeddings and q/k norms), each query head against its own KV
-   head under GQA, with the model's scaling, soft-capping and mask (causal, padding, sliding window), softmax
-   in float32. That is ``(B, H, S, K)`` per layer: memory O(layers x heads x N), never O(N^2);
+   head under GQA, with the model's scaling, soft-capping, sinks (an extra softmax column that takes mass
+   and is dropped: the rows are the weights the values get and sum to less than one) and mask (causal,
+   padding, sliding window; none for a bidirectional layer), softmax in float32. That is ``(B, H, S, K)``
+   per layer: memory O(layers x heads x N), never O(N^2);
 3. hands the probabilities to a callback, and optionally zeroes chosen heads' outputs (ablation: the head
    is removed before the output projection), the same heads in every row or, with a (B, L, H) boolean
    tensor, each row's own.
@@ -18,8 +22,14 @@ The probe's presence is a property of the model: :func:`prepare` switches it to 
 context the function is exactly sdpa (or the family's eager path where it soft-caps). What a probe does is
 scoped to one ``attention_probe`` block in one context (a :class:`contextvars.ContextVar`): two threads
 probing one model each see only their own rows; a probe nested in another in one context is an error.
-Every layer reports to the active probe; callers check after each forward pass that each layer reported
-exactly once (:meth:`ProbeState.end_pass`), so a layer that bypasses the attention interface fails loudly.
+Every attention layer reports to the active probe; callers check after each forward pass that each one
+reported exactly once (:meth:`ProbeState.end_pass`), so a layer that bypasses the attention interface, or
+one called several times per pass (diffllama's two maps, looped layers), fails loudly. A hybrid's other
+layers (Mamba, linear attention, convolutions) are expected silent: :func:`retrieval_heads.families.attention_layers`
+reads which layers attend from the config. A keyword of the attention call that the probe does not read
+and that would change the weights (a ``position_bias``, sparse ``indices``) stops the pass with one line
+naming the family and the keyword, instead of being dropped. docs/families.md lists every causal-LM family
+of the installed transformers with its status.
 
 >>> scores = torch.zeros(lm.num_layers, lm.num_heads)                   # doctest: +SKIP
 >>> def on_layer(layer, probs):                                          # probs: (B, H, S, K)
