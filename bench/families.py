@@ -28,6 +28,7 @@ DOC = ROOT / "docs" / "families.md"
 
 MEANING = {
     "exact": "rows within 1e-5 of eager `output_attentions=True`, logits within 1e-5 of the model's own",
+    "eager": "no attention interface: refused with a line naming `--eager-attentions`, and exact with it",
     "refused": "the probe stops with one line (the reason in the table); nothing is scored",
     "untestable": "the family's config cannot be built tiny here (or its eager reference fails): nothing learnt",
     "differs": "rows or logits outside the tolerance with no error: a bug",
@@ -51,7 +52,7 @@ def markdown(statuses: dict[str, dict], version: str, seconds: float) -> str:
         "| status | families | meaning |",
         "|---|---|---|",
     ]
-    for status in ("exact", "refused", "untestable", "differs", "error"):
+    for status in ("exact", "eager", "refused", "untestable", "differs", "error"):
         lines.append(f"| {status} | {counts.get(status, 0)} | {MEANING[status]} |")
     lines += ["", "| family | status | max row diff | max logit diff | reason |", "|---|---|---|---|---|"]
     for family, r in sorted(statuses.items()):

@@ -10,7 +10,9 @@ other layer) and :func:`check` runs one model three ways on the same ids:
 - reference: eager attention with ``output_attentions=True`` (full N x N matrices), the same rows.
 
 A family is ``exact`` when every probed row is within ROW_TOL of the reference and the probed logits within
-LOGIT_TOL of the plain ones; ``refused`` when the probe stops with one line (a UserError) saying why;
+LOGIT_TOL of the plain ones; ``eager`` when it has no attention interface but is exact with
+``--eager-attentions`` (:mod:`retrieval_heads.eager_rows`, against its own ``output_attentions`` rows);
+``refused`` when the probe stops with one line (a UserError) saying why;
 ``differs`` when neither (a silent wrong result: a bug); ``error`` when the probe raised anything but a
 UserError (a traceback: a bug); ``untestable`` when the tiny config or the plain forward pass cannot be
 built (nothing about the probe is learnt).
@@ -203,7 +205,10 @@ def check(family: str) -> dict:
                 probed = model(input_ids=ids, use_cache=False).logits
                 probe.end_pass(model)
         except UserError as e:
-            return {"status": "refused", "why": str(e).splitlines()[0]}
+            why = str(e).splitlines()[0]
+            if "--eager-attentions" in why:
+                return _check_eager(model, ids, positions, plain, why)
+            return {"status": "refused", "why": why}
         except Exception as e:  # noqa: BLE001
             return {"status": "error", "why": _first_line(e)}
         logit_diff = float((probed.float() - plain.float()).abs().max())
@@ -227,6 +232,39 @@ def check(family: str) -> dict:
     if row_diff <= ROW_TOL and logit_diff <= LOGIT_TOL:
         return {"status": "exact", "why": "", **out}
     return {"status": "differs", "why": f"rows differ by {row_diff:.1e}, logits by {logit_diff:.1e}", **out}
+
+
+def _check_eager(model, ids, positions, plain, why) -> dict:
+    """A family refused for lack of the attention interface, again with --eager-attentions: its rows against
+    the same model's output_attentions without the flag, and its logits."""
+    from retrieval_heads import eager_rows
+    from retrieval_heads.capture import attention_probe
+    from retrieval_heads.errors import UserError
+
+    refused = {"status": "refused", "why": why}
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
+        eager_rows.enable(model)
+        got: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), attention_probe(model, lambda l, p: got.__setitem__(l, p.clone()),
+                                              query_positions=positions) as probe:
+            probed = model(input_ids=ids, use_cache=False).logits
+            probe.end_pass(model)
+    except UserError as e:
+        return {**refused, "why": f"{why}; with the flag: {str(e).splitlines()[0]}"}
+    except Exception as e:  # noqa: BLE001
+        return {**refused, "why": f"{why}; with the flag: {_first_line(e)}"}
+    if not ref or any(r is None for r in ref) or len(ref) != len(got):
+        return {"status": "differs", "why": "--eager-attentions: the layers reported are not output_attentions'"}
+    n = ids.shape[1]
+    row_diff = max(float((got[i] - r[:, :, positions % n, :].float()).abs().max()) for i, r in enumerate(ref))
+    logit_diff = float((probed - plain).abs().max())
+    out = {"row_diff": float(f"{row_diff:.1e}"), "logit_diff": float(f"{logit_diff:.1e}")}
+    if row_diff <= ROW_TOL and logit_diff <= LOGIT_TOL:
+        return {"status": "eager", "why": "no attention interface; exact with --eager-attentions", **out}
+    return {"status": "differs", "why": f"--eager-attentions: rows differ by {row_diff:.1e}, logits by "
+                                        f"{logit_diff:.1e}", **out}
 
 
 def run_all(names: list[str] | None = None) -> dict[str, dict]:

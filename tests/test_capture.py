@@ -190,10 +190,10 @@ def test_soft_cap_that_binds_is_applied(monkeypatch):
     uncapped = {}
     real_rows = capture.attention_rows
 
-    def both(query, key, mask, scaling, softcap=None, positions=None):
+    def both(query, key, mask, scaling, softcap=None, positions=None, *rest):
         assert softcap == 2.0
-        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions)
-        return real_rows(query, key, mask, scaling, softcap, positions)
+        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions, *rest)
+        return real_rows(query, key, mask, scaling, softcap, positions, *rest)
 
     monkeypatch.setattr(capture, "attention_rows", both)
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(12))

@@ -177,3 +177,59 @@ def test_family_matrix():
     changed = {f: (status.get(f, {}).get("status", "untested"), r["status"], r["why"]) for f, r in got.items()
                if status.get(f, {}).get("status") != r["status"] or status[f].get("why") != r["why"]}
     assert not changed, changed
+
+
+def eager_model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(familymatrix.tiny_config(family)).float().eval()
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt_neo"])
+def test_eager_attentions_rows_equal_the_models_own_and_outputs_unchanged(family):
+    """--eager-attentions: a family without the attention interface is refused with a line naming the flag;
+    with it, its rows are its own eager matrices' rows (as output_attentions returns them, with no probe),
+    the logits are unchanged and heads cannot be removed."""
+    from retrieval_heads import eager_rows
+
+    model = eager_model(family)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([-1, -7, 2])
+    with pytest.raises(UserError, match=r"does not use transformers' attention interface; .* --eager-attentions"):
+        probe(model, ids)
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+        ref = model(input_ids=ids, use_cache=False, output_attentions=True).attentions  # L x (B, H, N, N)
+    eager_rows.enable(model)
+    got, probed = probe(model, ids, positions)
+    assert torch.equal(probed, plain)
+    assert sorted(got) == [0, 1]
+    for layer, r in enumerate(ref):
+        assert torch.allclose(got[layer], r[:, :, positions % 20, :].float(), atol=TOL, rtol=0)
+    assert model.config.output_attentions is False  # restored after the block
+    with pytest.raises(UserError, match="heads cannot be removed with --eager-attentions"):
+        with attention_probe(model, None, ablate={0: [1]}):
+            pass
+
+
+@pytest.mark.slow
+def test_detect_with_eager_attentions_on_bloom(tmp_path):
+    """detect --eager-attentions scores a tiny bloom end to end (the shared prefill and the answers too)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retrieval_heads.experiments import detect
+    from retrieval_heads.models import LoadedModel, smollm2_path
+
+    cfg = familymatrix.tiny_config("bloom")
+    cfg.vocab_size = 49152
+    torch.manual_seed(0)
+    lm = LoadedModel(AutoModelForCausalLM.from_config(cfg).eval(), AutoTokenizer.from_pretrained(smollm2_path()),
+                     "bloom", "bloom")
+    with pytest.raises(UserError, match="--eager-attentions"):
+        detect(lm, question="inc_state", tokens=200, samples=1)
+    det = detect(lm, question="inc_state", tokens=200, samples=1, method="summed_attention,query_focused",
+                 eager_attentions=True)
+    for res in det.values():
+        assert len(res.record["head_rankings"]) == 2 * 4 and "attention_layers" not in res.record
+        assert torch.isfinite(res.scores).all()

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("helpers", {"errors", "registry", "io", "hf"}),
     ("data", {"data"}),
     ("models", {"models", "families"}),
-    ("capture", {"capture"}),
+    ("capture", {"capture", "eager_rows"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
     ("experiments", {"results", "attention", "experiments"}),
     ("sweep and engines", {"sweep", "ray_engine", "ablation", "export"}),

@@ -53,6 +53,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import eager_rows
 from .errors import UserError
 from .families import attention_layers
 
@@ -322,7 +323,10 @@ def prepare(model) -> None:
         if model.config._attn_implementation in (PROBE, PROBE_MASKED):
             return
         if not model._can_set_attn_implementation():
-            raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be probed")
+            if eager_rows.enabled(model):
+                return
+            raise UserError(f"{type(model).__name__} does not use transformers' attention interface; it cannot be "
+                            f"probed (rerun with {eager_rows.FLAG} to score it from its full attention matrices)")
         ran_eager = model.config._attn_implementation == "eager"
         masked = False
         for module in model.modules():
@@ -367,11 +371,38 @@ def attention_probe(
                         "it cannot be probed")
     state = ProbeState(on_layer, query_positions, removal, model.config.get_text_config().num_hidden_layers,
                        on_visible=on_visible, attention_layers=layers)
+    if eager_rows.enabled(model) and not model._can_set_attn_implementation():
+        removes = bool(removal.any()) if isinstance(removal, torch.Tensor) else any(removal.values())
+        if removes:
+            raise UserError(f"{type(model).__name__}: heads cannot be removed with {eager_rows.FLAG} (removing a "
+                            "head needs transformers' attention interface)")
+        with eager_rows.hooked(model, lambda layer, weights: _eager_report(state, layer, weights)):
+            try:
+                yield state
+            except (UserError, RuntimeError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # a family whose layers do not return their weights as this path expects
+                raise UserError(f"{type(model).__name__}: its forward pass fails with {eager_rows.FLAG} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return
     token = _ACTIVE.set(state)
     try:
         yield state
     finally:
         _ACTIVE.reset(token)
+
+
+def _eager_report(state: ProbeState, layer: int, weights: torch.Tensor) -> None:
+    """One decoder layer's full weights (B, H, Q, K) on the --eager-attentions path: its selected rows."""
+    state.counts[layer] += 1
+    Q = weights.shape[2]
+    pos = state.query_positions
+    rows = weights[:, :, -1:, :] if pos is None else weights[:, :, (pos.cpu() % Q).to(weights.device), :]
+    rows = rows.float()  # (B, H, S, K)
+    if state.on_layer is not None:
+        state.on_layer(layer, rows)
+    if state.on_visible is not None:
+        state.on_visible(layer, rows > 0)
 
 
 @contextmanager
