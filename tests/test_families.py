@@ -156,6 +156,35 @@ def test_hybrid_results_hold_the_attention_layers_only(family):
     assert len(record["head_rankings"]) == 2 * record["num_heads"] and layers == {1, 3}
     assert all(x == 0 for layer in (0, 2) for x in record["scores"][layer])
     assert any(x > 0 for x in record["scores"][1])
+    assert {parse_head(h)[0] for h, _ in det.top(8)} == {1, 3}
+    from retrieval_heads.results import _checksum
+
+    for layers in ([1, 2], [0, 1, 2, 3], [3, 1]):  # another set, every layer, out of order: resealed, still refused
+        bad = dict(record, attention_layers=layers)
+        bad["checksum"] = _checksum(bad)
+        with pytest.raises(UserError, match="attention_layers is not|attention layers"):
+            validate(bad)
+    if family == "jamba":
+        return
+    # the rest of the pipeline on qwen3_next: heatmap rows, exports, ablation draws, bootstrap ranks
+    import numpy as np
+
+    from retrieval_heads.ablation import ablate
+    from retrieval_heads.export import kv_view
+    from retrieval_heads.report.collect import Experiment
+    from retrieval_heads.report.figures import heatmap
+    from retrieval_heads.report.stability import bootstrap_ranks
+
+    assert kv_view(record)["attention_layers"] == [1, 3]
+    assert heatmap(Experiment(record, Path("x.json"), "x.json")).startswith(b"\x89PNG")
+    abl = ablate(record, model=lm, ks=(0, 4), random_seeds=2, max_new_tokens=2)
+    drawn = [h for r in abl.record["random"] for h in r["heads"]] + abl.record["top"][1]["heads"]
+    assert len(drawn) == 12 and {parse_head(h)[0] for h in drawn} == {1, 3}
+    with pytest.raises(UserError, match="outside 0..8"):
+        ablate(record, model=lm, ks=(9,), random_seeds=0)
+    per_sample = np.random.default_rng(0).normal(size=(3, 4, 4))  # (S, L, H), negative scores too
+    ranks = bootstrap_ranks(per_sample, 20, 0, [1, 3]).reshape(20, 4, 4)  # (B, L, H)
+    assert ranks[:, [1, 3]].max() == 8 and ranks[:, [0, 2]].min() == 9
 
 
 def test_family_status_file_lists_every_family():

@@ -61,7 +61,8 @@ class DetectResult:
         """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
         from .results import parse_head
 
-        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores)[:k]
+        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores,
+                        self.record.get("attention_layers"))[:k]
         out = []
         for h, _ in order:
             layer, head = parse_head(h)
