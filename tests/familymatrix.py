@@ -273,7 +273,6 @@ def run_all(names: list[str] | None = None) -> dict[str, dict]:
 
 if __name__ == "__main__":
     import json
-
     import time
 
     for f in sys.argv[1:] or families():

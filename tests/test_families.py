@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import familymatrix
 import pytest
 import torch
 
-import familymatrix
 from retrieval_heads.capture import attention_probe, attention_rows, reference_rows
 from retrieval_heads.errors import UserError
 from retrieval_heads.families import attention_layers
@@ -62,7 +62,9 @@ def test_sink_rows_equal_eager_and_outputs_unchanged(family):
         assert bool((g.sum(-1) < 0.999).all())  # the sink took mass
     if family == "granite_swa":  # the reference's eager function gives the model's own logits
         import transformers.models.granite_swa.modeling_granite_swa as mod
-        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+        from transformers.models.gpt_oss.modeling_gpt_oss import (
+            eager_attention_forward as gpt_oss_eager,
+        )
 
         own = mod.eager_attention_forward
         mod.eager_attention_forward = gpt_oss_eager
@@ -114,7 +116,12 @@ def test_an_unknown_attention_keyword_is_refused(monkeypatch):
 
 
 def test_attention_layers_from_configs():
-    from transformers import JambaConfig, NemotronHConfig, Qwen3NextConfig, RecurrentGemmaConfig
+    from transformers import (
+        JambaConfig,
+        NemotronHConfig,
+        Qwen3NextConfig,
+        RecurrentGemmaConfig,
+    )
 
     assert attention_layers(JambaConfig(num_hidden_layers=8, attn_layer_period=4, attn_layer_offset=2)) == [2, 6]
     assert attention_layers(Qwen3NextConfig(num_hidden_layers=4)) == [3]
@@ -237,9 +244,9 @@ def test_eager_attentions_rows_equal_the_models_own_and_outputs_unchanged(family
     for layer, r in enumerate(ref):
         assert torch.allclose(got[layer], r[:, :, positions % 20, :].float(), atol=TOL, rtol=0)
     assert model.config.output_attentions is False  # restored after the block
-    with pytest.raises(UserError, match="heads cannot be removed with --eager-attentions"):
-        with attention_probe(model, None, ablate={0: [1]}):
-            pass
+    with pytest.raises(UserError, match="heads cannot be removed with --eager-attentions"), \
+            attention_probe(model, None, ablate={0: [1]}):
+        pass
 
 
 @pytest.mark.slow

@@ -151,7 +151,7 @@ def check_keywords(module, kwargs) -> None:
 # The attention function each prepared model ran before it was switched to the probe, by module: the probe
 # computes a layer's output with the family's eager function where the model ran eager (a family without
 # sdpa support), else with sdpa.
-_RAN_EAGER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_RAN_EAGER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _base_attention(module, softcap, sinks) -> Callable:
@@ -381,7 +381,7 @@ def attention_probe(
                 yield state
             except (UserError, RuntimeError, KeyboardInterrupt):
                 raise
-            except Exception as e:  # a family whose layers do not return their weights as this path expects
+            except Exception as e:  # noqa: BLE001 - a family whose layers return their weights otherwise
                 raise UserError(f"{type(model).__name__}: its forward pass fails with {eager_rows.FLAG} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return

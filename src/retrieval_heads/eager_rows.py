@@ -24,12 +24,12 @@ more than ~100 below the row's largest) would count as masked. Heads cannot be r
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 
-_ENABLED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENABLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 FLAG = "--eager-attentions"
 

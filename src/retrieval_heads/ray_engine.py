@@ -81,9 +81,8 @@ class ModelWorker:
         self.lm = None
 
     def load(self):
-        from .models import load_model
-
         from .eager_rows import enable
+        from .models import load_model
 
         lm = load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
                         trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
