@@ -269,3 +269,33 @@ def test_detect_with_eager_attentions_on_bloom(tmp_path):
     for res in det.values():
         assert len(res.record["head_rankings"]) == 2 * 4 and "attention_layers" not in res.record
         assert torch.isfinite(res.scores).all()
+
+
+@pytest.mark.slow
+def test_sweep_with_eager_attentions_on_bloom(tmp_path):
+    """A sweep's grid takes eager_attentions (typed strictly); with it a bloom folder is swept, without it
+    the sweep stops with the line naming the flag."""
+    import shutil
+
+    from retrieval_heads.models import smollm2_path
+    from retrieval_heads.sweep import make_grid, run_sweep
+
+    with pytest.raises(UserError, match='eager_attentions: expected true or false, got "false"'):
+        make_grid(models=["smollm2"], eager_attentions="false")
+    d = tmp_path / "bloom"
+    d.mkdir()
+    for f in smollm2_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, d / f.name)
+    cfg = familymatrix.tiny_config("bloom")
+    cfg.vocab_size = 49152
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    settings = dict(models=[str(d)], questions=["inc_state"], tokens=[200], samples=1)
+    with pytest.raises(UserError, match="--eager-attentions"):
+        run_sweep(make_grid(**settings), tmp_path / "plain", progress=False, echo=lambda s: None)
+    run_sweep(make_grid(**settings, eager_attentions=True), tmp_path / "out", progress=False, echo=lambda s: None)
+    written = sorted(p.name for p in (tmp_path / "out").rglob("*.json"))
+    assert any(name.endswith("_inc_state_200.json") for name in written), written
