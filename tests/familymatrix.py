@@ -58,11 +58,11 @@ SHRINK = {
     "ssm_state_size": 8, "state_size": 8, "n_groups": 1, "mamba_head_dim": 16, "time_step_rank": 8,
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "emb_dim": 64, "moe_k": 2,
     "shape_vocab_size": 64, "pronunciation_vocab_size": 64, "shape_embed_dim": 16, "pronunciation_embed_dim": 16,
-    "conv_L_cache": 3, "mamba_d_ssm": 128, "rotary_dim": 8, "num_kv_shared_layers": 0, "lru_width": 64, "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
+    "mamba_headdim": 16, "conv_L_cache": 3, "mamba_d_ssm": 128, "rotary_dim": 8, "num_kv_shared_layers": 0, "lru_width": 64, "num_nextn_predict_layers": 0, "mtp_num_layers": 0,
 }
 # set even where the default is None (None there means "derive it", not "off")
 NONE_TOO = {"num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts", "moe_intermediate_size",
-            "head_dim"}
+            "head_dim", "n_shared_experts", "num_key_value_heads"}
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
              "cls_token_id", "unk_token_id", "mask_token_id")
 
@@ -121,6 +121,7 @@ FIXES = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},  # its default has no attention
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "mamba2": {"num_heads": 8},  # heads x head_dim = expand x hidden
+    "glm4_moe_lite": {"num_key_value_heads": 4},  # multi-head latent attention: a key per head
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},
 }
 
@@ -155,8 +156,19 @@ def _reference(model, ids, positions, family):
     """Eager rows (B, H, S, N) per attention layer, by layer index; granite_swa-style families, whose eager
     weights leave the sink out (it scales the output instead), get gpt-oss's eager function, which puts the
     sink in the softmax: the same output (checked by the caller), and the weights the values are given."""
-    from retrieval_heads.capture import reference_rows
+    from retrieval_heads.capture import eager_attention, reference_rows
+    from retrieval_heads.families import layer_set
 
+    n_layers = model.config.get_text_config().num_hidden_layers
+    attends = layer_set(model.config)
+    if attends != list(range(n_layers)):  # a hybrid: its other layers' outputs may be anything
+        with eager_attention(model):
+            out = model(input_ids=ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+        att = [a for a in out.attentions if a is not None]
+        if len(att) == n_layers:
+            att = [att[i] for i in attends]
+        n = ids.shape[1]
+        return [a[:, :, (positions % n).to(a.device), :].float() for a in att]
     mod = sys.modules[type(model).__module__]
     patched = None
     if family in SINK_AS_SCALE:
