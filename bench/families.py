@@ -52,7 +52,9 @@ def markdown(statuses: dict[str, dict], version: str, seconds: float) -> str:
         ("Attention sinks (gpt_oss, granite_swa, granitemoe_swa, mimo_v2_flash, flint, deepseek_v4) are in the "
          "probe's softmax: their rows are the weights the values get and sum to less than one (granite_swa's "
          "eager weights leave the sink out and scale the output instead; its reference is eager with gpt-oss's "
-         "function, which gives the same logits). Hybrids (jamba, bamba, qwen3_next, nemotron_h, falcon_h1, ...) "
+         "function, which gives the same logits); the chance baselines compare a row's mass with uniform "
+         "attention over the visible keys, which sums to one, so mass a sink absorbs lowers such a head's "
+         "lift. Hybrids (jamba, bamba, qwen3_next, nemotron_h, falcon_h1, ...) "
          "are probed on the layers their config marks as attention (`retrieval_heads.families`); their results "
          "record `attention_layers`. A layer attending several times per pass (diffllama, dory, hrm_text) and a "
          "keyword the probe does not read (`position_bias`, sparse `indices`) are refused."),

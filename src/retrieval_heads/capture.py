@@ -351,7 +351,9 @@ def attention_probe(
     where the row may attend.
 
     Yields the :class:`ProbeState`; call its ``end_pass(model)`` after each forward pass to check that every
-    layer reported exactly once. Probes in other threads are independent; nesting one in another in the same
+    attention layer reported exactly once. A model without the attention interface is refused unless
+    :func:`retrieval_heads.eager_rows.enable` was called for it; its rows then come from its own full
+    matrices (no ablation on that path). Probes in other threads are independent; nesting one in another in the same
     context raises RuntimeError. The model stays switched to the probe's function afterwards (see
     :func:`prepare`)."""
     if isinstance(ablate, torch.Tensor):

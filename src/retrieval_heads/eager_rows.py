@@ -7,6 +7,9 @@ forward pass runs with ``output_attentions=True``, and a hook on each decoder la
 (B, H, Q, K) weights as it returns them, hands the selected rows (by default the last) to the probe's
 callbacks, and drops the matrix before the next layer runs.
 
+The block switches the model itself (its config's ``output_attentions`` and hooks on its layers), so two
+threads must not probe one model this way at once.
+
 Memory: one layer's full matrices at a time, ``B x H x Q x K`` floats in the model's dtype (float32: 4 bytes),
 on top of the pass itself: for a 16-head model at 8K tokens, 16 x 8192^2 x 4 B = 4 GiB per batch row, where
 the probe needs O(H x K). Time: the family's own (eager) attention, as without the flag.
