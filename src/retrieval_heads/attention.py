@@ -141,7 +141,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> dict[int, str]:
 
 
 def answer_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    from .methods.retrieval_score import gold_span
+    from .data.spans import gold_span
 
     return gold_span(tokenizer, prompt) if prompt.answer else None
 

@@ -36,7 +36,7 @@ layer's heads (no evidence either way).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +47,9 @@ from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.spans import prompt_answer_span, whole_word_spans
 from .errors import UserError
+from .methods.base import SPAN_KINDS, span_result_name  # noqa: F401  (span_result_name: also read from here)
 
-SPANS = ("needle", "answer", "fact")
+SPANS = SPAN_KINDS
 RANK_BY = ("score", "lift")
 
 
@@ -68,12 +69,6 @@ def check_rank_by(rank_by: str) -> str:
     if rank_by not in RANK_BY:
         raise UserError(f"unknown --rank-by {rank_by!r}; choose from: {', '.join(RANK_BY)}")
     return rank_by
-
-
-def span_result_name(name: str, span: str) -> str:
-    """The result name of a span kind: the method's own for ``needle`` (the seed's), ``{name}+{span}`` else
-    (e.g. ``summed_attention+answer``; the method folder has the same name)."""
-    return name if span == "needle" else f"{name}+{span}"
 
 
 def check_spans_for(spans: Sequence[str], dataset: bool) -> None:
@@ -155,8 +150,10 @@ class SpanMasses:
 
 
 def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
-                  desc: str = "spans") -> SpanMasses:
-    """One probed forward pass per batch of prompts (as ``summed_attention``), every span at once."""
+                  desc: str = "spans", rows: Callable[[PromptSample], tuple[int, int]] | None = None) -> SpanMasses:
+    """One probed forward pass per batch of prompts, every span at once: the mass that the mean of each
+    prompt's query rows ``rows(p)`` ([start, end); default: the last token) puts on each span, and its
+    chance baseline."""
     import sys
 
     from tqdm.auto import tqdm
@@ -174,11 +171,30 @@ def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, prog
         for idx in batches(prompts, batch_size):
             ids = stack_ids([prompts[i] for i in idx], device)  # (B, N)
             masks = span_masks([spans[i] for i in idx], names, ids.shape[1], device)  # (B, M, N)
-            m, b = span_masses(lm.model, ids, masks)  # (B, L, H, 1, M) each
-            mass[idx], base[idx] = m[:, :, :, 0].to(mass.device), b[:, :, :, 0].to(base.device)
+            positions, w = _row_weights([prompts[i] for i in idx], rows, device)
+            m, b = span_masses(lm.model, ids, masks, positions)  # (B, L, H, S, M) each
+            if w is None:  # the last token: its one row, as measured
+                m, b = m[:, :, :, 0], b[:, :, :, 0]
+            else:  # the mean over each prompt's own rows
+                m = (m * w[:, None, None, :, None].to(m.device)).sum(3)  # (B, L, H, M)
+                b = (b * w[:, None, None, :, None].to(b.device)).sum(3)  # (B, L, H, M)
+            mass[idx], base[idx] = m.to(mass.device), b.to(base.device)
             bar.update(len(idx))
     return SpanMasses({n: mass[..., j] for j, n in enumerate(names)},
                       {n: base[..., j] for j, n in enumerate(names)}, spans)
+
+
+def _row_weights(batch: Sequence[PromptSample], rows, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Query positions and (B, S) weights (1/len on each prompt's own rows) for :func:`probe_prompts`;
+    (None, None) when every prompt's rows are its last token (the probe's default row)."""
+    spans = [rows(p) if rows is not None else (len(p.input_ids) - 1, len(p.input_ids)) for p in batch]
+    if all(span == (len(p.input_ids) - 1, len(p.input_ids)) for span, p in zip(spans, batch)):
+        return None, None
+    lo, hi = min(a for a, _ in spans), max(z for _, z in spans)
+    w = torch.zeros(len(batch), hi - lo)  # (B, S)
+    for i, (a, z) in enumerate(spans):
+        w[i, a - lo : z - lo] = 1.0 / (z - a)
+    return torch.arange(lo, hi, device=device), w
 
 
 # --- from masses to a result -------------------------------------------------------------------------------------

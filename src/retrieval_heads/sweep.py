@@ -91,7 +91,7 @@ class Grid:
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
-    span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
+    span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -100,13 +100,13 @@ class Grid:
 
     @property
     def results(self) -> tuple[str, ...]:
-        """The result names of each experiment: every method, and summed_attention once per span kind
-        (``summed_attention``, ``summed_attention+answer``, ...; :func:`~retrieval_heads.chance.span_result_name`)."""
-        from .chance import span_result_name
+        """The result names of each experiment: every method, and a method that measures spans once per span
+        kind (``summed_attention``, ``summed_attention+answer``, ...;
+        :meth:`~retrieval_heads.methods.base.Method.result_names`)."""
+        from .methods import METHODS
 
         spans = self.span.split(",")
-        return tuple(span_result_name(m, sp) for m in self.methods
-                     for sp in (spans if m == "summed_attention" else ("needle",)))
+        return tuple(r for m in self.methods for r in METHODS.get(m).result_names(spans))
 
     @property
     def size(self) -> int:
@@ -504,6 +504,7 @@ def compute_unit(
     import torch
 
     from .chance import chance_fields, span_result_name, span_scores
+    from .methods import METHODS
     from .experiments import build_prompts, synthetic_record
     from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
     from .onepass import score_groups
@@ -522,12 +523,13 @@ def compute_unit(
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
-        for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
+        measures = METHODS.get(m).measures_spans
+        for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-            if m == "summed_attention":  # every span kind from the same masses
-                ss = span_scores(sc.masses, prompts, sp)
+            if measures:  # every span kind from the same masses
+                ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
                 record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
                                           scores, added=chance_fields(ss, accuracy=answered),

@@ -35,8 +35,7 @@ import torch
 
 from ..capture import attention_probe
 from ..data.prompt import PromptFormat, PromptSample
-from .base import Method, MethodContext, batches, check_finite, register, stack_ids
-from .query_focused import null_prompt
+from .base import Method, MethodContext, batches, check_finite, null_prompt, register, stack_ids
 
 
 def query_start(fmt: PromptFormat, p: PromptSample) -> int:

@@ -19,25 +19,13 @@ before summing (an outlier filter). Registered method ``qrhead`` (:mod:`retrieva
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from ..capture import reference_rows
 from ..data.prompt import PromptFormat, PromptSample
-from .base import Method, MethodContext, batches, needle_mass, register, span_mask, stack_ids
-
-NULL_QUESTION = "N/A"
-
-
-def null_prompt(fmt: PromptFormat, p: PromptSample, question: str = NULL_QUESTION) -> PromptSample:
-    """The same prompt with the content-free question: ids up to ``context_end`` kept, the suffix rebuilt."""
-    q0, q1 = fmt.question_span(question)
-    ids = p.input_ids[: p.context_end] + fmt.suffix(question)
-    return replace(p, input_ids=ids, question=question, question_start=p.context_end + q0,
-                   question_end=p.context_end + q1)
-
+from .base import NULL_QUESTION, Method, MethodContext, batches, needle_mass, null_prompt, register, span_mask, stack_ids  # noqa: F401
 
 def question_rows(batch: Sequence[PromptSample], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Query positions covering every prompt's question span, and (B, S) weights 1/len on each prompt's own

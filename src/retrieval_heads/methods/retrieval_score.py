@@ -25,17 +25,8 @@ from typing import Sequence
 import torch
 
 from ..data.prompt import PromptSample
-from ..data.spans import answer_span
+from ..data.spans import gold_span
 from .base import Method, MethodContext, register
-
-
-def gold_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    """Prompt positions [start, end) of the needle tokens that overlap the gold answer's first whole-word
-    occurrence in the needle (case-insensitive, see :func:`~retrieval_heads.data.spans.whole_word_spans`), or
-    None when the needle holds the answer only inside longer words ("Kansas" only as part of "Arkansas") or
-    not at all."""
-    span = answer_span(tokenizer, prompt.input_ids[prompt.needle_start : prompt.needle_end], prompt.answer)
-    return None if span is None else (prompt.needle_start + span[0], prompt.needle_start + span[1])
 
 
 def retrieval_hits(prompt_ids: torch.Tensor, span: tuple[int, int], answer_ids: Sequence[int],

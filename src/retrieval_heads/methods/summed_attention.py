@@ -18,6 +18,7 @@ from .base import Method, MethodContext, needle_mass, register, span_mask, stack
 class SummedAttention(Method):
     name = "summed_attention"
     shared = True
+    measures_spans = True  # needle, answer and fact spans, each with a chance baseline and a control
 
     def row_span(self, fmt, p: PromptSample) -> tuple[int, int]:
         return len(p.input_ids) - 1, len(p.input_ids)  # the last prompt token
