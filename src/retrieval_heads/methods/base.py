@@ -131,6 +131,11 @@ def register(method: Method) -> Method:
     return method
 
 
+def unregister(name: str) -> Method:
+    """Remove the method ``name`` from :data:`METHODS` (KeyError if none is registered) and return it."""
+    return METHODS.unregister(name)
+
+
 NULL_QUESTION = "N/A"  # the content-free question that calibrating methods ask over the same context
 
 
