@@ -10,7 +10,7 @@ from conftest import FAMILIES, tiny_config, tiny_model
 from retrieval_heads.capture import PROBE, attention_probe, attention_rows, eager_attention, prepare, reference_rows
 from retrieval_heads.errors import UserError
 from retrieval_heads.methods.base import needle_mass
-from retrieval_heads.prefill import shared_needle_mass
+from reference import shared_needle_mass
 
 TOL = 1e-5
 

@@ -15,9 +15,11 @@ from retrieval_heads.data.questions import answer_matches
 from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, greedy_decode, stop_rule
 from retrieval_heads.methods import METHODS, MethodContext
 from retrieval_heads.methods.qrhead import filtered_sum
-from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
+from reference import query_focused_scores as qf_reference, reference_argmax
+from retrieval_heads.methods.query_focused import question_mass
 from retrieval_heads.data.spans import whole_word_spans
-from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
+from retrieval_heads.data.spans import gold_span
+from retrieval_heads.methods.retrieval_score import retrieval_hits
 from retrieval_heads.results import load_result
 
 # one method of each kind: span-measuring, calibrated, answers-only (their behaviours are tested by name below)

@@ -5,7 +5,7 @@ forward pass that scores the needle, the attention mass the last prompt token pu
 one's chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
 :mod:`retrieval_heads.onepass`):
 
-- ``needle``: the seed's span (Section 1); ``control:needle``: a control span as long as the needle;
+- ``needle``: the original method's span (Section 1); ``control:needle``: a control span as long as the needle;
 - ``fact:KEY`` (synthetic samples): the tokens stating each of the needle's four facts;
   ``control:fact:KEY``: a control span as long as that fact;
 - ``answer`` (``--dataset``): the answer's first whole-word occurrence in the needle; ``control:answer``.

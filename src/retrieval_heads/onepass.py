@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,9 @@ from .hf import input_device
 from .methods import METHODS
 from .methods.base import Method, MethodContext, RowReads, batches, null_prompt
 from .prefill import can_share, context_cache, context_groups, fork, shared_reads
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass

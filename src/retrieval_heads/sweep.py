@@ -73,7 +73,7 @@ LOCK_NAME = ".sweep.lock"
 @dataclass(frozen=True)
 class Grid:
     """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-    settings. A depth other than the seed's 0.5 files its results under names of their own
+    settings. A depth other than the default 0.5 files its results under names of their own
     (:func:`~retrieval_heads.results.file_name`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -286,7 +286,7 @@ def check_types(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def make_grid(**settings: Any) -> Grid:
-    """A validated grid; settings left out (or None) take the defaults (the seed's grid). Raises UserError,
+    """A validated grid; settings left out (or None) take the defaults (the original study's grid). Raises UserError,
     before anything is loaded, for a value of the wrong type (:class:`GridSettings`; booleans must be real
     booleans), an empty list, an unknown model key, question or method, and for impossible numbers. For the
     CLI's sake, lists and numbers may be given as text (``tokens="1024,2048"``, ``samples="3"``)."""
@@ -706,7 +706,7 @@ def preflight(grid: Grid) -> None:
 
     for m in grid.models:
         _, name, path = resolve(m)
-        hint = " (the default grid is the seed's Llama-3-8B pair; try --models smollm2)" \
+        hint = " (the default grid is the original study's Llama-3-8B pair; try --models smollm2)" \
             if m in DEFAULT_MODELS else ""
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code)

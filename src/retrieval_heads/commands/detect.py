@@ -41,7 +41,7 @@ def register(commands) -> None:
     p.add_argument("--top", type=int, default=10, help="Rows of the printed top-heads table.")
     values(p, "--span", "SPAN", "Span(s) scored by summed_attention: needle, answer, fact; space- or comma-separated "
                                 "or repeated, each written as its own result [default: needle].")
-    p.add_argument("--rank-by", default="score", help="Rank summed_attention's heads by score (the seed's) or lift.")
+    p.add_argument("--rank-by", default="score", help="Rank summed_attention's heads by score (summed mass, the original ranking) or lift.")
     p.add_argument("--alpha", type=float, default=0.05,
                    help="Level of the test against the control span (Benjamini-Hochberg).")
     p.set_defaults(run=detect)

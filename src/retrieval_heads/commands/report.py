@@ -1,4 +1,4 @@
-"""``retrieval-heads report``: the seed's tables, heatmaps and rank stability from a results folder."""
+"""``retrieval-heads report``: the top-head tables, heatmaps and rank stability from a results folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``retrieval-heads sweep``: a grid of experiments (the seed's run_all), resumable.
+"""``retrieval-heads sweep``: a grid of experiments, resumable.
 
 ``--models``, ``--questions``, ``--tokens`` and ``--needle-positions`` take several values each, space- or
 comma-separated: ``--models smollm2 --questions all --tokens 1024 2048 --needle-positions 0.1 0.5 0.9``.
@@ -20,12 +20,12 @@ GRID_FLAGS = ("models", "questions", "tokens", "samples", "needle_position", "ne
 
 def register(commands) -> None:
     p = commands.add_parser("sweep", help=SUMMARY, description=SUMMARY)
-    values(p, "--models", "MODEL", "Model keys, local paths or hub ids [default: instruct base, the seed's pair].")
+    values(p, "--models", "MODEL", "Model keys, local paths or hub ids [default: instruct base, the original study's Llama-3-8B pair].")
     values(p, "--questions", "QUESTION", "Question keys, or 'all' [default: all four].")
     values(p, "--tokens", "TOKENS", "Prompt lengths in tokens [default: 2048 4096 6144 8192].")
     p.add_argument("--samples", type=int, help="Samples per experiment [default: 6].")
     p.add_argument("--needle-position", type=float, help="Needle depth, 0 (start) to 1 (end) [default: 0.5].")
-    values(p, "--needle-positions", "DEPTH", "Several needle depths, each swept like a length (0.5 keeps the seed's "
+    values(p, "--needle-positions", "DEPTH", "Several needle depths, each swept like a length (0.5 keeps the plain "
                                              "file names; others add _dDEPTH) [default: 0.5].")
     p.add_argument("--seed", type=int, help="Seed of the synthetic filings [default: 0].")
     values(p, "--method", "METHOD", "Scoring method(s); several are scored from one prefill per sample "

@@ -23,8 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..capture import reference_rows
-from ..data.prompt import PromptFormat, PromptSample
+from ..data.prompt import PromptSample
 from .base import NULL_QUESTION, Method, MethodContext, batches, needle_mass, null_prompt, register, span_mask, stack_ids  # noqa: F401
 
 def question_rows(batch: Sequence[PromptSample], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +75,3 @@ class QueryFocused(Method):
 
 
 register(QueryFocused())
-
-
-def reference_scores(model, tokenizer, batch: Sequence[PromptSample]) -> torch.Tensor:
-    """The same scores through :func:`reference_rows` (eager, full N x N matrices), one prompt at a time."""
-    fmt = PromptFormat(tokenizer)
-    out = []
-    for p in batch:
-        per = []
-        for q in (p, null_prompt(fmt, p)):
-            ids = torch.tensor([q.input_ids])
-            rows = reference_rows(model, ids, torch.arange(q.question_start, q.question_end))  # L x (1, H, S, N)
-            mass = torch.stack([r[0, :, :, q.needle_start : q.needle_end].sum(-1).mean(-1) for r in rows])  # (L, H)
-            per.append(mass)
-        out.append(per[0] - per[1])
-    return torch.stack(out)  # (B, L, H)
