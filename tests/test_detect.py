@@ -106,7 +106,7 @@ def test_cli_detect_end_to_end(tmp_path):
     (["--samples", "0"], "--samples must be positive"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
-    (["--tokens", "many"], "Invalid value for '--tokens'"),
+    (["--tokens", "many"], "argument --tokens: invalid int value"),
 ])
 @pytest.mark.slow
 def test_cli_bad_input_one_line_exit_2(tmp_path, args, msg):
