@@ -1,7 +1,6 @@
 """The command line itself (argparse), without loading a model: lists taken natively, flags both ways, usage
 errors as one line with exit 2, ``--help`` on every subcommand."""
 
-import json
 import re
 
 import pytest
