@@ -318,11 +318,9 @@ def test_explorer_on_a_depth_sweep_of_the_embedded_model(smollm2, tmp_path):
             assert page.evaluate(SHADED) > 0
             assert page.locator("#rh-needle").count() == 1
             text, mass, first, n = shown(page)
-            # the label names the depth exactly where it is not the default 0.5 (whose names carry none)
+            # the message names this experiment's own length and depth (every depth, 0.5 included)
             assert text.startswith(f"{e['label']} · {top} (rank 1, score ")
-            assert ("· depth " in text) == (e["depth"] != 0.5)
-            if e["depth"] != 0.5:
-                assert f" · depth {e['depth']:g} · " in text
+            assert e["label"].endswith(f" · inc_state · {e['tokens']} tokens · depth {e['depth']:g}")
             path_e = result_path(out, "summed_attention", "smollm2", "inc_state", e["tokens"], e["depth"])
             saved = A.load(A.attention_path(path_e))
             smp = e["saved"]["samples"][0]
