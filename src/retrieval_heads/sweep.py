@@ -100,9 +100,8 @@ class Grid:
 
     @property
     def results(self) -> tuple[str, ...]:
-        """The result names of each experiment: every method, and a method that measures spans once per span
-        kind (``summed_attention``, ``summed_attention+answer``, ...;
-        :meth:`~retrieval_heads.methods.base.Method.result_names`)."""
+        """The result names of each experiment: every method, a method that measures spans once per span kind
+        (``summed_attention``, ``summed_attention+answer``, ...; :meth:`~.methods.base.Method.result_names`)."""
         from .methods import METHODS
 
         spans = self.span.split(",")
@@ -504,9 +503,9 @@ def compute_unit(
     import torch
 
     from .chance import chance_fields, span_result_name, span_scores
-    from .methods import METHODS
     from .experiments import build_prompts, synthetic_record
     from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .methods import METHODS
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
@@ -523,12 +522,11 @@ def compute_unit(
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
-        measures = METHODS.get(m).measures_spans
         for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-            if measures:  # every span kind from the same masses
+            if METHODS.get(m).measures_spans:  # every span kind from the same masses
                 ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
                 record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
