@@ -1,5 +1,7 @@
 """Slow, obviously correct references that the library's fast paths are tested against (test code only).
 
+- :func:`reference_rows`: attention rows the slow way, eager attention with ``output_attentions=True`` and
+  full (B, H, N, N) matrices, rows picked afterwards (what the probe is held to);
 - :func:`eager_head_scores`: the original summed-attention loop, eager attention with
   ``output_attentions=True``, full N x N matrices, one ``.item()`` per head;
 - :func:`summed_attention_scores`, :func:`query_focused_scores`: the methods' scores through
@@ -14,15 +16,40 @@ Benchmarks import this module too (``bench/`` puts ``tests/`` on ``sys.path``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
-from retrieval_heads.capture import eager_attention, reference_rows
 from retrieval_heads.data.prompt import PromptFormat, PromptSample
 from retrieval_heads.hf import cache_kwarg, input_device, returned_cache
 from retrieval_heads.methods.base import null_prompt, span_mask, span_masses, stack_ids
 from retrieval_heads.prefill import can_share, context_groups, shared_reads
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Within this block ``model`` runs its family's own eager attention, which returns the full (B, H, Q, K)
+    weights with ``output_attentions=True``: the slow references are built on it. The model's previous
+    function (the probe's, once prepared) is restored afterwards. This switches the model itself, for every
+    thread: a probe running meanwhile in another thread fails its per-pass layer check."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def reference_rows(model, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The slow reference: eager attention, ``output_attentions=True``, full (B, H, N, N) matrices per layer;
+    returns the selected rows (B, H, S, N) of each layer in float32."""
+    with eager_attention(model):
+        out = model(input_ids=input_ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+    n = input_ids.shape[1]
+    pos = torch.tensor([n - 1]) if positions is None else positions % n
+    return [a[:, :, pos.to(a.device), :].float() for a in out.attentions]
 
 
 @torch.no_grad()

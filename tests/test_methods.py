@@ -238,7 +238,7 @@ def test_retrieval_score_is_zero_without_a_whole_word_gold_span(smol_tok):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_question_mass_equals_reference(family):
-    from retrieval_heads.capture import reference_rows
+    from reference import reference_rows
 
     model = tiny_model(family)
     g = torch.Generator().manual_seed(8)
