@@ -65,6 +65,17 @@ def test_every_method_follows_the_contract(name):
     assert m.result_names() == [name]
 
 
+def test_every_module_of_the_methods_folder_registers_its_method():
+    """A new file in methods/ is all it takes: the package imports every module but base, each registering."""
+    import pkgutil
+
+    import retrieval_heads.methods as pkg
+
+    modules = {i.name for i in pkgutil.iter_modules(pkg.__path__)} - {"base"}
+    assert {type(METHODS.get(n)).__module__.rpartition(".")[2] for n in METHODS} == modules
+    assert list(METHODS)[:4] == list(pkg.BUILT_IN)  # the built-in ones first, in their documented order
+
+
 def test_the_contract_s_declarations_of_the_built_in_methods():
     """The built-in methods as documented in docs/methods.md (a method added later is not listed here: the
     test above covers it)."""
