@@ -1,8 +1,9 @@
-"""Is it retrieval? Chance baselines, control spans and span kinds for the summed-attention score.
+"""Is it retrieval? Chance baselines, control spans and span kinds for a span-measuring method (the default).
 
 For every prompt a few key spans are laid out (:func:`prompt_spans`) and the probe measures, in the one
-forward pass that scores the needle, the attention mass the last prompt token puts on each of them and each
-one's chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
+forward pass that scores the needle, the attention mass the method's rows (the last prompt token for the
+default method; :meth:`~retrieval_heads.methods.base.Method.row_span`) put on each of them and each one's
+chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
 :mod:`retrieval_heads.onepass`):
 
 - ``needle``: the original method's span (Section 1); ``control:needle``: a control span as long as the needle;
@@ -272,7 +273,7 @@ def span_scores(sm: SpanMasses, prompts: Sequence[PromptSample], span: str) -> S
 
 
 def chance_fields(ss: SpanScores, alpha: float = stats.DEFAULT_ALPHA, accuracy: Mapping | None = None) -> dict:
-    """The fields a summed-attention result gains (JSON-ready; see README "Result format")."""
+    """The fields a span-measuring method's result gains (JSON-ready; see docs/result-format.md)."""
     L, H = ss.score.shape[1:]
     lift = ss.lift.numpy()
     t = ss.tested
