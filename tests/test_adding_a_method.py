@@ -81,3 +81,34 @@ def test_a_new_method_shares_the_context_pass_and_equals_its_own_passes(question
     assert list(both) == ["summed_attention", "question_end"]
     torch.testing.assert_close(both["question_end"].sample_scores, got["hq_state"].scores["question_end"].cpu(),
                                atol=1e-5, rtol=0)
+
+
+class QuestionSpans(QuestionEnd):
+    """The same rows, measured on every span with chance baselines: one result per --span kind."""
+
+    name = "question_spans"
+    measures_spans = True
+
+
+def test_a_span_measuring_method_gets_every_span_its_baselines_and_a_result_per_kind(lm):
+    from retrieval_heads.onepass import measure_spans
+
+    method = register(QuestionSpans())
+    try:
+        groups = synthetic_samples(PromptFormat(lm.tokenizer), ["hq_state"], 200, 2, 0.5, 0)
+        prompts = [g["hq_state"] for g in groups]
+        shared = score_groups(lm, groups, ["hq_state"], ["summed_attention", "question_spans"])["hq_state"]
+        own = measure_spans(lm, method, prompts)  # its own passes: the mean of its rows, one probed pass
+        got = shared.span_masses["question_spans"]
+        assert set(got.mass) == set(own.mass) >= {"needle", "control:needle", "fact:hq_state"}
+        for n in own.mass:
+            torch.testing.assert_close(got.mass[n], own.mass[n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.baseline[n], own.baseline[n], atol=1e-7, rtol=0)
+        torch.testing.assert_close(own.mass["needle"], method.score_batch(lm.model, prompts), atol=1e-6, rtol=0)
+        assert not torch.equal(own.mass["needle"], shared.span_masses["summed_attention"].mass["needle"])
+        res = detect(lm, question="hq_state", tokens=200, samples=2, method="question_spans", span="needle,answer")
+        assert list(res) == ["question_spans", "question_spans+answer"]
+        assert all("lift" in r.record and "verdict" in r.record for r in res.values())
+        torch.testing.assert_close(res["question_spans"].sample_scores, own.mass["needle"].cpu(), atol=1e-6, rtol=0)
+    finally:
+        unregister(method.name)
