@@ -236,9 +236,10 @@ def detect(
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
     ``method`` is a registered method's name (``METHODS``; see :mod:`retrieval_heads.methods`), a
-    comma-separated list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
-    records are the samples (``samples`` caps how many are used) and the experiment is named after the file;
-    otherwise ``samples`` synthetic filings are generated from ``seed``. With ``output_dir`` each method's
+    comma-separated list or a list of names. With ``dataset`` (a JSONL file, see
+    :mod:`retrieval_heads.data.dataset`) its records are the samples (``samples`` caps how many are used)
+    and the experiment is named after the file; otherwise ``samples`` synthetic filings are generated from
+    ``seed``. With ``output_dir`` each method's
     result JSON (and, with ``save_samples``, its per-sample audit file) is written to
     ``output_dir/{name}/``.
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..data.prompt import PromptSample
-from .base import NULL_QUESTION, Method, MethodContext, batches, needle_mass, null_prompt, register, span_mask, stack_ids  # noqa: F401
+from .base import Method, MethodContext, batches, needle_mass, null_prompt, register, span_mask, stack_ids
 
 def question_rows(batch: Sequence[PromptSample], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Query positions covering every prompt's question span, and (B, S) weights 1/len on each prompt's own

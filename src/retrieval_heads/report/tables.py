@@ -39,7 +39,8 @@ def score_text(x: float, digits: int = 3) -> str:
 
 
 def top_head_cell(e: Experiment) -> str:
-    """``L16H1 (117.8)``, as in the original table; ``L16H1 (117.8, 8.1x)`` with the head's lift where the result has one."""
+    """``L16H1 (117.8)``, as in the original table; ``L16H1 (117.8, 8.1x)`` with the head's lift where the
+    result has one."""
     top = e.record["head_rankings"][0]
     lift = e.lift
     if lift is None:
