@@ -12,8 +12,8 @@ import torch
 
 from conftest import tiny_smol_lm
 from retrieval_heads import attention as A
+from reference import reference_rows
 from retrieval_heads.attention_capture import capture_rows
-from retrieval_heads.capture import reference_rows
 from retrieval_heads.cli import main
 from retrieval_heads.errors import UserError
 from retrieval_heads.experiments import detect

@@ -82,6 +82,7 @@ def kv_view(record: dict, kv_heads: int | None = None) -> dict:
     grouped = scores.reshape(L, n, G)  # (L, KV, G): query head h = j * G + g reads KV head j
     return {
         "num_layers": L, "num_heads": H, "num_key_value_heads": n, "group_size": G,
+        **({"attention_layers": record["attention_layers"]} if "attention_layers" in record else {}),
         "mapping": "query head h reads KV head h // group_size",
         "groups": {str(j): list(range(j * G, (j + 1) * G)) for j in range(n)},
         "mean": [[round(float(x), 6) for x in row] for row in grouped.mean(-1)],

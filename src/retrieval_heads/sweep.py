@@ -54,6 +54,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import eager_rows
 from .attention import attention_path
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
@@ -73,7 +74,7 @@ LOCK_NAME = ".sweep.lock"
 @dataclass(frozen=True)
 class Grid:
     """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-    settings. A depth other than the seed's 0.5 files its results under names of their own
+    settings. A depth other than the default 0.5 files its results under names of their own
     (:func:`~retrieval_heads.results.file_name`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -88,10 +89,11 @@ class Grid:
     batch_size: int = 1
     save_samples: bool = False
     trust_remote_code: bool = False
+    eager_attentions: bool = False  # score families without the attention interface (eager_rows)
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
-    span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
+    span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -100,13 +102,12 @@ class Grid:
 
     @property
     def results(self) -> tuple[str, ...]:
-        """The result names of each experiment: every method, and summed_attention once per span kind
-        (``summed_attention``, ``summed_attention+answer``, ...; :func:`~retrieval_heads.chance.span_result_name`)."""
-        from .chance import span_result_name
+        """The result names of each experiment: every method, a method that measures spans once per span kind
+        (``summed_attention``, ``summed_attention+answer``, ...; :meth:`~.methods.base.Method.result_names`)."""
+        from .methods import METHODS
 
         spans = self.span.split(",")
-        return tuple(span_result_name(m, sp) for m in self.methods
-                     for sp in (spans if m == "summed_attention" else ("needle",)))
+        return tuple(r for m in self.methods for r in METHODS.get(m).result_names(spans))
 
     @property
     def size(self) -> int:
@@ -152,7 +153,7 @@ class Status:
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
            "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span"):
+           "span", "eager_attentions"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -244,6 +245,7 @@ class GridSettings(BaseModel):
     batch_size: Optional[int] = None
     save_samples: Optional[bool] = None
     trust_remote_code: Optional[bool] = None
+    eager_attentions: Optional[bool] = None
     save_attention: Optional[int] = None
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
@@ -255,7 +257,7 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "needle_position": "a number", "needle_positions": "a number or a list of numbers",
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
-            "trust_remote_code": "true or false", "save_attention": "a whole number",
+            "trust_remote_code": "true or false", "eager_attentions": "true or false", "save_attention": "a whole number",
             "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names"}
 
 
@@ -286,7 +288,7 @@ def check_types(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def make_grid(**settings: Any) -> Grid:
-    """A validated grid; settings left out (or None) take the defaults (the seed's grid). Raises UserError,
+    """A validated grid; settings left out (or None) take the defaults (the original study's grid). Raises UserError,
     before anything is loaded, for a value of the wrong type (:class:`GridSettings`; booleans must be real
     booleans), an empty list, an unknown model key, question or method, and for impossible numbers. For the
     CLI's sake, lists and numbers may be given as text (``tokens="1024,2048"``, ``samples="3"``)."""
@@ -327,7 +329,7 @@ def make_grid(**settings: Any) -> Grid:
         from .chance import span_names
 
         values["span"] = ",".join(span_names(given["span"]))
-    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
+    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code", "eager_attentions",
               "save_attention", "rank_by", "answers"):
         if k in given:
             values[k] = given[k]
@@ -506,6 +508,7 @@ def compute_unit(
     from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
     from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .methods import METHODS
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
@@ -522,12 +525,12 @@ def compute_unit(
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
-        for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
+        for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-            if m == "summed_attention":  # every span kind from the same masses
-                ss = span_scores(sc.masses, prompts, sp)
+            if METHODS.get(m).measures_spans:  # every span kind from the same masses
+                ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
                 record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
                                           scores, added=chance_fields(ss, accuracy=answered),
@@ -706,7 +709,7 @@ def preflight(grid: Grid) -> None:
 
     for m in grid.models:
         _, name, path = resolve(m)
-        hint = " (the default grid is the seed's Llama-3-8B pair; try --models smollm2)" \
+        hint = " (the default grid is the original study's Llama-3-8B pair; try --models smollm2)" \
             if m in DEFAULT_MODELS else ""
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
@@ -810,6 +813,8 @@ def run_sweep(
                     _release_memory()
                     lm = load(unit.model, dtype=grid.dtype, device=grid.device,
                               trust_remote_code=grid.trust_remote_code)
+                    if grid.eager_attentions:
+                        eager_rows.enable(lm.model)
                 if bar is None:
                     bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
                                disable=not progress, dynamic_ncols=True,

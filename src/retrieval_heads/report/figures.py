@@ -10,6 +10,7 @@ import io
 import textwrap
 from collections import defaultdict
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -33,8 +34,12 @@ def _png(fig: Figure, dpi: int) -> bytes:
 def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
     grid = exp.scores  # (L, H)
     L, H = grid.shape
+    layers = exp.record.get("attention_layers")
+    if layers is not None:  # a hybrid: the layers without attention stay blank
+        grid = grid.copy()
+        grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
-    lo, hi = float(grid.min()), float(grid.max())
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
         light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6
