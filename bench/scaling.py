@@ -220,8 +220,8 @@ def markdown(rec: dict) -> str:
                 ", ".join(f"{k} {v}" for k, v in rec["tiny_config"].items() if k != "max_position_embeddings") + ")"
                 if m["model"] == "tiny" else "SmolLM2-135M (embedded)")
         out += [f"## {name}", ""]
-        header = ["tokens"] + [f"{SHORT[p]} s (CPU s)" for p in PATHS] + [f"{SHORT[p]} peak MiB (+rise)" for p in PATHS] + \
-                 ["full: estimated GiB"]
+        header = (["tokens"] + [f"{SHORT[p]} s (CPU s)" for p in PATHS]
+                  + [f"{SHORT[p]} peak MiB (+rise)" for p in PATHS] + ["full: estimated GiB"])
         rows = []
         for r in m["rows"]:
             pts = r["points"]

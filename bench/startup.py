@@ -209,11 +209,14 @@ def markdown(rec: dict) -> str:
                                     [f"safetensors load_file ({gib:.2f} GiB, mapped)", _med([x["read"] for x in rd])],
                                     ["a copy of every tensor (each byte read)", _med([x["copy"] for x in rd])]]), "",
             "## Whole processes", ""]
-    commands = [("help", "`retrieval-heads --help`"), ("report", "`retrieval-heads report` (one result, 100 resamples)"),
+    commands = [("help", "`retrieval-heads --help`"),
+                ("report", "`retrieval-heads report` (one result, 100 resamples)"),
                 ("detect", "`retrieval-heads detect --tokens 256 --samples 1`")]
     if runs.get("help_before"):
-        rows = [[text, _med(runs[k]), _med(runs[k + "_before"]),
-                 f"{statistics.median(a / b for a, b in zip(runs[k], runs[k + '_before'])):.2f}"] for k, text in commands]
+        def ratio(k: str) -> str:
+            return f"{statistics.median(a / b for a, b in zip(runs[k], runs[k + '_before'])):.2f}"
+
+        rows = [[text, _med(runs[k]), _med(runs[k + "_before"]), ratio(k)] for k, text in commands]
         out += [f"This tree's code against the code in `{rec['before']}` (same interpreter and packages), the two "
                 "run one after the other in each round; the ratio is the median of the rounds' ratios.", "",
                 C.table(["command", "s", "s, before", "ratio"], rows), ""]
