@@ -10,7 +10,8 @@ import familymatrix
 import pytest
 import torch
 
-from retrieval_heads.capture import attention_probe, attention_rows, reference_rows
+from retrieval_heads.capture import attention_probe, attention_rows
+from reference import reference_rows
 from retrieval_heads.errors import UserError
 from retrieval_heads.families import attention_layers
 
