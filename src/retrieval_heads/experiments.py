@@ -24,6 +24,7 @@ from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
+from .lock import holds_output_dir
 from .methods import METHODS
 from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
@@ -212,6 +213,7 @@ def result_name(method: str, success_only: bool) -> str:
     return method
 
 
+@holds_output_dir("detect")  # no sweep or other detect writes into output_dir meanwhile
 def detect(
     model: str | LoadedModel = "smollm2",
     question: str = "inc_state",
