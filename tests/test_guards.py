@@ -125,3 +125,62 @@ def test_results_with_other_head_grids_under_one_key_are_one_line(tmp_path, capf
     b = put(out, model="tiny", tokens=320, layers=3, heads=4)
     line = one_line(*cli(capfd, "report", out)[::2], "have different head grids (2x4 and 3x4 layers x heads)")
     assert str(a) in line and str(b) in line and not (out / "report").exists()
+
+
+# --- attention files that lie about their size ----------------------------------------------------------------
+
+
+def attention_bytes(record, tokenizer, length=16, heads=2):
+    """A valid attention file for ``record`` (its samples_processed prompts of ``length`` tokens)."""
+    from retrieval_heads.attention import pack
+    from retrieval_heads.data.prompt import PromptSample
+
+    S = record["samples_processed"]
+    prompts = [PromptSample(list(range(100, 100 + length)), 2, 5, length - 3, "q", "") for _ in range(S)]
+    g = torch.Generator().manual_seed(1)
+    return pack(record, prompts, [torch.rand(heads, length, generator=g) for _ in range(S)], tokenizer)
+
+
+def with_member(data: bytes, name: str, member: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as w:
+        for info in z.infolist():
+            w.writestr(info, member if info.filename == name else z.read(info))
+    return buf.getvalue()
+
+
+def test_attention_files_that_lie_about_their_size_are_one_line(tmp_path, smollm2_tokenizer, capfd):
+    import io
+    import json
+    import zipfile
+
+    from retrieval_heads.attention import attention_path, loads
+
+    path = put(tmp_path / "res", tokens=16)
+    record = json.loads(path.read_text())
+    good = attention_bytes(record, smollm2_tokenizer)
+    assert loads(good, "f", record).samples == 4  # the reference: a valid file loads
+    # a header claiming (3, 2**40) bytes over a few real ones: refused before anything is allocated
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": (3, 2 ** 40)})
+    with pytest.raises(UserError, match="not a valid attention file .*claims shape \\(3, 1099511627776\\)"):
+        loads(with_member(good, "rows.npy", head.getvalue() + b"\0" * 64), "f")
+    # a flipped deflate stream (0xFF: a reserved block type): zlib's error becomes the line
+    raw = bytearray(good)
+    with zipfile.ZipFile(io.BytesIO(good)) as z:
+        info = z.getinfo("rows.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start] = 0xFF
+    with pytest.raises(UserError, match="not a valid attention file \\(Error -3 while decompressing"):
+        loads(bytes(raw), "f")
+    # prompts far longer than the result's: refused against the result before reading (the report stops)
+    from retrieval_heads.report.collect import collect
+    from retrieval_heads.report.explorer import payload
+
+    attention_path(path).write_bytes(attention_bytes(record, smollm2_tokenizer, length=1000))
+    with pytest.raises(UserError, match="not a valid attention file \\(4000 tokens, more than the result's 4 "
+                                        "samples of 16 tokens\\)"):
+        payload(collect(tmp_path / "res"))
