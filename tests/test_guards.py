@@ -25,7 +25,7 @@ def put(root, *, model="m", tokens=256, layers=2, heads=4, seed=0, identity=None
         method="summed_attention", question="inc_state"):
     """A result where detect would write it; scores from ``seed`` unless given."""
     g = torch.Generator().manual_seed(seed)
-    grid = torch.rand(layers, heads, generator=g, dtype=torch.float64) if scores is None else torch.tensor(scores)
+    grid = torch.rand(layers, heads, generator=g, dtype=torch.float64) if scores is None else torch.tensor(scores, dtype=torch.float64)
     rec = make_record(method=method, model_key=model, model_name=f"org/{model}", question=question,
                       question_prompt=question, total_tokens=tokens, needle_position=0.5, scores=grid,
                       samples_processed=4, seed=0, dtype="float32", extra=extra,
@@ -184,3 +184,24 @@ def test_attention_files_that_lie_about_their_size_are_one_line(tmp_path, smollm
     with pytest.raises(UserError, match="not a valid attention file \\(4000 tokens, more than the result's 4 "
                                         "samples of 16 tokens\\)"):
         payload(collect(tmp_path / "res"))
+
+
+# --- finite but extreme scores --------------------------------------------------------------------------------
+
+BIG = 1.7e308  # finite; the sum (or difference) of two overflows
+
+
+def test_extreme_finite_scores_report_and_export_as_valid_json(tmp_path, capfd):
+    from retrieval_heads.io import parse_json
+
+    out = tmp_path / "res"
+    a = put(out, scores=[[BIG, BIG, 0, 1], [2, 3, 4, 5]], extra={"num_key_value_heads": 2})
+    put(out, tokens=320, scores=[[BIG, -BIG, 0, 1], [2, 3, 4, -BIG]])
+    rc, _, err = cli(capfd, "export", a, "--format", "kv", "--out", tmp_path / "kv.json")
+    assert rc == 0, err
+    view = parse_json((tmp_path / "kv.json").read_bytes())  # the strict reader: Infinity would be refused
+    assert view["mean"] == [[BIG, 0.5], [2.5, 4.5]] and view["max"] == [[BIG, 1.0], [3.0, 5.0]]
+    rc, _, err = cli(capfd, "report", out, "--resamples", 10)
+    assert rc == 0 and err == "", err
+    data = parse_json((out / "report" / "report.json").read_bytes())
+    assert isinstance(data["length_pairs"][0]["spearman"], float)  # the pair is compared, not skipped
