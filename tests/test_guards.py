@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,134 @@ def test_extreme_finite_scores_report_and_export_as_valid_json(tmp_path, capfd):
     assert rc == 0 and err == "", err
     data = parse_json((out / "report" / "report.json").read_bytes())
     assert isinstance(data["length_pairs"][0]["spearman"], float)  # the pair is compared, not skipped
+
+
+# --- the model cache -------------------------------------------------------------------------------------------
+
+
+def test_a_truncated_cached_model_is_converted_again(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from retrieval_heads import models
+    from retrieval_heads.modelcache import safetensors_problem
+
+    monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(tmp_path))
+    target = tmp_path / models.CONVERTED
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(target / "model.safetensors"))
+    whole = (target / "model.safetensors").read_bytes()
+    assert safetensors_problem(target / "model.safetensors") is None
+    converted = []
+    monkeypatch.setattr(models, "_convert", lambda t: converted.append(t))
+    assert models.smollm2_path() == target and converted == []  # whole: used as it is
+    (target / "model.safetensors").write_bytes(whole[:-100])
+    assert safetensors_problem(target / "model.safetensors") == f"{len(whole) - 100} bytes where its tensors need " \
+                                                                f"{len(whole)} (truncated?)"
+    assert models.smollm2_path() == target and converted == [target]  # truncated: converted again
+
+
+def test_a_full_cache_disk_during_conversion_is_one_line(tmp_path):
+    from safetensors import SafetensorError
+
+    from retrieval_heads.models import _cache_errors
+
+    with pytest.raises(UserError, match=f"^cannot write the model cache {tmp_path}: No space left on device \\(set "):
+        with _cache_errors(tmp_path):  # what safetensors raises when a save_pretrained runs out of space
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+
+def test_an_empty_home_never_means_the_root_cache(monkeypatch):
+    import pwd
+
+    from retrieval_heads.models import cache_dir
+
+    monkeypatch.delenv("RETRIEVAL_HEADS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    for home in ("", "/"):
+        monkeypatch.setenv("HOME", home)
+        assert cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "retrieval-heads" != \
+            Path("/.cache/retrieval-heads")
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: type("P", (), {"pw_dir": "/"}))
+    with pytest.raises(UserError, match="HOME is empty or /, so there is no user cache folder; set "
+                                        "RETRIEVAL_HEADS_CACHE"):
+        cache_dir()
+
+
+def test_a_fifo_at_the_hash_cache_is_not_read(tmp_path, monkeypatch):
+    import threading
+
+    from retrieval_heads import models
+
+    monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    os.mkfifo(tmp_path / "cache" / models.HASH_CACHE)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"abc")
+    got = []
+    worker = threading.Thread(target=lambda: got.append(models._file_sha256(weights)), daemon=True)
+    worker.start()
+    worker.join(10)  # a blocking read of the FIFO would never return
+    assert got == ["ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"]  # sha256("abc")
+
+
+# --- strings that are not text, and things that would hang -------------------------------------------------------
+
+
+def test_a_lone_surrogate_in_a_dataset_names_its_field(tmp_path):
+    from retrieval_heads.data.dataset import load_jsonl
+
+    data = tmp_path / "d.jsonl"
+    good = '{"needle": "It is incorporated in Delaware.", "haystack": "x", "question": "q?", "answer": "Delaware"}'
+    for field, line in (("needle", good.replace("in Delaware", "in Dela\\ud800ware")),
+                        ("haystack", good.replace('"x"', '["y", "x\\udfff"]')),
+                        ("answer", good.replace('"Delaware"}', '"Dela\\ud800"}'))):
+        data.write_text(good + "\n" + line + "\n")
+        with pytest.raises(UserError, match=f"^{data}:2: field '{field}' holds a lone surrogate "):
+            load_jsonl(data, warn=lambda m: None)
+    data.write_text(good.replace("in Delaware", "in Dela\\u00e9ware \\ud83d\\ude00") + "\n")  # a pair is text
+    assert load_jsonl(data)[0].needle == "It is incorporated in Delaéware 😀."
+
+
+def test_many_needle_positions_are_checked_in_linear_time():
+    import time
+
+    from retrieval_heads.sweep import check_depths
+
+    depths = [i / 100_000 for i in range(80_000)]
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="must lie in \\[0, 1\\], got 1.5"):
+        check_depths(depths + [1.5])
+    with pytest.raises(UserError, match="depth 0.5 is given twice"):
+        check_depths(depths + [0.5])
+    assert check_depths(depths) == tuple(depths)
+    assert time.perf_counter() - t0 < 5  # the quadratic check took minutes
+
+
+def test_a_ray_address_that_accepts_but_never_answers_fails_fast():
+    import socket
+    import threading
+    import time
+
+    from retrieval_heads.ray_engine import reachable
+
+    def serve(answer: bytes | None):
+        server = socket.create_server(("127.0.0.1", 0))
+        def run():
+            conn, _ = server.accept()
+            conn.recv(64)
+            if answer is not None:
+                conn.sendall(answer)
+            time.sleep(2)
+            conn.close()
+        threading.Thread(target=run, daemon=True).start()
+        return f"127.0.0.1:{server.getsockname()[1]}"
+
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="accepted a connection but did not answer within 0.3 s"):
+        reachable(serve(None), timeout=0.3)
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(UserError, match="answered, but not as a Ray head"):
+        reachable(serve(b"HTTP/1.1 400 Bad Request\r\n\r\n"), timeout=2)
+    reachable(serve(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])), timeout=2)  # an HTTP/2 server's SETTINGS frame: a gRPC head
