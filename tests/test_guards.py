@@ -61,7 +61,7 @@ def test_every_writer_refuses_a_results_dir_a_sweep_holds(tmp_path, capfd):
     assert files(out) == before
 
 
-def test_detect_holds_the_lock_and_writers_share_theirs(tmp_path, capfd):
+def test_detect_holds_the_lock_and_writers_take_their_folders(tmp_path, capfd):
     out = tmp_path / "res"
     path = put(out)
     with results_lock(out, "detect"):  # what detect holds while it runs
@@ -70,12 +70,15 @@ def test_detect_holds_the_lock_and_writers_share_theirs(tmp_path, capfd):
             with results_lock(out, "sweep"):
                 pass
     target = out / "summed_attention" / "x.txt"
-    with writing_into(target), writing_into(out / "summed_attention" / "y.txt"):  # two exports at once: fine
+    with writing_into(target), writing_into(out / "other" / "y.txt"):  # two folders of OUT at once: fine
         with pytest.raises(UserError, match=f"another retrieval-heads command \\(pid \\?\\) is running on {out}"):
             with results_lock(out, "sweep"):
                 pass
         rc, _, err = cli(capfd, "detect", "--output-dir", out, "--tokens", 256, "--samples", 1)
         one_line(rc, err, f"running on {out}")
+        with pytest.raises(UserError, match=f"running on {target.parent}"):  # one folder: one writer at a time
+            with writing_into(out / "summed_attention" / "y.txt"):
+                pass
     rc, _, err = cli(capfd, "export", path, "--format", "qrhead", "--out", target)
     assert rc == 0 and target.read_text().count("-") == 8, err  # all 8 heads
 
@@ -337,3 +340,59 @@ def test_a_ray_address_that_accepts_but_never_answers_fails_fast():
     with pytest.raises(UserError, match="answered, but not as a Ray head"):
         reachable(serve(b"HTTP/1.1 400 Bad Request\r\n\r\n"), timeout=2)
     reachable(serve(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])), timeout=2)  # an HTTP/2 server's SETTINGS frame: a gRPC head
+
+
+# --- what a killed writer leaves ----------------------------------------------------------------------------------
+
+
+def test_a_killed_exports_temp_file_is_removed_by_the_next_export(tmp_path, capfd):
+    out = tmp_path / "res"
+    path = put(out)
+    target = tmp_path / "x.txt"
+    stale = tmp_path / ".x.txt.rh-k2x_9a0b.tmp"  # what io.atomic_write_bytes leaves when killed before its rename
+    stale.write_text("half")
+    mine = [tmp_path / ".notes.tmp", tmp_path / ".y.txt.rh-k2x_9a0b.tmp"]  # a user's file; another target's temp
+    for p in mine:
+        p.write_text("keep")
+    rc, _, err = cli(capfd, "export", path, "--format", "qrhead", "--out", target)
+    assert rc == 0, err
+    assert not stale.exists() and all(p.read_text() == "keep" for p in mine)
+
+
+def test_a_report_folder_is_never_missing(tmp_path, monkeypatch):
+    """The earlier report and the new one swap names in one step: a kill at any point leaves a report at its
+    name. Where the swap is not offered and a kill leaves the folder moved aside, the next run restores it."""
+    import importlib
+
+    from retrieval_heads.leftovers import folder_temps, recover_folder
+
+    build = importlib.import_module("retrieval_heads.report.build")  # the module (the package exports a function)
+
+    def report(folder, text):
+        folder.mkdir()
+        (folder / "report.html").write_text(text)
+        return folder
+
+    out = report(tmp_path / "report", "earlier")
+    new = report(tmp_path / ".report.abcd1234.tmp", "new")
+    real_replace = os.replace
+
+    def killed_after_moving_aside(src, dst):  # a SIGKILL right after the earlier report is moved aside
+        real_replace(src, dst)
+        if ".old." in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build.os, "replace", killed_after_moving_aside)
+    monkeypatch.setattr(build.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed just after the swap, before the earlier copy is removed
+        build._move_into_place(new, out)
+    monkeypatch.undo()
+    assert (out / "report.html").read_text() == "new"
+    assert recover_folder(out) is False and sorted(os.listdir(tmp_path)) == ["report"]
+    # the fallback's kill: the earlier report moved aside, the folder missing; the next run puts it back
+    aside = tmp_path / ".report.old.zz_9y8x7.tmp"
+    real_replace(out, aside)
+    report(tmp_path / ".report.qq_1w2e3.tmp", "half")
+    assert folder_temps(out) == ([tmp_path / ".report.qq_1w2e3.tmp"], [aside])
+    assert recover_folder(out) is True
+    assert (out / "report.html").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report"]

@@ -4,10 +4,14 @@
 ``fcntl.flock`` on the directory itself (opened ``O_RDONLY | O_DIRECTORY``), so deleting or replacing a file
 inside it cannot release it, and the kernel drops it when its holder dies (even by SIGKILL): it is never
 stale. ``export --out``, ``ablate`` and ``report`` write one file or folder; they hold :func:`writing_into`
-(a *shared* flock on the folder they write into and on its parent) while they compute and write, so they run
-side by side but never while a sweep or detect holds either folder, and a sweep or detect does not start
-while they write. A command that finds the lock taken stops at once (it does not wait) with one line naming
+while they compute and write: an exclusive flock on the folder they write into and a shared one on its
+parent. So they never run while a sweep or detect holds either folder (a result's folder is
+``OUTPUT_DIR/METHOD``), nor two of them into one folder, and a sweep or detect does not start while they
+write. A command that finds the lock taken stops at once (it does not wait) with one line naming
 the holder, and writes nothing.
+
+Holding the folder, a writer removes what a killed writer of the same target left there
+(:mod:`retrieval_heads.leftovers`).
 
 ``{dir}/.sweep.lock`` is only a note of the exclusive holder's pid and command, for that line: written as a
 new file (``O_CREAT | O_EXCL | O_NOFOLLOW``, an old note unlinked first) so that nothing is ever written
@@ -29,29 +33,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .errors import UserError
-from .io import given_path, temp_target
+from .io import given_path
+from .leftovers import remove_stale_temps
 
 LOCK_NAME = ".sweep.lock"
-
-
-def remove_stale_temps(files: list[Path]) -> list[Path]:
-    """Remove the temp files that a writer killed between write and rename left for ``files``: only names
-    of the writer's own pattern (``io.temp_target``) whose target is one of ``files``, in their folders.
-    Returns what was removed."""
-    by_folder: dict[Path, set[str]] = {}
-    for f in files:
-        by_folder.setdefault(f.parent, set()).add(f.name)
-    removed = []
-    for folder, names in by_folder.items():
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # not there (yet)
-            continue
-        for e in entries:
-            if temp_target(e.name) in names and e.is_file(follow_symlinks=False):
-                Path(e.path).unlink(missing_ok=True)
-                removed.append(Path(e.path))
-    return removed
 
 
 def _missing_dirs(folder: Path) -> list[Path]:
@@ -122,14 +107,14 @@ def results_lock(output_dir: str | Path, command: str = "sweep", own: list[Path]
 
 @contextmanager
 def writing_into(target: str | Path, option: str = "--out") -> Iterator[None]:
-    """Hold a shared lock on the folder ``target`` is written into and on its parent (those that exist) for
-    the block: UserError at once if a sweep or detect holds either (a result file's folder is
-    ``OUTPUT_DIR/METHOD``, so its parent is the dir a sweep locks). Several such writers may run at once."""
+    """Hold an exclusive lock on the folder ``target`` is written into and a shared one on its parent (those
+    that exist) for the block: UserError at once if a sweep, a detect or another writer holds them (a result
+    file's folder is ``OUTPUT_DIR/METHOD``, so its parent is the dir a sweep locks)."""
     import fcntl
 
     target = Path(target).absolute()
     with ExitStack() as stack:
-        for folder in (target.parent, target.parent.parent):
+        for folder, how in ((target.parent, fcntl.LOCK_EX), (target.parent.parent, fcntl.LOCK_SH)):
             if folder == target or not folder.is_dir():
                 continue
             try:
@@ -138,7 +123,7 @@ def writing_into(target: str | Path, option: str = "--out") -> Iterator[None]:
                 continue  # unreadable: the write will say so
             stack.callback(os.close, fd)
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _busy(folder, option) from None
         yield
@@ -169,7 +154,7 @@ def holds_output_dir(command: str):
 
 def _holder(note: Path) -> tuple[str, str]:
     """(pid, command) from the lock holder's note; '?' and 'retrieval-heads command' where unknown (no note,
-    unreadable, a link, or a writer holding a shared lock, which writes no note)."""
+    unreadable, a link, or a holder of :func:`writing_into`, which writes no note)."""
     try:
         fd = os.open(note, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:

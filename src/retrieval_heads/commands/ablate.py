@@ -57,6 +57,7 @@ def ablate(args: argparse.Namespace) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
     from ..ablation import ablate as run_ablation
     from ..io import given_path
+    from ..leftovers import remove_stale_temps
     from ..lock import writing_into
     from ..results import samples_path
     from ._common import check_not_input
@@ -72,6 +73,7 @@ def ablate(args: argparse.Namespace) -> None:
         check_not_input(o, [result, samples_path(result), dataset])
     quiet_transformers()
     with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out, out.with_suffix(".png")])  # what a killed ablate to the same files left
         res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
                            args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
                            progress=True)

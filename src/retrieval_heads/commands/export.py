@@ -22,6 +22,7 @@ def export(args: argparse.Namespace) -> None:
     from ..export import FORMATS, render
     from ..errors import UserError
     from ..io import atomic_write_text, given_path
+    from ..leftovers import remove_stale_temps
     from ..lock import writing_into
     from ..results import load_result, samples_path
     from ._common import check_not_input
@@ -36,6 +37,7 @@ def export(args: argparse.Namespace) -> None:
         print(render(args.format, load_result(result), result, args.k, args.kv_heads), end="", flush=True)
         return
     with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out])  # what a killed export to the same file left
         atomic_write_text(out, render(args.format, load_result(result), result, args.k, args.kv_heads))
     print(f"wrote {out}")
 

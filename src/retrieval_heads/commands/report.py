@@ -26,6 +26,7 @@ def register(commands) -> None:
 def report(args: argparse.Namespace) -> None:
     """Write report.html (self-contained), report.md, report.json and heatmap PNGs."""
     from ..io import given_path
+    from ..leftovers import recover_folder
     from ..lock import writing_into
     from ..report import make_report
     from ..report.build import default_out
@@ -41,6 +42,7 @@ def report(args: argparse.Namespace) -> None:
     results_dir = given_path(args.results_dir, "RESULTS_DIR")
     out = None if args.out is None else given_path(args.out, "--out")
     with writing_into(default_out(results_dir, out)):  # not while a sweep or detect writes there
+        recover_folder(default_out(results_dir, out))  # an earlier report a killed run moved aside; temp folders
         rep, folder = make_report(results_dir, out, resamples=args.resamples, seed=args.seed, top=args.top)
     n = len(rep.collection.experiments)
     print(f"read {n} result(s); wrote {folder / 'report.html'}, report.md, report.json and "

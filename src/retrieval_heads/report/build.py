@@ -305,11 +305,17 @@ def write(report: Report, out_dir: str | Path) -> list[Path]:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed
-    after (put back if the rename fails)."""
+    """Rename the finished folder ``tmp`` to ``out``. An earlier ``out`` swaps names with ``tmp`` in one step
+    (:func:`~retrieval_heads.leftovers.exchange`) and is removed after; where that is not offered, it is moved
+    aside first and removed after (put back if the rename fails; restored by the next run after a kill)."""
+    from ..leftovers import exchange
+
     try:
         if not out.exists():
             os.replace(tmp, out)
+            return
+        if exchange(tmp, out):  # no moment without a report at ``out``
+            shutil.rmtree(tmp, ignore_errors=True)
             return
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
         os.replace(out, old)  # onto the empty folder mkdtemp made
