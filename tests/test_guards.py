@@ -23,14 +23,14 @@ from retrieval_heads.results import make_provenance, make_record, result_path
 
 
 def put(root, *, model="m", tokens=256, layers=2, heads=4, seed=0, identity=None, extra=None, scores=None,
-        method="summed_attention", question="inc_state"):
+        method="summed_attention", question="inc_state", added=None):
     """A result where detect would write it; scores from ``seed`` unless given."""
     g = torch.Generator().manual_seed(seed)
     grid = torch.rand(layers, heads, generator=g, dtype=torch.float64) if scores is None else torch.tensor(scores, dtype=torch.float64)
     rec = make_record(method=method, model_key=model, model_name=f"org/{model}", question=question,
                       question_prompt=question, total_tokens=tokens, needle_position=0.5, scores=grid,
                       samples_processed=4, seed=0, dtype="float32", extra=extra,
-                      provenance=make_provenance(identity))
+                      provenance=make_provenance(identity), added=added)
     path = result_path(root, method, model, question, tokens)
     atomic_write_json(path, rec)
     return path
@@ -396,3 +396,32 @@ def test_a_report_folder_is_never_missing(tmp_path, monkeypatch):
     assert folder_temps(out) == ([tmp_path / ".report.qq_1w2e3.tmp"], [aside])
     assert recover_folder(out) is True
     assert (out / "report.html").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report"]
+
+
+# --- result fields that go into report.md ------------------------------------------------------------------------
+
+
+def test_markup_in_result_fields_never_reaches_the_report(tmp_path):
+    from retrieval_heads.report.collect import collect
+    from retrieval_heads.report.tables import retrieval_row
+
+    lift = [[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]]
+    good = {"alpha": 0.05, "heads": [{"head": "L0H3"}, {"head": "L0H2"}]}
+    cases = [(dict(n_correct='<img src=x onerror=alert(1)>', n_answered=4), good,
+              "extra.n_correct is not a whole number >= 0 (<img src=x onerror=alert(1)>)"),
+             (dict(n_correct=3, n_answered=True), good, "extra.n_answered is not a whole number >= 0 (True)"),
+             (dict(n_correct=3, n_answered=4), {"alpha": 0.05, "heads": [{"head": "<b>L0H3</b>"}]},
+              "significance names '<b>L0H3</b>', not a head of its 2x4 grid"),
+             (dict(n_correct=3, n_answered=4), {"alpha": 0.05, "heads": [{"head": "L7H0"}]},
+              "significance names 'L7H0', not a head of its 2x4 grid")]
+    for i, (extra, sig, msg) in enumerate(cases):
+        root = tmp_path / str(i)
+        path = put(root, extra=extra, added={"lift": lift, "significance": sig})
+        e = collect(root).experiments[0]
+        with pytest.raises(UserError) as err:
+            retrieval_row(e)
+        assert str(err.value) == f"{path}: {msg}"
+    root = tmp_path / "fine"
+    put(root, extra=dict(n_correct=3, n_answered=4), added={"lift": lift, "significance": good})
+    row = retrieval_row(collect(root).experiments[0])
+    assert (row["n_correct"], row["n_answered"], row["significant"]) == (3, 4, ["L0H3", "L0H2"])
