@@ -50,6 +50,7 @@ from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
+from .hf import check_tokenizer
 from .lock import results_lock
 from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
 from .registry import Registry
@@ -355,7 +356,7 @@ def make_grid(**settings: Any) -> Grid:
     check_device(grid.device, available=False)
     for t in grid.tokens:
         for d in grid.needle_positions:
-            check_args(None, t, grid.samples, d, grid.batch_size)
+            check_args(None, t, grid.samples, d, grid.batch_size, grid.seed)
     if grid.save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
     return grid
@@ -387,7 +388,7 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"grid file {path}: malformed TOML ({first})") from None
     else:
         try:
-            data = parse_json(text)
+            data = parse_json(text, unique_keys=True)  # as TOML refuses a key given twice
         except JSONError as e:
             raise UserError(f"grid file {path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
@@ -588,6 +589,7 @@ def preflight(grid: Grid) -> None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
+        check_tokenizer(m, tokenizer)
         for depth in grid.needle_positions:
             synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
