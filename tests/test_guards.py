@@ -425,3 +425,79 @@ def test_markup_in_result_fields_never_reaches_the_report(tmp_path):
     put(root, extra=dict(n_correct=3, n_answered=4), added={"lift": lift, "significance": good})
     row = retrieval_row(collect(root).experiments[0])
     assert (row["n_correct"], row["n_answered"], row["significant"]) == (3, 4, ["L0H3", "L0H2"])
+
+
+# --- bounds and checks before any work ---------------------------------------------------------------------------
+
+
+def test_sizes_seeds_and_depths_are_refused_before_any_work(tmp_path, capfd):
+    """Each refused before a model loads (a loaded model would take seconds; these return at once), and
+    nothing is written."""
+    import time
+
+    out = tmp_path / "o"
+    path = put(tmp_path / "res")
+    cases = [(["detect", "--samples", 2 ** 63], "--samples must be at most 100000, got 9223372036854775808"),
+             (["detect", "--seed", -1], "--seed must be >= 0, got -1"),
+             (["detect", "--needle-position", "1e-300"], "needle_position: 1e-300 has no short decimal form"),
+             (["sweep", "--models", "smollm2", "--samples", 2 ** 63], "--samples must be at most 100000"),
+             (["sweep", "--models", "smollm2", "--seed", -1], "--seed must be >= 0, got -1"),
+             (["ablate", path, "--k", 0, 2, "--random-seeds", 2 ** 63],
+              "--random-seeds must lie in [0, 1000], got 9223372036854775808"),
+             (["ablate", path, "--k", 0, 2, "--samples", 2 ** 63], "--samples must be at most 100000"),
+             (["ablate", path, "--k", 0, 2, "--seed", -1], "--seed must be >= 0, got -1")]
+    for argv, msg in cases:
+        t0 = time.perf_counter()
+        one_line(*cli(capfd, *argv, *(["--output-dir", out] if argv[0] in ("detect", "sweep") else []))[::2], msg)
+        assert time.perf_counter() - t0 < 5 and not out.exists(), argv
+    assert files(tmp_path / "res") == ["summed_attention", "summed_attention/m_inc_state_256.json"]
+
+
+def test_a_json_grid_with_a_key_given_twice_is_refused(tmp_path):
+    from retrieval_heads.sweep import load_grid_file
+
+    grid = tmp_path / "g.json"
+    grid.write_text('{"models": ["smollm2"], "tokens": [256], "samples": 2, "samples": 20}')
+    with pytest.raises(UserError, match=f'^grid file {grid}: malformed JSON \\(key "samples" is given twice\\)$'):
+        load_grid_file(grid)
+    grid.write_text('{"models": ["smollm2"], "tokens": [256], "samples": 2}')
+    assert load_grid_file(grid)["samples"] == 2
+
+
+def test_stability_on_many_lengths_compares_neighbours(tmp_path):
+    """Up to 12 lengths, every pair; above, each length with the next one (and a note), with the very
+    numbers all pairs give for those pairs."""
+    from itertools import combinations
+
+    from retrieval_heads.report import stability
+    from retrieval_heads.report.collect import collect
+
+    for n in (12, 13):
+        root = tmp_path / str(n)
+        for i in range(n):
+            put(root, tokens=256 + 10 * (n - i), seed=i)  # written longest first: the order is the lengths'
+        exps = collect(root).experiments
+        notes: list[str] = []
+        rows = stability.length_pairs(exps, notes)
+        every = {(a.tokens, b.tokens): stability.compare(a, b) for a, b in combinations(exps, 2)}
+        if n == 12:
+            assert len(rows) == 66 and notes == []
+        else:
+            assert [(r["a"], r["b"]) for r in rows] == [(256 + 10 * i, 266 + 10 * i) for i in range(1, 13)]
+            assert notes == ["summed_attention · m · inc_state: 13 results, so only neighbouring ones are compared "
+                             "(12 pairs of 78; all pairs up to 12)"]
+        for r in rows:
+            assert {k: r[k] for k in every[(r["a"], r["b"])]} == every[(r["a"], r["b"])]
+
+
+@pytest.mark.slow  # loads a (tiny) model through the CLI
+def test_a_model_folder_without_tokenizer_files_says_so(tmp_path, capfd):
+    from conftest import tiny_model
+
+    folder = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(folder)  # config and weights, no tokenizer files
+    msg = f"error: the tokenizer of '{folder}' encodes text to no tokens: its folder lacks the tokenizer files"
+    for argv in (["detect", "--model", folder, "--tokens", 200, "--samples", 1],
+                 ["sweep", "--models", folder, "--questions", "inc_state", "--tokens", 200, "--samples", 1]):
+        one_line(*cli(capfd, *argv, "--output-dir", tmp_path / "o")[::2], msg)
+        assert not (tmp_path / "o").exists()
