@@ -267,7 +267,30 @@ def _limits(shapes: dict, record: dict) -> str | None:
     return None
 
 
+MAX_META = 1 << 20
+
+
+def _meta(arr: np.ndarray, bad) -> dict:
+    from .io import parse_json
+
+    try:
+        meta = parse_json(arr.tobytes())
+    except UserError as e:
+        raise bad(f"meta: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
+        raise bad("unknown format")
+    return meta
+
+
+def _unread(meta: dict) -> SavedAttention:
+    """A file whose arrays were not read (made for another result): its meta alone, no samples."""
+    return SavedAttention(meta, [str(h) for h in meta["heads"]], np.zeros(1, np.int64), np.zeros(0, np.int32),
+                          np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32), np.zeros((0, 4), np.int64), {})
+
+
 def loads(data: bytes, where: str = "attention file", record: dict | None = None) -> SavedAttention:
+    """Check and unpack an attention file's bytes (see :func:`load`); with ``record``, a file made for
+    another result (its checksum differs) comes back unread, with its meta only."""
     def bad(why: str) -> UserError:
         return UserError(f"{where}: not a valid attention file ({why})")
 
@@ -287,6 +310,12 @@ def loads(data: bytes, where: str = "attention file", record: dict | None = None
                     shapes[name], dtype = _header(f, info)
                 if dtype != np.dtype(ARRAYS[name]):
                     raise bad(f"{name} has dtype {dtype}")
+            if shapes["meta"][0] > MAX_META:
+                raise bad("meta is larger than 1 MiB")
+            with z.open("meta.npy") as f:
+                meta = _meta(np.lib.format.read_array(f, allow_pickle=False), bad)
+            if record is not None and meta.get("result_checksum") != record.get("checksum"):
+                return _unread(meta)  # another result's file (check_matches says so): its arrays are not read
             why = _limits(shapes, record) if record is not None else None
             if why:
                 raise bad(why)
@@ -300,14 +329,6 @@ def loads(data: bytes, where: str = "attention file", record: dict | None = None
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError,
             MemoryError) as e:
         raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    from .io import parse_json
-
-    try:
-        meta = parse_json(arrays["meta"].tobytes())
-    except UserError as e:
-        raise bad(f"meta: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
-        raise bad("unknown format")
     heads, offsets, ids, rows = arrays["heads"], arrays["offsets"], arrays["ids"], arrays["rows"]
     scale, spans = arrays["scale"], arrays["spans"]
     K = len(meta["heads"])

@@ -115,7 +115,7 @@ def writing_into(target: str | Path, option: str = "--out") -> Iterator[None]:
     target = Path(target).absolute()
     with ExitStack() as stack:
         for folder, how in ((target.parent, fcntl.LOCK_EX), (target.parent.parent, fcntl.LOCK_SH)):
-            if folder == target or not folder.is_dir():
+            if folder == target or folder == target.parent and how == fcntl.LOCK_SH or not folder.is_dir():
                 continue
             try:
                 fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
