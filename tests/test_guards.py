@@ -26,7 +26,8 @@ def put(root, *, model="m", tokens=256, layers=2, heads=4, seed=0, identity=None
         method="summed_attention", question="inc_state", added=None):
     """A result where detect would write it; scores from ``seed`` unless given."""
     g = torch.Generator().manual_seed(seed)
-    grid = torch.rand(layers, heads, generator=g, dtype=torch.float64) if scores is None else torch.tensor(scores, dtype=torch.float64)
+    grid = torch.rand(layers, heads, generator=g, dtype=torch.float64) if scores is None else \
+        torch.tensor(scores, dtype=torch.float64)
     rec = make_record(method=method, model_key=model, model_name=f"org/{model}", question=question,
                       question_prompt=question, total_tokens=tokens, needle_position=0.5, scores=grid,
                       samples_processed=4, seed=0, dtype="float32", extra=extra,
@@ -501,3 +502,18 @@ def test_a_model_folder_without_tokenizer_files_says_so(tmp_path, capfd):
                  ["sweep", "--models", folder, "--questions", "inc_state", "--tokens", 200, "--samples", 1]):
         one_line(*cli(capfd, *argv, "--output-dir", tmp_path / "o")[::2], msg)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_detects_temp_files_are_removed_by_the_next_write(tmp_path):
+    import json
+
+    from retrieval_heads.experiments import write_result
+
+    path = put(tmp_path)
+    record = json.loads(path.read_text())
+    stale = [path.parent / f".{path.name}.rh-k2x_9a0b.tmp", path.parent / f".{path.stem}.attention.npz.rh-aaaa1111.tmp"]
+    keep = path.parent / f".other_inc_state_256.json.rh-k2x_9a0b.tmp"
+    for p in stale + [keep]:
+        p.write_text("half")
+    assert write_result(tmp_path, record, [], torch.zeros(0), False, attention=b"x") == path
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, keep.name, f"{path.stem}.attention.npz"])

@@ -24,6 +24,7 @@ from .data.samples import dataset_samples, synthetic_samples
 from .errors import UserError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
+from .leftovers import remove_stale_temps
 from .lock import holds_output_dir
 from .methods import METHODS
 from .methods.base import MethodContext, batches
@@ -190,6 +191,7 @@ def write_result(
         from .attention import attention_path
 
         files.insert(0, (attention_path(path), attention))
+    remove_stale_temps([p for p, _ in files])  # of these files only, left by a killed writer (detect's too)
     atomic_write_files(files)
     return path
 
