@@ -151,7 +151,7 @@ def test_a_silent_layer_fails_loudly():
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(10))
     mask = torch.zeros(2, 40)
     mask[:, 5:15] = 1
-    with pytest.raises(UserError, match=r"LlamaForCausalLM each layer must reach the probe once: layer 1 0 times;"):
+    with pytest.raises(UserError, match=r"LlamaForCausalLM each attention layer must reach the probe once: layer 1 0 times;"):
         needle_mass(model, ids, mask)
     with pytest.raises(UserError, match="layer 1 0 times"):
         shared_needle_mass(model, ids[:, :32], [ids[:, 32:36], ids[:, 32:40]], mask[:, :32])
@@ -190,10 +190,10 @@ def test_soft_cap_that_binds_is_applied(monkeypatch):
     uncapped = {}
     real_rows = capture.attention_rows
 
-    def both(query, key, mask, scaling, softcap=None, positions=None):
+    def both(query, key, mask, scaling, softcap=None, positions=None, *rest):
         assert softcap == 2.0
-        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions)
-        return real_rows(query, key, mask, scaling, softcap, positions)
+        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions, *rest)
+        return real_rows(query, key, mask, scaling, softcap, positions, *rest)
 
     monkeypatch.setattr(capture, "attention_rows", both)
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(12))

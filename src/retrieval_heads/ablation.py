@@ -187,7 +187,7 @@ def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence
                  progress: bool = False, tokens: int | None = None, seed: int | None = None) -> dict:
     """Every condition of the curve, as the JSON written by ``retrieval-heads ablate``. ``batch_size`` rows
     (sample x condition) per forward pass; 1 runs one condition at a time (the reference)."""
-    total = record["num_layers"] * record["num_heads"]
+    total = len(record["head_rankings"])  # a hybrid's: its attention layers' heads
     ks = check_ks(ks, total)
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
@@ -335,7 +335,7 @@ def ablate(
     """
     source = None if isinstance(result, dict) else Path(result)
     record = validate(result) if source is None else load_result(source)
-    ks = check_ks(ks, record["num_layers"] * record["num_heads"])
+    ks = check_ks(ks, len(record["head_rankings"]))
     for k in ks if random_seeds > 0 else []:
         random_heads(record, k, 0)  # a control that cannot be drawn fails before the model loads
     n = record["samples_processed"] if samples is None else samples

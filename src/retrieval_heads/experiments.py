@@ -21,7 +21,9 @@ from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
+from . import eager_rows
 from .errors import UserError
+from .families import attention_layers
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .leftovers import remove_stale_temps
@@ -61,7 +63,8 @@ class DetectResult:
         """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
         from .results import parse_head
 
-        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores)[:k]
+        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores,
+                        self.record.get("attention_layers"))[:k]
         out = []
         for h, _ in order:
             layer, head = parse_head(h)
@@ -251,6 +254,7 @@ def detect(
     rank_by: str = "score",
     alpha: float = 0.05,
     one_prefill: bool = True,
+    eager_attentions: bool = False,
 ) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
@@ -273,6 +277,10 @@ def detect(
     When more than one pass per sample would be run (several methods, or answers), every method, span and
     the answers come from one context pass per sample (:mod:`retrieval_heads.onepass`; equal to separate
     passes within float tolerance); ``one_prefill=False`` runs each method's own passes instead.
+
+    ``eager_attentions=True`` scores a model whose family does not use transformers' attention interface
+    (bloom, gpt_neo, mpt, ...) from its own full attention matrices, one layer at a time
+    (:mod:`retrieval_heads.eager_rows`: exact, but B x H x N x N floats per layer); other models ignore it.
 
     With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
@@ -307,6 +315,8 @@ def detect(
                 check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
+    if eager_attentions:
+        eager_rows.enable(lm.model)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
     if records is not None:
         qkey = dataset_key(dataset)
@@ -422,5 +432,5 @@ def experiment_record(
         total_tokens=tokens, needle_position=needle_position, scores=sample_scores.sum(0),
         samples_processed=sample_scores.shape[0], seed=seed,
         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
-        rank_by=rank_by, provenance=provenance,
+        rank_by=rank_by, provenance=provenance, attention_layers=attention_layers(lm.model.config),
     )

@@ -85,6 +85,7 @@ def kv_view(record: dict, kv_heads: int | None = None) -> dict:
     mean[over] = (grouped / G).sum(-1)[over]
     return {
         "num_layers": L, "num_heads": H, "num_key_value_heads": n, "group_size": G,
+        **({"attention_layers": record["attention_layers"]} if "attention_layers" in record else {}),
         "mapping": "query head h reads KV head h // group_size",
         "groups": {str(j): list(range(j * G, (j + 1) * G)) for j in range(n)},
         "mean": [[round(float(x), 6) for x in row] for row in mean],

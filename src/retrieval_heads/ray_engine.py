@@ -81,10 +81,14 @@ class ModelWorker:
         self.lm = None
 
     def load(self):
+        from .eager_rows import enable
         from .models import load_model
 
-        return load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
-                          trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
+        lm = load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
+                        trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
+        if self.grid.eager_attentions:
+            enable(lm.model)
+        return lm
 
     def compute(self, unit: Unit, todo: list[tuple]) -> tuple[list[Payload], float]:
         """The payloads of ``todo`` ((method, question) experiments of ``unit`` to write), and the seconds the

@@ -174,10 +174,11 @@ def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor
     return torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)  # (S, L, H)
 
 
-def ranking(scores: torch.Tensor) -> list[tuple[str, float]]:
-    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H)."""
+def ranking(scores: torch.Tensor, layers: list[int] | None = None) -> list[tuple[str, float]]:
+    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H);
+    ``layers``: only the heads of these layers (a hybrid's attention layers; None: every layer)."""
     L, H = scores.shape
-    flat = [(float(scores[l, h]), l, h) for l in range(L) for h in range(H)]
+    flat = [(float(scores[l, h]), l, h) for l in (range(L) if layers is None else layers) for h in range(H)]
     flat.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [(head_name(l, h), s) for s, l, h in flat]
 
@@ -191,18 +192,22 @@ def make_record(
     *, method: str, model_key: str, model_name: str, question: str, question_prompt: str, total_tokens: int,
     needle_position: float, scores: torch.Tensor, samples_processed: int, seed: int, dtype: str,
     extra: dict | None = None, provenance: dict | None = None, added: dict | None = None, rank_by: str = "score",
+    attention_layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The result record. ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
+    """The result record. ``attention_layers``: a hybrid's attention layers (:mod:`retrieval_heads.families`),
+    recorded, and the only layers whose heads are ranked (the other layers' scores stay 0 in the grid); None
+    where every layer attends (the field is then absent). ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
     with its ``lift`` grid) goes after ``extra``; with it, every head_rankings entry also has its ``lift``,
     and ``rank_by="lift"`` orders head_rankings and top_50_heads by lift instead of score."""
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
-    ranked = ranking(torch.tensor(rounded, dtype=torch.float64))
+    layers = None if attention_layers is None else sorted(attention_layers)
+    ranked = ranking(torch.tensor(rounded, dtype=torch.float64), layers)
     lifts = (added or {}).get("lift")
     if rank_by == "lift":
         if lifts is None:
             raise ValueError("rank_by='lift' needs the lift grid")
-        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64))
+        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64), layers)
         ranked = [(h, rounded[parse_head(h)[0]][parse_head(h)[1]]) for h, _ in by_lift]
     record: dict[str, Any] = {
         "method": method,
@@ -220,6 +225,7 @@ def make_record(
         "top_50_heads": [h for h, _ in ranked[:50]],
         "num_layers": scores.shape[0],
         "num_heads": scores.shape[1],
+        **({} if layers is None else {"attention_layers": layers}),
         "seed": seed,
         "dtype": dtype,
         "scores": rounded,
@@ -321,9 +327,15 @@ def structure_problem(record: dict) -> str | None:
     if record.get("rank_by", "score") not in ("score", "lift") or (record.get("rank_by") == "lift" and lifts is None):
         return "rank_by is neither score nor lift (with a lift grid)"
     order = lifts if record.get("rank_by") == "lift" else scores  # what head_rankings is sorted by
+    layers = record.get("attention_layers", list(range(L)))
+    if "attention_layers" in record and (not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers)
+                                         or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= L
+                                         or len(layers) == L):
+        return f"attention_layers is not an ascending list of some of the {L} layers"
+    attends = set(layers)
     ranks = record["head_rankings"]
-    if not isinstance(ranks, list) or len(ranks) != L * H:
-        return f"head_rankings does not hold all {L * H} heads"
+    if not isinstance(ranks, list) or len(ranks) != len(layers) * H:
+        return f"head_rankings does not hold all {len(layers) * H} heads"
     seen = set()
     prev = None
     for i, r in enumerate(ranks):
@@ -334,8 +346,8 @@ def structure_problem(record: dict) -> str | None:
             lh = parse_head(r["head"])
         except ValueError:
             lh = None
-        if lh is None or not (0 <= lh[0] < L and 0 <= lh[1] < H) or head_name(*lh) != r["head"] or lh in seen:
-            return f"head_rankings[{i}]: {r['head']!r} is not a head of the {L} x {H} grid, or repeats one"
+        if lh is None or not (lh[0] in attends and 0 <= lh[1] < H) or head_name(*lh) != r["head"] or lh in seen:
+            return f"head_rankings[{i}]: {r['head']!r} is not a head of the {L} x {H} grid's attention layers, or repeats one"
         seen.add(lh)
         if r["rank"] != i + 1:
             return f"head_rankings[{i}] has rank {r['rank']}, expected {i + 1}"

@@ -46,6 +46,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import eager_rows
 from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
@@ -80,6 +81,7 @@ class Grid:
     batch_size: int = 1
     save_samples: bool = False
     trust_remote_code: bool = False
+    eager_attentions: bool = False  # score families without the attention interface (eager_rows)
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
@@ -144,7 +146,7 @@ class Status:
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
            "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span"):
+           "span", "eager_attentions"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -238,6 +240,7 @@ class GridSettings(BaseModel):
     batch_size: Optional[int] = None
     save_samples: Optional[bool] = None
     trust_remote_code: Optional[bool] = None
+    eager_attentions: Optional[bool] = None
     save_attention: Optional[int] = None
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
@@ -249,7 +252,7 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "needle_position": "a number", "needle_positions": "a number or a list of numbers",
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
-            "trust_remote_code": "true or false", "save_attention": "a whole number",
+            "trust_remote_code": "true or false", "eager_attentions": "true or false", "save_attention": "a whole number",
             "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names"}
 
 
@@ -321,7 +324,7 @@ def make_grid(**settings: Any) -> Grid:
         from .chance import span_names
 
         values["span"] = ",".join(span_names(given["span"]))
-    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
+    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code", "eager_attentions",
               "save_attention", "rank_by", "answers"):
         if k in given:
             values[k] = given[k]
@@ -682,6 +685,8 @@ def run_sweep(
                     _release_memory()
                     lm = load(unit.model, dtype=grid.dtype, device=grid.device,
                               trust_remote_code=grid.trust_remote_code)
+                    if grid.eager_attentions:
+                        eager_rows.enable(lm.model)
                 if bar is None:
                     bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
                                disable=not progress, dynamic_ncols=True,

@@ -38,6 +38,10 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="Samples per forward pass.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the synthetic filings.")
     flag(p, "--trust-remote-code", False, "Allow the model's own Python code to run (off by default).")
+    flag(p, "--eager-attentions", False, "Score a model whose family has no attention interface (bloom, gpt_neo, "
+                                         "mpt, ...) from its full attention matrices: exact, but one layer's "
+                                         "batch x heads x tokens^2 floats at a time (16 heads at 8K tokens: "
+                                         "4 GiB per sample in float32); ignored by other models.")
     p.add_argument("--top", type=int, default=10, help="Rows of the printed top-heads table.")
     values(p, "--span", "SPAN", "Span(s) scored by summed_attention: needle, answer, fact; space- or comma-separated "
                                 "or repeated, each written as its own result [default: needle].")
@@ -75,7 +79,7 @@ def detect(args: argparse.Namespace) -> None:
               output_dir=given_path(args.output_dir, "--output-dir"), save_samples=args.save_samples, progress=True,
               trust_remote_code=args.trust_remote_code, success_only=args.success_only,
               answers=args.answers or None, max_new_tokens=args.max_new_tokens, save_attention=args.save_attention,
-              span=span, rank_by=args.rank_by, alpha=args.alpha)
+              span=span, rank_by=args.rank_by, alpha=args.alpha, eager_attentions=args.eager_attentions)
     verdicts = []
     for res in res.values():
         r = res.record

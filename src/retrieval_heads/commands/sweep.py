@@ -14,8 +14,8 @@ SUMMARY = "Run every model x question x length x depth experiment not already do
 
 # the grid's settings (sweep.make_grid's arguments) that flags give; a flag not given leaves the grid file's
 GRID_FLAGS = ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
-              "dtype", "device", "batch_size", "save_samples", "save_attention", "trust_remote_code", "rank_by",
-              "answers", "span")
+              "dtype", "device", "batch_size", "save_samples", "save_attention", "trust_remote_code", "eager_attentions",
+              "rank_by", "answers", "span")
 
 
 def register(commands) -> None:
@@ -35,6 +35,10 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=int, help="Samples per forward pass [default: 1].")
     flag(p, "--save-samples", None, "Also write the per-sample audit files [default: off].")
     flag(p, "--trust-remote-code", None, "Allow the models' own Python code to run [default: off].")
+    flag(p, "--eager-attentions", None, "Score models whose family has no attention interface (bloom, gpt_neo, "
+                                        "mpt, ...) from their full attention matrices: exact, but one layer's "
+                                        "batch x heads x tokens^2 floats at a time (16 heads at 8K tokens: 4 GiB "
+                                        "per sample in float32); ignored by other models [default: off].")
     p.add_argument("--save-attention", type=int, metavar="K",
                    help="Save the top K heads' last-token attention rows beside each result (.attention.npz) "
                         "[default: 0, off].")

@@ -43,9 +43,12 @@ def drawn_scale(grid) -> float:
 def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
     grid = exp.scores  # (L, H)
     L, H = grid.shape
-    grid = grid * drawn_scale(grid)  # as drawn
+    grid = grid * drawn_scale(grid)  # as drawn (a new array)
+    layers = exp.record.get("attention_layers")
+    if layers is not None:  # a hybrid: the layers without attention stay blank
+        grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
-    lo, hi = float(grid.min()), float(grid.max())
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
         light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6

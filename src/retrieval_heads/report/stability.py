@@ -153,18 +153,25 @@ def top1_counts(exps: list[Experiment]) -> list[dict]:
     return out
 
 
-def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0,
+                    layers: list[int] | None = None) -> np.ndarray:
     """Ranks (B, L*H) of every head in each of ``resamples`` bootstrap resamples of the samples.
 
     per_sample (S, L, H). Resample b draws S sample indices with replacement, sums their scores and ranks
     the heads 1..L*H, best first, ties broken by (layer, head) as in :func:`retrieval_heads.results.ranking`.
+    ``layers``: a hybrid's attention layers; the other layers' heads rank after all of them.
     """
-    S = per_sample.shape[0]
+    S, L, H = per_sample.shape
     X = per_sample.reshape(S, -1)  # (S, N)
     idx = np.random.default_rng(seed).integers(0, S, size=(resamples, S))  # (B, S)
     weights = np.zeros((resamples, S))  # (B, S): how often each sample was drawn
     np.add.at(weights, (np.arange(resamples)[:, None], idx), 1.0)
     totals = weights @ X  # (B, N)
+    if layers is not None:
+        silent = [layer for layer in range(L) if layer not in set(layers)]
+        grid = totals.reshape(resamples, L, H)  # (B, L, H)
+        grid[:, silent] = -np.inf  # ranked after every attention head
+        totals = grid.reshape(resamples, L * H)  # (B, N)
     order = np.argsort(-totals, axis=1, kind="stable")  # (B, N): flat index = layer * H + head
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1, X.shape[1] + 1), order.shape), axis=1)
@@ -190,7 +197,7 @@ def rank_intervals(exp: Experiment, per_sample: np.ndarray, top: int = 20, resam
                    seed: int = 0) -> list[dict]:
     """The 2.5 / 50 / 97.5 percentile bootstrap rank of the result's top heads, and how often each is first."""
     H = exp.shape[1]
-    ranks = bootstrap_ranks(per_sample, resamples, seed)  # (B, N)
+    ranks = bootstrap_ranks(per_sample, resamples, seed, exp.record.get("attention_layers"))  # (B, N)
     lo, mid, hi = np.percentile(ranks, [2.5, 50, 97.5], axis=0)  # (N,) each
     rows = []
     for r, entry in enumerate(exp.record["head_rankings"][:top], 1):
