@@ -156,7 +156,7 @@ def _reference(model, ids, positions, family):
     """Eager rows (B, H, S, N) per attention layer, by layer index; granite_swa-style families, whose eager
     weights leave the sink out (it scales the output instead), get gpt-oss's eager function, which puts the
     sink in the softmax: the same output (checked by the caller), and the weights the values are given."""
-    from retrieval_heads.capture import eager_attention, reference_rows
+    from reference import eager_attention, reference_rows
     from retrieval_heads.families import layer_set
 
     n_layers = model.config.get_text_config().num_hidden_layers

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_smol_lm
 from retrieval_heads import attention as A
-from retrieval_heads.capture import reference_rows
+from reference import reference_rows
 from retrieval_heads.cli import main
 from retrieval_heads.errors import UserError
 from retrieval_heads.experiments import detect

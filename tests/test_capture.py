@@ -7,10 +7,11 @@ import torch
 
 import retrieval_heads.capture as capture
 from conftest import FAMILIES, tiny_config, tiny_model
-from retrieval_heads.capture import PROBE, attention_probe, attention_rows, eager_attention, prepare, reference_rows
+from reference import eager_attention, reference_rows
+from retrieval_heads.capture import PROBE, attention_probe, attention_rows, prepare
 from retrieval_heads.errors import UserError
 from retrieval_heads.methods.base import needle_mass
-from retrieval_heads.prefill import shared_needle_mass
+from reference import shared_needle_mass
 
 TOL = 1e-5
 

@@ -261,7 +261,7 @@ def bad_input_cases(model, d):
         (detect + ["--dataset", latin], "latin.jsonl:2: not valid UTF-8"),
         (detect + ["--dataset", d / "none.jsonl"], "none.jsonl does not exist"),
         (["sweep", "--config", nothing], "names nothing"),
-        (sweep + ["--questions"], "--questions needs at least one value"),
+        (sweep + ["--questions"], "argument --questions: expected at least one argument"),
     ]
 
 

@@ -38,7 +38,7 @@ array                dtype       shape / meaning
 A token's text is ``tokenizer.decode([id])`` (SentencePiece's word-start marker restored as a space); a
 byte-level token that holds part of a multi-byte character shows as U+FFFD.
 
-Size: about ``(K + 4) * T`` bytes plus the distinct tokens' texts; for the seed's grid see the README.
+Size: about ``(K + 4) * T`` bytes plus the distinct tokens' texts; for the default sweep grid see docs/sweeps.md.
 
 Reading (:func:`load`) treats the file as untrusted: no pickles, only the arrays above with their dtypes,
 a cap on the unpacked size, and every offset, span and id checked; anything else is one UserError.
@@ -69,7 +69,7 @@ from .results import head_name, parse_head
 
 FORMAT = "retrieval-heads attention rows 1"
 LEVELS = 255
-MAX_UNPACKED = 1 << 31  # 2 GiB: far above the seed's grid (a few MB per file); a zip bomb stops here
+MAX_UNPACKED = 1 << 31  # 2 GiB: far above the default sweep grid (a few MB per file); a zip bomb stops here
 ARRAYS = {"meta": np.uint8, "heads": np.int32, "offsets": np.int64, "ids": np.int32, "rows": np.uint8,
           "scale": np.float32, "spans": np.int64, "vocab_ids": np.int32, "vocab_offsets": np.int64,
           "vocab_text": np.uint8}
@@ -143,7 +143,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> dict[int, str]:
 
 
 def answer_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    from .methods.retrieval_score import gold_span
+    from .data.spans import gold_span
 
     return gold_span(tokenizer, prompt) if prompt.answer else None
 

@@ -37,8 +37,8 @@ of the installed transformers with its status.
 >>> with attention_probe(lm.model, on_layer):                             # doctest: +SKIP
 ...     lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-:func:`reference_rows` is the slow, obviously correct path the probe is tested against: eager attention
-with ``output_attentions=True`` (full N x N matrices), rows picked afterwards.
+:func:`reference_rows` of ``tests/reference.py`` is the slow, obviously correct path the probe is tested
+against: eager attention with ``output_attentions=True`` (full N x N matrices), rows picked afterwards.
 """
 
 from __future__ import annotations
@@ -405,28 +405,3 @@ def _eager_report(state: ProbeState, layer: int, weights: torch.Tensor) -> None:
         state.on_layer(layer, rows)
     if state.on_visible is not None:
         state.on_visible(layer, rows > 0)
-
-
-@contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Within this block ``model`` runs its family's own eager attention, which returns the full (B, H, Q, K)
-    weights with ``output_attentions=True``: the slow references are built on it. The model's previous
-    function (the probe's, once prepared) is restored afterwards. This switches the model itself, for every
-    thread: a probe running meanwhile in another thread fails its per-pass layer check."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-@torch.no_grad()
-def reference_rows(model, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The slow reference: eager attention, ``output_attentions=True``, full (B, H, N, N) matrices per layer;
-    returns the selected rows (B, H, S, N) of each layer in float32."""
-    with eager_attention(model):
-        out = model(input_ids=input_ids, output_attentions=True, use_cache=False, logits_to_keep=1)
-    n = input_ids.shape[1]
-    pos = torch.tensor([n - 1]) if positions is None else positions % n
-    return [a[:, :, pos.to(a.device), :].float() for a in out.attentions]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -29,9 +29,8 @@ from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .leftovers import remove_stale_temps
 from .lock import holds_output_dir
 from .methods import METHODS
-from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
-from .onepass import score_prompts  # noqa: F401  (part of this module's API)
+from .onepass import measure_spans, score_prompts  # noqa: F401  (score_prompts: part of this module's API)
 from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
 # detect's defaults: where the embedded model answers and heads beat the control, under 2 minutes on 2 cores
@@ -51,7 +50,7 @@ class DetectResult:
     path: Path | None = None
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
     attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
-    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (summed_attention results)
+    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (a span-measuring method's results)
     rank_by: str = "score"
     spans: object | None = None  # chance.SpanScores: per-sample baselines, control masses, lifts
 
@@ -79,7 +78,7 @@ class AmbiguousResult(AttributeError):
 
 class Detection(Mapping[str, DetectResult]):
     """What :func:`detect` returns, always: {result name: :class:`DetectResult`}, in the order they were made
-    (one per method, and per span kind of ``summed_attention``).
+    (one per method, and per span kind of a method that ``measures_spans``).
 
     A Detection of one result also answers for it: ``det.scores``, ``det.top(5)``, ``det.record``, ... are
     those of ``det.result``. With several results these raise :class:`AmbiguousResult` naming them; pick one
@@ -222,11 +221,8 @@ def method_names(method: str | Sequence[str]) -> list[str]:
 
 
 def result_name(method: str, success_only: bool) -> str:
-    """The name a method's result is written under: ``{method}_success`` with ``success_only`` (only correctly
-    answered samples counted), unless the method counts only those anyway (``retrieval_score``)."""
-    if success_only and not METHODS.get(method).success_only:
-        return f"{method}_success"
-    return method
+    """The name a method's result is written under (:meth:`~retrieval_heads.methods.base.Method.result_name`)."""
+    return METHODS.get(method).result_name(success_only)
 
 
 @holds_output_dir("detect")  # no sweep or other detect writes into output_dir meanwhile
@@ -258,10 +254,11 @@ def detect(
 ) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
-    ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``, ``qrhead``), a comma-separated
-    list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
-    records are the samples (``samples`` caps how many are used) and the experiment is named after the file;
-    otherwise ``samples`` synthetic filings are generated from ``seed``. With ``output_dir`` each method's
+    ``method`` is a registered method's name (``METHODS``; see :mod:`retrieval_heads.methods`), a
+    comma-separated list or a list of names. With ``dataset`` (a JSONL file, see
+    :mod:`retrieval_heads.data.dataset`) its records are the samples (``samples`` caps how many are used)
+    and the experiment is named after the file; otherwise ``samples`` synthetic filings are generated from
+    ``seed``. With ``output_dir`` each method's
     result JSON (and, with ``save_samples``, its per-sample audit file) is written to
     ``output_dir/{name}/``.
 
@@ -269,9 +266,10 @@ def detect(
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
-    ``summed_attention`` results also get each head's chance baseline, lift, control-span mass and a
-    significance test against the control (:mod:`retrieval_heads.chance`), for each span kind in ``span``
-    (``needle``, ``answer``, ``fact``; each written under :func:`~retrieval_heads.chance.span_result_name`),
+    The results of a method that ``measures_spans`` (the default method) also get each head's chance
+    baseline, lift, control-span mass and a significance test against the control
+    (:mod:`retrieval_heads.chance`), for each span kind in ``span`` (``needle``, ``answer``, ``fact``; each
+    written under :func:`~retrieval_heads.chance.span_result_name`),
     all from the same probed passes; ``rank_by="lift"`` ranks them by lift; ``alpha`` is the test's level.
 
     When more than one pass per sample would be run (several methods, or answers), every method, span and
@@ -311,8 +309,8 @@ def detect(
     if output_dir is not None:
         check_writable(output_dir)  # before any work
         for n in names:  # no method folder is a link to elsewhere (checked again when writing)
-            for sp in spans:
-                check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
+            for rname in METHODS.get(n).result_names(spans, success_only):
+                check_result_folder(Path(output_dir) / rname)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
     if eager_attentions:
@@ -325,7 +323,8 @@ def detect(
     else:
         qkey, qprompt = question, QUESTIONS.get(question).prompt
     shared = None
-    if one_prefill and (want_answers or any(n != "summed_attention" for n in names)):  # several passes: share one
+    # a span-measuring method alone reads one pass per sample; anything more shares one context pass
+    if one_prefill and (want_answers or len(names) > 1 or not METHODS.get(names[0]).measures_spans):
         from tqdm.auto import tqdm
 
         from .onepass import score_groups
@@ -344,10 +343,11 @@ def detect(
     provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
     for name in names:
-        if name == "summed_attention":  # every span from the same probed passes
-            masses = shared.masses if shared is not None else \
-                chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
-            for sp in spans:
+        m = METHODS.get(name)
+        if m.measures_spans:  # every span from the same probed passes
+            masses = shared.span_masses[name] if shared is not None else \
+                measure_spans(lm, m, prompts, batch_size, progress, desc=name)
+            for sp in m.result_spans(spans):
                 out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
                                         dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
                                              needle_position=needle_position, seed=seed,
@@ -378,7 +378,8 @@ def detect(
 
 
 def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident) -> dict[str, DetectResult]:
-    """One summed-attention result for span kind ``span`` from the probed masses (see :func:`detect`)."""
+    """One result of span-measuring method ``name`` for span kind ``span`` from the probed masses (see
+    :func:`detect`)."""
     from .chance import chance_fields, span_result_name, span_scores
 
     ss = span_scores(masses, prompts, span)

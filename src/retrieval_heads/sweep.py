@@ -66,7 +66,7 @@ DEFAULT_SAMPLES = 6  # per unit of a grid
 @dataclass(frozen=True)
 class Grid:
     """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-    settings. A depth other than the seed's 0.5 files its results under names of their own
+    settings. A depth other than the default 0.5 files its results under names of their own
     (:func:`~retrieval_heads.results.file_name`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -85,7 +85,7 @@ class Grid:
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
-    span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
+    span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -94,13 +94,12 @@ class Grid:
 
     @property
     def results(self) -> tuple[str, ...]:
-        """The result names of each experiment: every method, and summed_attention once per span kind
-        (``summed_attention``, ``summed_attention+answer``, ...; :func:`~retrieval_heads.chance.span_result_name`)."""
-        from .chance import span_result_name
+        """The result names of each experiment: every method, a method that measures spans once per span kind
+        (``summed_attention``, ``summed_attention+answer``, ...; :meth:`~.methods.base.Method.result_names`)."""
+        from .methods import METHODS
 
         spans = self.span.split(",")
-        return tuple(span_result_name(m, sp) for m in self.methods
-                     for sp in (spans if m == "summed_attention" else ("needle",)))
+        return tuple(r for m in self.methods for r in METHODS.get(m).result_names(spans))
 
     @property
     def size(self) -> int:
@@ -283,7 +282,7 @@ def check_types(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def make_grid(**settings: Any) -> Grid:
-    """A validated grid; settings left out (or None) take the defaults (the seed's grid). Raises UserError,
+    """A validated grid; settings left out (or None) take the defaults (the original study's grid). Raises UserError,
     before anything is loaded, for a value of the wrong type (:class:`GridSettings`; booleans must be real
     booleans), an empty list, an unknown model key, question or method, and for impossible numbers. For the
     CLI's sake, lists and numbers may be given as text (``tokens="1024,2048"``, ``samples="3"``)."""
@@ -503,6 +502,7 @@ def compute_unit(
     from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
     from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .methods import METHODS
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
@@ -519,12 +519,12 @@ def compute_unit(
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
-        for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
+        for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-            if m == "summed_attention":  # every span kind from the same masses
-                ss = span_scores(sc.masses, prompts, sp)
+            if METHODS.get(m).measures_spans:  # every span kind from the same masses
+                ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
                 record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
                                           scores, added=chance_fields(ss, accuracy=answered),
@@ -580,7 +580,7 @@ def preflight(grid: Grid) -> None:
 
     for m in grid.models:
         _, name, path = resolve(m)
-        hint = " (the default grid is the seed's Llama-3-8B pair; try --models smollm2)" \
+        hint = " (the default grid is the original study's Llama-3-8B pair; try --models smollm2)" \
             if m in DEFAULT_MODELS else ""
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code)

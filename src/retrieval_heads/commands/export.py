@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import allow, groups
+
 SUMMARY = "Write a result as Wu/HeadKV JSON, a QRHead head-set string, a DuoAttention TSV or a KV-head view."
 
 
+EXAMPLES = """examples:
+  retrieval-heads export RESULT --format qrhead --k 20         "L-H,L-H,..." best first
+  retrieval-heads export RESULT --format wu --out heads.json   needs RESULT's .samples.jsonl (detect --save-samples)
+  retrieval-heads export RESULT --format duo --out pattern.tsv"""
+
+
 def register(commands) -> None:
-    p = commands.add_parser("export", help=SUMMARY, description=SUMMARY)
+    p = commands.add_parser("export", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
-    p.add_argument("--format", required=True, help="wu (needs .samples.jsonl), qrhead, duo or kv.")
-    p.add_argument("--k", type=int, default=20, help="Heads in the qrhead head set.")
-    p.add_argument("--kv-heads", type=int, help="KV heads of the model (default: the result's record).")
-    p.add_argument("--out", help="Write here (atomically) instead of printing.")
+    (out,) = groups(p, "output")
+    allow(out.add_argument("--format", required=True, help="wu needs the result's .samples.jsonl."),
+          "retrieval_heads.export:FORMATS")
+    out.add_argument("--k", type=int, default=20, help="Heads in the qrhead head set.")
+    out.add_argument("--kv-heads", type=int, help="KV heads of the model (default: the result's record).")
+    out.add_argument("--out", help="Write here (atomically) instead of printing.")
     p.set_defaults(run=export)
 
 

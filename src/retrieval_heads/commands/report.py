@@ -1,25 +1,32 @@
-"""``retrieval-heads report``: the seed's tables, heatmaps and rank stability from a results folder."""
+"""``retrieval-heads report``: the top-head tables, heatmaps and rank stability from a results folder."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..errors import UserError
+from ._common import groups
 
 MAX_RESAMPLES = 100_000  # the bootstrap holds every resample's ranks of every head in memory
 
 SUMMARY = "Write report.html (self-contained), report.md, report.json and heatmap PNGs."
 
 
+EXAMPLES = """examples:
+  retrieval-heads report results                    writes results/report/report.html, .md, .json, figures/
+  retrieval-heads report results --out site --resamples 200 --top 10"""
+
+
 def register(commands) -> None:
-    p = commands.add_parser("report", help=SUMMARY, description=SUMMARY)
+    p = commands.add_parser("report", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("results_dir", metavar="RESULTS_DIR",
                    help="Folder of result files (METHOD/MODEL_QUESTION_TOKENS.json).")
-    p.add_argument("--out", help="Output folder (default: RESULTS_DIR/report).")
-    p.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples of the samples, for the rank "
-                                                               f"intervals (at most {MAX_RESAMPLES}).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
-    p.add_argument("--top", type=int, default=20, help="Heads per experiment in the bootstrap table.")
+    stat, out = groups(p, "rank stability", "output")
+    stat.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples of the samples, for the rank "
+                                                                  f"intervals (at most {MAX_RESAMPLES}).")
+    stat.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    stat.add_argument("--top", type=int, default=20, help="Heads per experiment in the bootstrap table.")
+    out.add_argument("--out", help="Output folder (default: RESULTS_DIR/report).")
     p.set_defaults(run=report)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..data.questions import QUESTIONS
 from ..errors import UserError
 from ..io import JSONError, parse_json, read_regular
-from ..results import SEED_DEPTH, file_name, name_problem, read_sample_scores, samples_path, validate
+from ..results import DEFAULT_DEPTH, file_name, name_problem, read_sample_scores, samples_path, validate
 
 
 @dataclass
@@ -52,9 +52,9 @@ class Experiment:
 
     @property
     def question_label(self) -> str:
-        """The question, with the needle depth where it is not the seed's 0.5 (``inc_state @0.25``): what tells
+        """The question, with the needle depth where it is not the default 0.5 (``inc_state @0.25``): what tells
         results of one question at several depths apart in the tables that have a column per length."""
-        return self.question if self.depth == SEED_DEPTH else f"{self.question} @{self.depth:g}"
+        return self.question if self.depth == DEFAULT_DEPTH else f"{self.question} @{self.depth:g}"
 
     @property
     def scores(self) -> np.ndarray:
@@ -90,14 +90,14 @@ class Experiment:
 
     @property
     def key(self) -> tuple:
-        """(method, model, question, tokens), and the needle depth after them where it is not the seed's 0.5
+        """(method, model, question, tokens), and the needle depth after them where it is not the default 0.5
         (as the file names do): one key per experiment."""
         ident = (self.method, self.model, self.question, self.tokens)
-        return ident if self.depth == SEED_DEPTH else ident + (self.depth,)
+        return ident if self.depth == DEFAULT_DEPTH else ident + (self.depth,)
 
     @property
     def title(self) -> str:
-        depth = "" if self.depth == SEED_DEPTH else f" · depth {self.depth:g}"
+        depth = "" if self.depth == DEFAULT_DEPTH else f" · depth {self.depth:g}"
         return f"{self.model} · {self.question} · {self.tokens} tokens{depth}"
 
     @property
@@ -117,7 +117,7 @@ class Collection:
 
 
 def question_order(key: str) -> tuple[int, str]:
-    """The built-in questions in the seed's order, then any other (dataset) names alphabetically."""
+    """The built-in questions in their own order, then any other (dataset) names alphabetically."""
     keys = QUESTIONS.names()
     return (keys.index(key), "") if key in keys else (len(keys), key)
 

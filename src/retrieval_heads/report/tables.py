@@ -1,6 +1,6 @@
 """The report's tables, as :class:`~retrieval_heads.report.document.Table` blocks.
 
-The first is the seed's "Top Head per Configuration": a row per model x question, a column per length,
+The first is the original study's "Top Head per Configuration": a row per model x question, a column per length,
 cells ``L16H1 (117.8)`` (top head, its score to 3 significant digits and at least one decimal), ``—`` where no result exists.
 """
 
@@ -20,7 +20,7 @@ MISSING = "—"
 
 
 def tokens_label(t: int | str) -> str:
-    """2048 -> "2K" as in the seed; lengths that are not whole K stay as numbers."""
+    """2048 -> "2K" as in the original table; lengths that are not whole K stay as numbers."""
     t = int(t)
     return f"{t // 1024}K" if t % 1024 == 0 else str(t)
 
@@ -31,7 +31,7 @@ def num(x: float | None, digits: int = 3) -> str:
 
 def score_text(x: float, digits: int = 3) -> str:
     """A score with the precision its size needs: ``digits`` significant digits, at least one decimal
-    (117.84 -> "117.8" as in the seed's table, 3.254 -> "3.25", 0.6213 -> "0.621", 0.00123 -> "0.00123")."""
+    (117.84 -> "117.8" as in the original table, 3.254 -> "3.25", 0.6213 -> "0.621", 0.00123 -> "0.00123")."""
     x = float(x)
     if x == 0 or not math.isfinite(x):
         return f"{x:.1f}"
@@ -40,7 +40,8 @@ def score_text(x: float, digits: int = 3) -> str:
 
 
 def top_head_cell(e: Experiment) -> str:
-    """``L16H1 (117.8)``, the seed's; ``L16H1 (117.8, 8.1x)`` with the head's lift where the result has one."""
+    """``L16H1 (117.8)``, as in the original table; ``L16H1 (117.8, 8.1x)`` with the head's lift where the
+    result has one."""
     top = e.record["head_rankings"][0]
     lift = e.lift
     if lift is None:
@@ -50,11 +51,11 @@ def top_head_cell(e: Experiment) -> str:
 
 
 def top_head_table(exps: list[Experiment]) -> Table:
-    """The seed's table for the experiments of one method."""
+    """The "Top Head per Configuration" table for the experiments of one method."""
     lengths = sorted({e.tokens for e in exps})
     cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     order: dict[str, tuple] = {}
-    for e in exps:  # a row per model x question x needle depth ("inc_state @0.25" away from the seed's 0.5)
+    for e in exps:  # a row per model x question x needle depth ("inc_state @0.25" away from the default 0.5)
         cells[(e.model, e.question_label)][e.tokens] = top_head_cell(e)
         order[e.question_label] = (question_order(e.question), e.depth)
     rows, last_model = [], None
