@@ -301,6 +301,9 @@ class AblationResult:
         return path, png
 
 
+MAX_RANDOM_SEEDS = 1000  # random controls per k; each is a forward pass per sample
+
+
 def ablate(
     result: str | Path | dict,
     model=None,
@@ -342,11 +345,11 @@ def ablate(
     if synthetic and record["question"] not in QUESTIONS:
         raise UserError(f"{source or 'the result'} was made from a dataset ({record['question']}); "
                         "pass it with --dataset")
-    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size)
+    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size, s)
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if random_seeds < 0:
-        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if not 0 <= random_seeds <= MAX_RANDOM_SEEDS:
+        raise UserError(f"--random-seeds must lie in [0, {MAX_RANDOM_SEEDS}], got {random_seeds}")
     if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")

@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -193,17 +195,74 @@ class SavedAttention:
         return self.ids[self.offsets[sample]:self.offsets[sample + 1]]
 
 
-def load(path: str | Path) -> SavedAttention:
-    """Read and check an attention file; UserError (naming the file) for anything malformed."""
+def load(path: str | Path, record: dict | None = None) -> SavedAttention:
+    """Read and check an attention file; UserError (naming the file) for anything malformed. With the
+    ``record`` of its result, arrays larger than its samples and tokens allow are refused before they are
+    read."""
     path = Path(path)
     try:
         data = read_regular(path)
     except OSError as e:
         raise UserError(f"cannot read attention file {path}: {e.strerror or e}") from None
-    return loads(data, str(path))
+    return loads(data, str(path), record)
 
 
-def loads(data: bytes, where: str = "attention file") -> SavedAttention:
+def _header(f, info) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in a member's ``.npy`` header; ValueError unless they account for exactly the
+    member's size (so that no array is allocated larger than its bytes)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"npy version {version}")
+    header = f.tell()
+    if dtype.hasobject or fortran or math.prod(shape) * dtype.itemsize != info.file_size - header:
+        raise ValueError(f"{info.filename} header claims shape {shape} in {info.file_size - header} bytes")
+    return shape, dtype
+
+
+def _limits(shapes: dict, record: dict) -> str | None:
+    """Why the arrays' shapes exceed what ``record`` (the result) allows, before they are read."""
+    S, N = record.get("samples_processed"), record.get("total_tokens")
+    L, H = record.get("num_layers"), record.get("num_heads")
+    if not all(isinstance(x, int) for x in (S, N, L, H)):
+        return None
+    T, K = shapes["ids"][0] if shapes["ids"] else 0, shapes["heads"][0] if shapes["heads"] else 0
+    if shapes["offsets"] != (S + 1,):
+        return f"{max(0, (shapes['offsets'] or (1,))[0] - 1)} samples, the result has {S}"
+    if T > S * N:
+        return f"{T} tokens, more than the result's {S} samples of {N} tokens"
+    if K > L * H:
+        return f"{K} heads, more than the result's {L}x{H}"
+    return None
+
+
+MAX_META = 1 << 20
+
+
+def _meta(arr: np.ndarray, bad) -> dict:
+    from .io import parse_json
+
+    try:
+        meta = parse_json(arr.tobytes())
+    except UserError as e:
+        raise bad(f"meta: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
+        raise bad("unknown format")
+    return meta
+
+
+def _unread(meta: dict) -> SavedAttention:
+    """A file whose arrays were not read (made for another result): its meta alone, no samples."""
+    return SavedAttention(meta, [str(h) for h in meta["heads"]], np.zeros(1, np.int64), np.zeros(0, np.int32),
+                          np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32), np.zeros((0, 4), np.int64), {})
+
+
+def loads(data: bytes, where: str = "attention file", record: dict | None = None) -> SavedAttention:
+    """Check and unpack an attention file's bytes (see :func:`load`); with ``record``, a file made for
+    another result (its checksum differs) comes back unread, with its meta only."""
     def bad(why: str) -> UserError:
         return UserError(f"{where}: not a valid attention file ({why})")
 
@@ -216,25 +275,32 @@ def loads(data: bytes, where: str = "attention file") -> SavedAttention:
                 raise bad(f"members {', '.join(names[:12])}")
             if sum(i.file_size for i in infos) > MAX_UNPACKED:
                 raise bad("unpacks to more than 2 GiB")
+            shapes = {}
+            for info in infos:  # every header first: shapes are checked before any array is allocated
+                name = info.filename[:-4]
+                with z.open(info) as f:
+                    shapes[name], dtype = _header(f, info)
+                if dtype != np.dtype(ARRAYS[name]):
+                    raise bad(f"{name} has dtype {dtype}")
+            if shapes["meta"][0] > MAX_META:
+                raise bad("meta is larger than 1 MiB")
+            with z.open("meta.npy") as f:
+                meta = _meta(np.lib.format.read_array(f, allow_pickle=False), bad)
+            if record is not None and meta.get("result_checksum") != record.get("checksum"):
+                return _unread(meta)  # another result's file (check_matches says so): its arrays are not read
+            why = _limits(shapes, record) if record is not None else None
+            if why:
+                raise bad(why)
             for info in infos:
                 name = info.filename[:-4]
                 with z.open(info) as f:
                     arr = np.lib.format.read_array(f, allow_pickle=False)
-                if arr.dtype != np.dtype(ARRAYS[name]):
-                    raise bad(f"{name} has dtype {arr.dtype}")
                 arrays[name] = arr
     except UserError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError,
+            MemoryError) as e:
         raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    from .io import parse_json
-
-    try:
-        meta = parse_json(arrays["meta"].tobytes())
-    except UserError as e:
-        raise bad(f"meta: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
-        raise bad("unknown format")
     heads, offsets, ids, rows = arrays["heads"], arrays["offsets"], arrays["ids"], arrays["rows"]
     scale, spans = arrays["scale"], arrays["spans"]
     K = len(meta["heads"])
@@ -279,6 +345,9 @@ def check_matches(saved: SavedAttention, record: dict) -> str | None:
             return f"its {k} {m.get(k)!r} is not the result's {record.get(k)!r}"
     if saved.samples != record.get("samples_processed"):
         return f"{saved.samples} samples, the result has {record.get('samples_processed')}"
+    longest = int(np.diff(saved.offsets).max(initial=0))
+    if longest > record.get("total_tokens", 0):
+        return f"a prompt of {longest} tokens, the result's are {record.get('total_tokens')}"
     L, H = record["num_layers"], record["num_heads"]
     for name in saved.heads:
         layer, head = parse_head(name)

@@ -26,6 +26,8 @@ from .errors import UserError
 from .families import attention_layers
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
+from .leftovers import remove_stale_temps
+from .lock import holds_output_dir
 from .methods import METHODS
 from .models import LoadedModel, load_model
 from .onepass import measure_spans, score_prompts  # noqa: F401  (score_prompts: part of this module's API)
@@ -119,16 +121,27 @@ class Detection(Mapping[str, DetectResult]):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
+MAX_SAMPLES = 100_000  # prompts are built in memory first; far above any experiment's needs
+
+
+def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1,
+               seed: int | None = None) -> None:
     """The checks that need no model: fail before spending time on loading one."""
+    from .results import depth_text
+
     if question is not None:
         QUESTIONS.get(question)
     if tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}")
     if samples <= 0:
         raise UserError(f"--samples must be positive, got {samples}")
+    if samples > MAX_SAMPLES:
+        raise UserError(f"--samples must be at most {MAX_SAMPLES}, got {samples}")
     if not (isinstance(needle_position, (int, float)) and math.isfinite(needle_position) and 0 <= needle_position <= 1):
         raise UserError(f"--needle-position must lie in [0, 1], got {needle_position}")
+    depth_text(needle_position)  # a depth the result's file name can hold (1e-300 cannot), before any work
+    if seed is not None and seed < 0:  # Python's Random would use abs(seed): -1 would repeat seed 1's samples
+        raise UserError(f"--seed must be >= 0, got {seed}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
 
@@ -180,6 +193,7 @@ def write_result(
         from .attention import attention_path
 
         files.insert(0, (attention_path(path), attention))
+    remove_stale_temps([p for p, _ in files])  # of these files only, left by a killed writer (detect's too)
     atomic_write_files(files)
     return path
 
@@ -211,6 +225,7 @@ def result_name(method: str, success_only: bool) -> str:
     return METHODS.get(method).result_name(success_only)
 
 
+@holds_output_dir("detect")  # no sweep or other detect writes into output_dir meanwhile
 def detect(
     model: str | LoadedModel = "smollm2",
     question: str = "inc_state",
@@ -276,7 +291,7 @@ def detect(
     from . import chance
     from .generation import accuracy, answer_prompts
 
-    check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
+    check_args(None if dataset else question, tokens, samples, needle_position, batch_size, seed)
     names = method_names(method)
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)

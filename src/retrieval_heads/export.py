@@ -80,12 +80,16 @@ def kv_view(record: dict, kv_heads: int | None = None) -> dict:
     L, H = scores.shape
     G = H // n
     grouped = scores.reshape(L, n, G)  # (L, KV, G): query head h = j * G + g reads KV head j
+    with np.errstate(over="ignore"):
+        mean = grouped.mean(-1)  # (L, KV)
+    over = ~np.isfinite(mean)  # a sum past the largest float (scores near +-1.7e308): each term divided first
+    mean[over] = (grouped / G).sum(-1)[over]
     return {
         "num_layers": L, "num_heads": H, "num_key_value_heads": n, "group_size": G,
         **({"attention_layers": record["attention_layers"]} if "attention_layers" in record else {}),
         "mapping": "query head h reads KV head h // group_size",
         "groups": {str(j): list(range(j * G, (j + 1) * G)) for j in range(n)},
-        "mean": [[round(float(x), 6) for x in row] for row in grouped.mean(-1)],
+        "mean": [[round(float(x), 6) for x in row] for row in mean],
         "max": [[round(float(x), 6) for x in row] for row in grouped.max(-1)],
     }
 
@@ -106,7 +110,7 @@ def render(fmt: str, record: dict, result_path: str | Path, k: int = 20, kv_head
     if fmt == "qrhead":
         return qrhead(record, k) + "\n"
     if fmt == "kv":
-        return json.dumps(kv_view(record, kv_heads), indent=2) + "\n"
+        return json.dumps(kv_view(record, kv_heads), indent=2, allow_nan=False) + "\n"
     if fmt == "duo":
         return duo(record, kv_heads)
     raise UserError(f"unknown format {fmt!r}; choose from: {', '.join(FORMATS)}")

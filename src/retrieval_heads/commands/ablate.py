@@ -64,6 +64,8 @@ def ablate(args: argparse.Namespace) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
     from ..ablation import ablate as run_ablation
     from ..io import given_path
+    from ..leftovers import remove_stale_temps
+    from ..lock import writing_into
     from ..results import samples_path
     from ._common import check_not_input
 
@@ -77,10 +79,12 @@ def ablate(args: argparse.Namespace) -> None:
     for o in (out, out.with_suffix(".png")):
         check_not_input(o, [result, samples_path(result), dataset])
     quiet_transformers()
-    res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
-                       args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
-                       progress=True)
-    res.write(out)
+    with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out, out.with_suffix(".png")])  # what a killed ablate to the same files left
+        res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
+                           args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
+                           progress=True)
+        res.write(out)
     report = res.record
     for row in report["summary"]:
         rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \

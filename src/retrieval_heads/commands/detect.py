@@ -69,7 +69,7 @@ def detect(args: argparse.Namespace) -> None:
 
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     check_args(None if dataset else args.question, args.tokens, args.samples, args.needle_position,
-               args.batch_size)
+               args.batch_size, args.seed)
     method = method_names(args.method or ["summed_attention"])
     span = span_names(args.span or ["needle"])
     check_rank_by(args.rank_by)

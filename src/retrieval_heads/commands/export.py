@@ -32,6 +32,8 @@ def export(args: argparse.Namespace) -> None:
     from ..export import FORMATS, render
     from ..errors import UserError
     from ..io import atomic_write_text, given_path
+    from ..leftovers import remove_stale_temps
+    from ..lock import writing_into
     from ..results import load_result, samples_path
     from ._common import check_not_input
 
@@ -41,10 +43,11 @@ def export(args: argparse.Namespace) -> None:
     out = None if args.out is None else given_path(args.out, "--out")
     if out is not None:
         check_not_input(out, [result, samples_path(result)])
-    text = render(args.format, load_result(result), result, args.k, args.kv_heads)
     if out is None:
-        print(text, end="", flush=True)
-    else:
-        atomic_write_text(out, text)
-        print(f"wrote {out}")
+        print(render(args.format, load_result(result), result, args.k, args.kv_heads), end="", flush=True)
+        return
+    with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out])  # what a killed export to the same file left
+        atomic_write_text(out, render(args.format, load_result(result), result, args.k, args.kv_heads))
+    print(f"wrote {out}")
 

@@ -178,7 +178,39 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     if not found:
         what = f"no result files (only other JSON: {', '.join(skipped[:3])})" if skipped else "no result files"
         raise UserError(f"{root}: {what}; expected METHOD/MODEL_QUESTION_TOKENS.json as written by detect or sweep")
-    return Collection(root, sorted(found.values(), key=sort_key), skipped)
+    experiments = sorted(found.values(), key=sort_key)
+    check_one_model_per_key(experiments)
+    return Collection(root, experiments, skipped)
+
+
+WEIGHTS = ("source", "revision", "weights_sha256")  # provenance.model's fields that name the weights
+
+
+def check_one_model_per_key(experiments: list[Experiment]) -> None:
+    """UserError naming both files when two results share a ``model_key`` but not the model: a known weights
+    field (source, revision, sha256) that differs, or another head grid. The report compares results of one
+    key as one model (between lengths, depths, questions), so a result made by other weights under the same
+    key would pass for that model's. (Unknown fields, null in older results, are not compared.)"""
+    first: dict[str, Experiment] = {}
+    for e in experiments:
+        seen = first.setdefault(e.model, e)
+        if seen is e:
+            continue
+        if seen.shape != e.shape:
+            raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but have different head grids "
+                            f"({seen.shape[0]}x{seen.shape[1]} and {e.shape[0]}x{e.shape[1]} layers x heads); "
+                            "report them from separate folders")
+        a, b = _weights(seen), _weights(e)
+        differ = [k for k in WEIGHTS if a[k] is not None and b[k] is not None and a[k] != b[k]]
+        if differ:
+            what = ", ".join(f"{k} {str(a[k])[:16]} vs {str(b[k])[:16]}" for k in differ)
+            raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but were made with different "
+                            f"weights ({what}); report them from separate folders")
+
+
+def _weights(e: Experiment) -> dict:
+    model = (e.record.get("provenance") or {}).get("model") or {}
+    return {k: model.get(k) for k in WEIGHTS}
 
 
 def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:

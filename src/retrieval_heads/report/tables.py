@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..errors import UserError
 from ..results import parse_head
 from .collect import Experiment, question_order
 from .document import Table
@@ -121,8 +122,8 @@ def retrieval_row(e: Experiment) -> dict:
     sig = e.record.get("significance") if isinstance(e.record.get("significance"), dict) else {}
     lift = e.lift
     row = {"method": e.method, "model": e.model, "question": e.question, "depth": e.depth, "tokens": e.tokens,
-           "samples": e.record["samples_processed"], "n_correct": extra.get("n_correct"),
-           "n_answered": extra.get("n_answered"), "top_lift": None, "top_lift_head": None,
+           "samples": e.record["samples_processed"], "n_correct": _count(e, extra, "n_correct"),
+           "n_answered": _count(e, extra, "n_answered"), "top_lift": None, "top_lift_head": None,
            "significant": [], "alpha": sig.get("alpha"), "note": str(sig.get("note", "")),
            "verdict": str(e.record.get("verdict", ""))}
     if lift is not None:
@@ -130,8 +131,29 @@ def retrieval_row(e: Experiment) -> dict:
         row["top_lift"], row["top_lift_head"] = round(float(lift.reshape(-1)[k]), 4), f"L{k // lift.shape[1]}H{k % lift.shape[1]}"
     heads = sig.get("heads")
     if isinstance(heads, list):
-        row["significant"] = [str(h.get("head")) for h in heads if isinstance(h, dict)]
+        row["significant"] = [_head(e, h.get("head")) for h in heads if isinstance(h, dict)]
     return row
+
+
+def _count(e: Experiment, extra: dict, key: str) -> int | None:
+    """``extra[key]`` (absent: None) if a whole number >= 0; UserError naming the file otherwise: it goes into
+    report.md as it is, where text (HTML) would be rendered."""
+    n = extra.get(key)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise UserError(f"{e.path}: extra.{key} is not a whole number >= 0 ({str(n)[:40]})")
+    return n
+
+
+def _head(e: Experiment, name) -> str:
+    """A head name of ``significance`` if it names a head of the result's grid; UserError naming the file."""
+    try:
+        layer, head = parse_head(name) if isinstance(name, str) else (-1, -1)
+    except (UserError, ValueError):
+        layer, head = -1, -1
+    if not (0 <= layer < e.shape[0] and 0 <= head < e.shape[1]):
+        raise UserError(f"{e.path}: significance names {str(name)[:40]!r}, not a head of its "
+                        f"{e.shape[0]}x{e.shape[1]} grid")
+    return name
 
 
 def retrieval_table(rows: list[dict]) -> Table:
