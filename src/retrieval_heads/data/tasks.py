@@ -160,3 +160,6 @@ def context_families(keys: Sequence[str]) -> list[tuple[str, ...]]:
     """The keys whose prompts share a context: the filing questions together, each task alone."""
     filings = tuple(k for k in keys if k not in TASKS)
     return ([filings] if filings else []) + [(k,) for k in keys if k in TASKS]
+
+
+QUESTION_KEYS = tuple(QUESTIONS) + tuple(TASKS)  # what --question takes, as the help lists it
