@@ -119,7 +119,7 @@ def test_a_method_folder_that_is_a_link_is_never_written_through(command, tiny, 
     (elsewhere / ".x.json.rh-abcdefgh.tmp").write_text("not the sweep's")  # its clean-up must not reach here
     os.symlink(elsewhere, out / "summed_attention")
     args = (["sweep", "--models", tiny[0], "--questions", "inc_state", "--tokens", 256, "--no-progress"]
-            if command == "sweep" else ["detect", "--model", tiny[0], "--tokens", 256])
+            if command == "sweep" else ["detect", "--model", tiny[0], "--question", "inc_state", "--tokens", 256])
     rc, stdout, err = cli(capfd, *args, "--samples", 1, "--output-dir", out)
     one_line(rc, err, f"{out / 'summed_attention'} is a symbolic link")
     assert sorted(p.name for p in elsewhere.iterdir()) == [".x.json.rh-abcdefgh.tmp"]
