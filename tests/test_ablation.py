@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import (ablate, ablate_map, evaluate, measure_rows, random_heads, removal_mask,
+from retrieval_heads.ablation import (ablate, ablate_map, evaluate, random_heads, removal_mask,
                                      run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
