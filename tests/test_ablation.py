@@ -85,18 +85,22 @@ def test_k0_reproduces_the_unablated_answers_exactly():
     plain = answer_prompts(lm, prompts, 4)  # no probe at all
     plain_lp = [gold_logprob(lm.model, lm.tokenizer, p) for p in prompts]
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(3)))
-    report = run_ablation(lm, record, prompts, [0, 2], random_seeds=2, max_new_tokens=4)
+    report = run_ablation(lm, record, prompts, [0, 2], random_seeds=2, max_new_tokens=4, batch_size=1)
     k0 = report["top"][0]
     assert k0["k"] == 0 and k0["heads"] == []
     assert [s["generated"] for s in k0["samples"]] == [a.text for a in plain]
     assert [s["logprob"] for s in k0["samples"]] == [round(x, 6) for x in plain_lp]
-    assert [r["heads"] for r in report["random"] if r["k"] == 0] == [[], []]
+    assert [r["heads"] for r in report["random"] + report["matched"] if r["k"] == 0] == [[], [], [], []]
     k2 = report["top"][1]
     assert k2["heads"] == top_heads(record, 2)
     assert k2["logprob"] != k0["logprob"]  # removing heads does something
     by_hand = evaluate(lm, prompts, k2["heads"], 4)
     assert by_hand == {k: v for k, v in k2.items() if k != "k"}
-    assert report["summary"][1]["random_logprob_min"] <= report["summary"][1]["random_logprob_max"]
+    row = report["summary"][1]
+    for kind in ("matched", "random"):
+        lps = sorted(r["logprob"] for r in report[kind] if r["k"] == 2)
+        assert (row[f"{kind}_logprob_min"], row[f"{kind}_logprob_median"], row[f"{kind}_logprob_max"]) == \
+            (lps[0], pytest.approx((lps[0] + lps[1]) / 2, abs=1e-6), lps[1])
 
 
 def test_per_row_removal_equals_each_row_alone():
@@ -133,12 +137,13 @@ def test_batched_conditions_equal_one_condition_at_a_time(batch_size):
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(5)))
     seq = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=1)
     bat = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=batch_size)
-    for a, b in zip(seq["top"] + seq["random"], bat["top"] + bat["random"], strict=True):
+    for a, b in zip(seq["top"] + seq["matched"] + seq["random"], bat["top"] + bat["matched"] + bat["random"],
+                    strict=True):
         assert a["heads"] == b["heads"] and a["k"] == b["k"] and a.get("seed") == b.get("seed")
         assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
         assert a["n_correct"] == b["n_correct"]
         for x, y in zip(a["samples"], b["samples"]):
-            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-5 and abs(x["leadin_logprob"] - y["leadin_logprob"]) <= 1e-5
     assert len(seq["summary"]) == len(bat["summary"])
     for x, y in zip(seq["summary"], bat["summary"]):  # one flat dict per k (approx takes no nesting)
         assert x == pytest.approx(y, abs=1e-5)

@@ -43,7 +43,7 @@ from typing import Sequence
 from .ablation_measure import (LEADIN_RULE, Measured, ablate_map, leadins, measure_sequential,  # noqa: F401
                                measure_shared, removal_mask)
 from .ablation_stats import (CONTROL_NAMES, CONTROLS, DEFAULT_DRAWS, METRICS, TEST, conclusion,  # noqa: F401
-                             matched_heads, random_heads, ranked_heads, summary, tests, top_heads)
+                             matched_heads, paired_tests, random_heads, ranked_heads, summary, top_heads)
 from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
@@ -152,7 +152,7 @@ def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence
         "leadin": {"rule": LEADIN_RULE, "samples": [{"text": le.text, "source": le.source} for le in leads]},
         "baseline": {k: base[k] for k in ("accuracy", "n_correct", "n_answered", "logprob", "leadin_logprob")},
         "top": top, **{kind: drawn.get(kind, []) for kind in CONTROLS},
-        "summary": summary(ks, top, drawn), "test": TEST, "tests": tests(ks, top, drawn),
+        "summary": summary(ks, top, drawn), "test": TEST, "tests": paired_tests(ks, top, drawn),
     }
     report["conclusion"] = conclusion(report)
     return report

@@ -19,7 +19,7 @@ dropped), Holm-adjusted over the ks of one (control, metric).
 >>> rec = {"head_rankings": [{"head": h} for h in ["L1H0", "L1H1", "L0H0", "L0H1", "L1H2", "L0H2"]]}
 >>> matched_heads(rec, 2, seed=0)[1]      # both top heads sit in layer 1, which has one free head left
 1
->>> p = paired_lower([[-5.0, -4.0], [-6.0, -5.0], [-7.0, -3.0]], [-2.0, -3.0, -1.0])   # 3 samples, 2 draws
+>>> p = paired_lower([[-2.0, -3.0], [-1.0, -2.0], [-3.0, -1.0]], [-5.0, -6.0, -7.0])   # 3 samples, 2 draws
 >>> round(p["p"], 4), p["n_lower"]
 (0.125, 3)
 """
@@ -137,7 +137,7 @@ def summary(ks: Sequence[int], top: list[dict], controls: dict[str, list[dict]])
     return out
 
 
-def tests(ks: Sequence[int], top: list[dict], controls: dict[str, list[dict]]) -> list[dict]:
+def paired_tests(ks: Sequence[int], top: list[dict], controls: dict[str, list[dict]]) -> list[dict]:
     """The paired test per (control, metric, k > 0), with Holm-adjusted p over the ks of each (control, metric)."""
     out = []
     for name, conds in controls.items():
@@ -182,3 +182,55 @@ def conclusion(report: dict, alpha: float = ALPHA) -> str:
     tail = f"; not at k = {ks(lost)}" if lost else ""
     return (f"causal at k = {ks(won)}: removing the top-k heads lowers the gold log-prob more than removing "
             f"{name} (Holm-adjusted one-sided Wilcoxon, alpha {alpha:g}){tail}")
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The terminal summary of an ablation: per metric a table of k, the top-k condition and each control's
+    median [min, max] over draws, every number under a named column; then the paired tests and the conclusion.
+
+    >>> rep = {"controls": ["matched"], "draws": 2, "samples": 4, "tests": [], "conclusion": "no test: only k = 0",
+    ...        "summary": [{"k": 0, "top_accuracy": 0.5, "matched_accuracy_median": 0.5, "matched_accuracy_min": 0.5,
+    ...                     "matched_accuracy_max": 0.5}]}
+    >>> print("\\n".join(summary_lines(rep)[:3]))
+    accuracy (share of greedy answers right; controls: median [min, max] over 2 draws):
+        k  top-k removed           layer-matched random heads removed
+        0  0.50                    0.50 [0.50, 0.50]
+    """
+    controls = [c for c in report.get("controls", []) if c in CONTROL_NAMES]
+    explain = {"accuracy": "share of greedy answers right",
+               "logprob": "mean log-prob of the gold answer's tokens, right after the prompt",
+               "leadin_logprob": "the same after the model's own lead-in"}
+    fmt = {"accuracy": "{:.2f}", "logprob": "{:.3f}", "leadin_logprob": "{:.3f}"}
+    rows = report["summary"]
+    out = []
+    for m in METRICS:
+        if not rows or f"top_{m}" not in rows[0]:
+            continue
+        f = fmt[m].format
+        heads = ["top-k removed"] + [f"{CONTROL_NAMES[c]} removed" for c in controls]
+        out.append(f"{METRIC_NAMES[m]} ({explain[m]}"
+                   + (f"; controls: median [min, max] over {report['draws']} draws" if controls else "") + "):")
+        width = [max(len(h), 22) for h in heads]
+        out.append("    k  " + "  ".join(h.ljust(w) for h, w in zip(heads, width)).rstrip())
+        for r in rows:
+            cells = [f(r[f"top_{m}"])] + [
+                f"{f(r[f'{c}_{m}_median'])} [{f(r[f'{c}_{m}_min'])}, {f(r[f'{c}_{m}_max'])}]"
+                if f"{c}_{m}_median" in r else "-" for c in controls]
+            out.append(f"  {r['k']:>3}  " + "  ".join(c.ljust(w) for c, w in zip(cells, width)).rstrip())
+    borrowed = sum(r.get("matched_from_other_layers", 0) for r in rows)
+    if "matched" in controls and borrowed:
+        out.append(f"layer-matched draws: {borrowed} head(s) drawn from a neighbouring layer (too few free heads "
+                   "in the top heads' own layer)")
+    for c in controls:
+        ts = [t for t in report.get("tests", []) if t["control"] == c]
+        if not ts:
+            continue
+        out.append(f"paired test, top-k lower than the mean of the {CONTROL_NAMES[c]} draws (one-sided Wilcoxon "
+                   f"over {ts[0]['n']} samples, p Holm-adjusted over k):")
+        for k in dict.fromkeys(t["k"] for t in ts):
+            parts = [f"{METRIC_NAMES[t['metric']]} p {t['p_holm']:.2g} ({t['n_lower']}/{t['n']} samples lower)"
+                     for t in ts if t["k"] == k]
+            out.append(f"  k={k:<3} " + "; ".join(parts))
+    if report.get("conclusion"):
+        out.append(f"conclusion: {report['conclusion']}")
+    return out

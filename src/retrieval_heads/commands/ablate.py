@@ -7,7 +7,8 @@ import argparse
 from ..errors import UserError
 from ._common import flag, quiet_transformers, values
 
-SUMMARY = "Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."
+SUMMARY = ("Remove the top-k heads of a result and, as controls, random heads of the same layers and of any "
+           "layer; write accuracy and log-probs vs k, a paired test and a conclusion (JSON + PNG).")
 DEFAULT_KS = (0, 5, 10, 20, 50)
 
 
@@ -33,8 +34,13 @@ def register(commands) -> None:
     p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
     values(p, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
                           f"[default: {' '.join(map(str, DEFAULT_KS))}].")
-    p.add_argument("--random-seeds", type=int, default=3,
-                   help="Random controls per k (k heads drawn from outside the top k).")
+    p.add_argument("--draws", "--random-seeds", dest="random_seeds", metavar="N", type=int, default=5,
+                   help="Random draws per k of each control [default: 5].")
+    p.add_argument("--controls", default="matched,random",
+                   help="Controls, comma-separated: 'matched' (layer-matched: each top head replaced by a random "
+                        "head of its own layer, outside the top k; borrowed from the nearest layer where its own "
+                        "has too few) and 'random' (k heads from any layer outside the top k) [default: both]. "
+                        "The paired test compares top-k with the mean of the matched draws.")
     p.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
     p.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
     p.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the samples "
@@ -63,6 +69,7 @@ def ablate(args: argparse.Namespace) -> None:
     result = given_path(args.result, "RESULT")
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     ks = parse_ks(args.k)
+    controls = [c.strip() for c in str(args.controls).split(",") if c.strip()]
     out = None if args.out is None else given_path(args.out, "--out")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":
@@ -72,12 +79,10 @@ def ablate(args: argparse.Namespace) -> None:
     quiet_transformers()
     res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
                        args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
-                       progress=True)
+                       progress=True, controls=controls)
     res.write(out)
-    report = res.record
-    for row in report["summary"]:
-        rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \
-              f"{row['random_accuracy_max']:.2f}]" if "random_accuracy_mean" in row else ""
-        print(f"k={row['k']:>3}  top: accuracy {row['top_accuracy']:.2f}  logprob {row['top_logprob']:.3f}{rnd}")
+    from ..ablation_stats import summary_lines
+
+    print("\n".join(summary_lines(res.record)))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
