@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import (ablate, ablate_map, evaluate, random_heads, removal_mask,
+from retrieval_heads.ablation import (ablate, ablate_map, evaluate, leadins, matched_heads, measure_sequential,
+                                     measure_shared, random_heads, removal_mask,
                                      run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
@@ -171,25 +172,29 @@ def test_random_control_never_draws_a_top_head():
 
 
 @pytest.mark.slow
-def test_batched_rows_equal_sequential_on_smollm2(smollm2):
-    """The real model at 256 tokens: rows of batch 8 (every condition of a sample in one pass) give each
-    condition's sequential answers, and its gold log-probs within 1e-5 (unrounded; float32); removal changes
-    the answers and the log-probs, so the comparison can fail."""
+def test_shared_path_equals_sequential_on_smollm2(smollm2):
+    """The real model at 256 tokens: the fast path (lower layers shared, one prefill per row, conditions of a
+    sample batched) gives each condition's sequential answers, and gold and lead-in log-probs within 1e-5
+    (unrounded; float32); removal changes the answers and the log-probs, so the comparison can fail."""
     scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
-    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="hq_state",
+    scores[20:, :] += 1  # top heads in the upper layers, as found on real results: layers below are shared
+    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="inc_state",
                       question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
                       seed=0, dtype="float32")
-    prompts = [g["hq_state"] for g in build_prompts(smollm2, ["hq_state"], 256, 2, 0.5, 0)]
-    sets = [[], top_heads(rec, 10), top_heads(rec, 40), random_heads(rec, 10, 0), random_heads(rec, 40, 1)]
-    answers, logps = measure_rows(smollm2, prompts, sets, 6, batch_size=8)
-    texts = []
-    for heads, got, lp in zip(sets, answers, logps):
-        ref = answer_prompts(smollm2, prompts, 6, ablate=ablate_map(heads) or None)
-        ref_lp = [gold_logprob(smollm2.model, smollm2.tokenizer, p, ablate_map(heads) or None) for p in prompts]
-        assert [a.text for a in got] == [a.text for a in ref] and [a.ids for a in got] == [a.ids for a in ref]
-        assert max(abs(x - y) for x, y in zip(lp, ref_lp)) <= 1e-5
-        texts.append(tuple(a.text for a in ref))
-    assert len(set(texts)) >= 3 and len({round(x, 3) for lp in logps for x in lp}) == len(sets) * len(prompts)
+    prompts = [g["inc_state"] for g in build_prompts(smollm2, ["inc_state"], 256, 2, 0.5, 0)]
+    sets = [[], top_heads(rec, 10), top_heads(rec, 40), matched_heads(rec, 10, 0)[0], random_heads(rec, 10, 1)]
+    base = answer_prompts(smollm2, prompts, 8)
+    leads = leadins(smollm2.tokenizer, prompts, base)
+    ref = measure_sequential(smollm2, prompts, sets, 8, leads)
+    got = measure_shared(smollm2, prompts, sets, 8, leads, batch_size=4)
+    for c in range(len(sets)):
+        assert [a.ids for a in got.answers[c]] == [a.ids for a in ref.answers[c]]
+        for what in ("logprob", "leadin_logprob"):
+            assert max(abs(x - y) for x, y in zip(getattr(got, what)[c], getattr(ref, what)[c])) <= 1e-5
+    assert [a.text for a in ref.answers[0]] == [a.text for a in base]
+    assert len({tuple(a.text for a in ans) for ans in ref.answers}) >= 2
+    assert len({round(x, 3) for lp in ref.logprob for x in lp}) == len(sets) * len(prompts)
+    assert any(le.ids for le in leads)  # the model's own lead-in ("The company ...") is used
 
 
 def test_ablate_checks_everything_before_loading_a_model():
