@@ -182,11 +182,11 @@ def test_shared_path_equals_sequential_on_smollm2(smollm2):
                       question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
                       seed=0, dtype="float32")
     prompts = [g["inc_state"] for g in build_prompts(smollm2, ["inc_state"], 256, 2, 0.5, 0)]
-    sets = [[], top_heads(rec, 10), top_heads(rec, 40), matched_heads(rec, 10, 0)[0], random_heads(rec, 10, 1)]
+    sets = [[], top_heads(rec, 10), matched_heads(rec, 10, 0)[0], random_heads(rec, 10, 1)]
     base = answer_prompts(smollm2, prompts, 8)
     leads = leadins(smollm2.tokenizer, prompts, base)
     ref = measure_sequential(smollm2, prompts, sets, 8, leads)
-    got = measure_shared(smollm2, prompts, sets, 8, leads, batch_size=4)
+    got = measure_shared(smollm2, prompts, sets, 8, leads, batch_size=3)
     for c in range(len(sets)):
         assert [a.ids for a in got.answers[c]] == [a.ids for a in ref.answers[c]]
         for what in ("logprob", "leadin_logprob"):
@@ -203,7 +203,8 @@ def test_ablate_checks_everything_before_loading_a_model():
     for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
                     ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
                     ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
-                    ({"random_seeds": -1}, "--random-seeds must be >= 0")]:
+                    ({"random_seeds": -1}, "--draws must be >= 0"),
+                    ({"controls": ("matched", "x")}, "--controls: unknown control 'x'")]:
         with pytest.raises(UserError, match=msg):
             ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
     with pytest.raises(UserError, match="checksum"):
@@ -243,6 +244,7 @@ def test_cli_ablate_end_to_end(tmp_path):
     (["--k", "300"], "--k 300 is outside 0..270"),
     (["--k", "200"], "only 70 heads lie outside the top 200"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--controls", "matched,foo"], "--controls: unknown control 'foo' (choose from matched, random)"),
 ])
 @pytest.mark.slow
 def test_cli_ablate_bad_input(tmp_path, args, msg):

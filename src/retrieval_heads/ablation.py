@@ -125,7 +125,7 @@ def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence
     ks = check_ks(ks, total)
     controls = check_controls(controls)
     if random_seeds < 0:
-        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+        raise UserError(f"--draws must be >= 0, got {random_seeds}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     kinds = controls if random_seeds else []
@@ -279,7 +279,7 @@ def ablate(
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if random_seeds < 0:
-        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+        raise UserError(f"--draws must be >= 0, got {random_seeds}")
     if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
