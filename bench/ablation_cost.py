@@ -43,10 +43,11 @@ def curve(lm, args, tokens: int, samples: int):
     return rec, prompts
 
 
-def run(lm, args, rec, prompts, batch_size: int) -> dict:
+def run(lm, args, rec, prompts, batch_size: int, ks=None, draws=None) -> dict:
     from retrieval_heads.ablation import run_ablation
 
-    return run_ablation(lm, rec, prompts, args.ks, args.draws, args.max_new_tokens, batch_size)
+    return run_ablation(lm, rec, prompts, args.ks if ks is None else ks, args.draws if draws is None else draws,
+                        args.max_new_tokens, batch_size)
 
 
 def conditions(report: dict) -> list[dict]:
@@ -99,7 +100,7 @@ def main() -> None:
     machine, lm = C.setup(args.threads, args.model)
     warm = curve(lm, args, 128, 1)
     for b in (1, args.batch_size):
-        run(lm, args, *warm, b)  # warm-up of both paths on a short prompt
+        run(lm, args, *warm, b, ks=[0, 5], draws=1)  # warm-up of both paths on a short prompt
     rec, prompts = curve(lm, args, args.tokens, args.samples)
     reports: dict[str, dict] = {}
     seconds: dict[str, float] = {}
