@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     machine, lm = C.setup(args.threads, args.model)
-    warm = curve(lm, args, 128, 1)
+    warm = curve(lm, args, 200, 1)
     for b in (1, args.batch_size):
         run(lm, args, *warm, b, ks=[0, 5], draws=1)  # warm-up of both paths on a short prompt
     rec, prompts = curve(lm, args, args.tokens, args.samples)
