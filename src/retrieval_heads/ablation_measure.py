@@ -18,7 +18,8 @@ stop rule), the mean log-probability of the gold answer's tokens teacher-forced 
 
 Both give the same answers and log-probs within 1e-5 in float32 (``tests/test_ablation_fast.py``).
 
->>> got = measure_shared(lm, prompts, [[], ["L20H3", "L22H1"]], 12, leadins(lm.tokenizer, prompts, base))  # doctest: +SKIP
+>>> leads = leadins(lm.tokenizer, prompts, base)                                            # doctest: +SKIP
+>>> got = measure_shared(lm, prompts, [[], ["L20H3", "L22H1"]], 12, leads)                  # doctest: +SKIP
 >>> got.logprob[1][0]        # condition 1, sample 0                                                   # doctest: +SKIP
 """
 
