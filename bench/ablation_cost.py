@@ -95,7 +95,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="ablation_cost", help="name of the files under bench/results/")
+    ap.add_argument("--render", action="store_true", help="only write the .md again from the .json")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        record = json.loads((C.RESULTS / f"{args.out}.json").read_text())
+        C.write_results(args.out, record, markdown(record))
+        return
 
     machine, lm = C.setup(args.threads, args.model)
     warm = curve(lm, args, 200, 1)
@@ -143,10 +150,10 @@ def markdown(rec: dict) -> str:
     seq, fast, bare = s["sequential"], s["shared"], rec["rows_x_one_forward_seconds"]
     body = [
         ["shared (`--batch-size %d`, default)" % rec["batch_size"], f"{fast:.1f}", f"**{fast / seq:.2f}**",
-         f"{fast / bare:.2f}", f"{m['shared']['peak_mib']:.0f} (+{m['shared']['delta_mib']:.0f})",
+         f"{fast / bare:.2f}", f"{m['shared']['peak_mib']:.0f} ({m['shared']['delta_mib']:+.0f})",
          f"{m['shared']['peak_mib'] / m['sequential']['peak_mib']:.2f}"],
         ["sequential (`--batch-size 1`, one condition at a time)", f"{seq:.1f}", "1.00", f"{seq / bare:.2f}",
-         f"{m['sequential']['peak_mib']:.0f} (+{m['sequential']['delta_mib']:.0f})", "1.00"],
+         f"{m['sequential']['peak_mib']:.0f} ({m['sequential']['delta_mib']:+.0f})", "1.00"],
         [f"rows x one forward pass ({rec['rows']} x {rec['one_forward_seconds']:.3f} s)", f"{bare:.1f}",
          f"{bare / seq:.2f}", "1.00", "not measured", "-"],
     ]
@@ -177,6 +184,9 @@ def markdown(rec: dict) -> str:
         "",
         f"- Same answers as the sequential path: {'yes' if rec['answers_identical'] else '**no**'}; largest "
         f"log-prob difference (gold and lead-in, as rounded in the JSON): {rec['max_abs_logprob_diff']:.1e}.",
+        "- Peak memory: the sequential path runs second, in the same process; its rise is measured above the "
+        "resident set the shared path left (memory the allocator keeps), so where that rise is about 0 its own "
+        "peak may be lower than shown, and the shared path's ratio to it higher: read the ratio as a lower bound.",
         "- Rows x one forward pass counts one bare prefill per row and nothing else; the paths also decode up to "
         f"{rec['max_new_tokens']} tokens per row and teacher-force the gold answer twice (after the prompt and "
         "after the lead-in).",

@@ -171,7 +171,9 @@ def main() -> None:
            "samples": args.samples,
            "detect": "retrieval-heads " + shlex.join(detect).replace(str(out), "RESULTS"), "detect_seconds": t_detect,
            "ablate": "retrieval-heads " + shlex.join(shown).replace(str(C.RESULTS), "bench/results"),
-           "ablate_seconds": t_ablate, "outcome": outcome(abl), "not_run": args.not_run}
+           "ablate_seconds": t_ablate, "outcome": outcome(abl),
+           "not_run": args.not_run + ("" if args.samples >= 16 else
+                                      f"; 16 samples (this run has {args.samples}, to fit its time)")}
     from retrieval_heads.io import atomic_write_text
 
     md = C.RESULTS / "retrieval_proof.md"
