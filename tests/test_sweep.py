@@ -88,7 +88,7 @@ def test_list_options_take_several_values():
     args = parse(["sweep", "--models", "a", "b", "--tokens", "1", "2", "--samples", "3", "--questions", "all"])
     assert (args.models, args.tokens, args.samples, args.questions) == (["a", "b"], ["1", "2"], 3, ["all"])
     for argv in (["--questions", "--tokens", "1"], ["--tokens"]):
-        with pytest.raises(UserError, match="needs at least one value"):
+        with pytest.raises(UserError, match="expected at least one argument"):
             parse(["sweep", *argv])
 
 
@@ -111,7 +111,7 @@ def test_bad_input_is_one_line(tmp_path, args, msg):
 
 @pytest.mark.parametrize("args, msg", [
     (["--models", "smollm2", "--tokens", "64"], "--tokens 64 is too small"),
-    (["--models", "smollm2", "--tokens"], "--tokens needs at least one value"),
+    (["--models", "smollm2", "--tokens"], "argument --tokens: expected at least one argument"),
     (["--models", "/no/such/model"], "does not exist"),
     (["--models", "smollm2", "--samples", "0"], "--samples must be positive"),
     (["--models", "smollm2", "--needle-position", "1.5"], "--needle-position must lie in [0, 1]"),

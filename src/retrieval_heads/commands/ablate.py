@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ._common import flag, quiet_transformers, values
+from ._common import allow, flag, groups, quiet_transformers, values
 
 SUMMARY = ("Remove the top-k heads of a result and, as controls, random heads of the same layers and of any "
            "layer; write accuracy and log-probs vs k, a paired test and a conclusion (JSON + PNG).")
@@ -29,33 +29,40 @@ def parse_ks(given: list[str] | None) -> list[int]:
     return out
 
 
+EXAMPLES = """examples:
+  retrieval-heads ablate results/summed_attention/smollm2_inc_state_512.json
+  retrieval-heads ablate RESULT --k 0 5 10 --draws 5 --controls matched --samples 32
+  retrieval-heads ablate RESULT --dataset my_samples.jsonl      a result made from a dataset needs it again"""
+
+
 def register(commands) -> None:
-    p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY)
+    p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
-    values(p, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
-                          f"[default: {' '.join(map(str, DEFAULT_KS))}].")
-    p.add_argument("--draws", "--random-seeds", dest="random_seeds", metavar="N", type=int, default=5,
-                   help="Random draws per k of each control [default: 5].")
-    p.add_argument("--controls", default="matched,random",
-                   help="Controls, comma-separated: 'matched' (layer-matched: each top head replaced by a random "
-                        "head of its own layer, outside the top k; borrowed from the nearest layer where its own "
-                        "has too few) and 'random' (k heads from any layer outside the top k) [default: both]. "
-                        "The paired test compares top-k with the mean of the matched draws.")
-    p.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
-    p.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
-    p.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the samples "
-                                            "the heads were found on).")
-    p.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
-    p.add_argument("--model", help="Model (default: the result's model_key).")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "
-                                                             "condition (its own removed heads); 1 runs one condition "
-                                                             "at a time.")
-    p.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); the "
-                                 "plot goes next to it as .png.")
-    flag(p, "--trust-remote-code", False, "Allow the model's own Python code to run.")
+    exp, out, eng = groups(p, "experiment", "output", "engine")
+    values(exp, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
+                            f"[default: {' '.join(map(str, DEFAULT_KS))}].")
+    exp.add_argument("--draws", "--random-seeds", dest="random_seeds", metavar="N", type=int, default=5,
+                     help="Random draws per k of each control [default: 5].")
+    exp.add_argument("--controls", default="matched,random",
+                     help="Controls, comma-separated: 'matched' (layer-matched: each top head replaced by a random "
+                          "head of its own layer, outside the top k; borrowed from the nearest layer where its own "
+                          "has too few) and 'random' (k heads from any layer outside the top k) [default: both]. "
+                          "The paired test compares top-k with the mean of the matched draws.")
+    exp.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
+    exp.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
+    exp.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the "
+                                              "samples the heads were found on).")
+    exp.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
+    exp.add_argument("--model", help="Model (default: the result's model_key).")
+    exp.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    out.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); "
+                                   "the plot goes next to it as .png.")
+    allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype."), "retrieval_heads.models:DTYPES")
+    eng.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    eng.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "
+                                                               "condition (its own removed heads); 1 runs one "
+                                                               "condition at a time.")
+    flag(eng, "--trust-remote-code", False, "Allow the model's own Python code to run.")
     p.set_defaults(run=ablate)
 
 
@@ -63,6 +70,8 @@ def ablate(args: argparse.Namespace) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
     from ..ablation import ablate as run_ablation
     from ..io import given_path
+    from ..leftovers import remove_stale_temps
+    from ..lock import writing_into
     from ..results import samples_path
     from ._common import check_not_input
 
@@ -77,10 +86,12 @@ def ablate(args: argparse.Namespace) -> None:
     for o in (out, out.with_suffix(".png")):
         check_not_input(o, [result, samples_path(result), dataset])
     quiet_transformers()
-    res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
-                       args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
-                       progress=True, controls=controls)
-    res.write(out)
+    with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out, out.with_suffix(".png")])  # what a killed ablate to the same files left
+        res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
+                           args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
+                           progress=True, controls=controls)
+        res.write(out)
     from ..ablation_stats import summary_lines
 
     print("\n".join(summary_lines(res.record)))

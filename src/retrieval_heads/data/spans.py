@@ -77,6 +77,14 @@ def answer_span(tokenizer, ids: Sequence[int], answer: str) -> tuple[int, int] |
     return token_span(char_ends(tokenizer, ids), *spans[0]) if spans else None
 
 
+def gold_span(tokenizer, prompt) -> tuple[int, int] | None:
+    """Prompt positions [start, end) of the needle tokens that overlap the gold answer's first whole-word
+    occurrence in the needle (case-insensitive, see :func:`whole_word_spans`), or None when the needle holds
+    the answer only inside longer words ("Kansas" only as part of "Arkansas") or not at all."""
+    span = answer_span(tokenizer, prompt.input_ids[prompt.needle_start : prompt.needle_end], prompt.answer)
+    return None if span is None else (prompt.needle_start + span[0], prompt.needle_start + span[1])
+
+
 def char_spans_to_tokens(tokenizer, text: str, ids: Sequence[int],
                          spans: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     """Character spans of ``text`` -> token spans of ``ids = encode(text)`` (indices into ``ids``). Raises

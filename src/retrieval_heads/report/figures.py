@@ -7,13 +7,16 @@ y axis from layer 0 at the top, heads along x; the top five heads are numbered i
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 from collections import defaultdict
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 from ..results import parse_head
 from .collect import Experiment
@@ -30,11 +33,22 @@ def _png(fig: Figure, dpi: int) -> bytes:
     return buf.getvalue()
 
 
+def drawn_scale(grid) -> float:
+    """The power of two the grid is drawn multiplied by: 1, or less for scores so large (+-1.7e308 are
+    finite) that matplotlib's colour scale would overflow; its colour bar labels the real values."""
+    big = float(np.abs(grid).max(initial=0.0))
+    return 1.0 if big <= 1e300 else 2.0 ** -math.ceil(math.log2(big / 1e300))
+
+
 def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
     grid = exp.scores  # (L, H)
     L, H = grid.shape
+    grid = grid * drawn_scale(grid)  # as drawn (a new array)
+    layers = exp.record.get("attention_layers")
+    if layers is not None:  # a hybrid: the layers without attention stay blank
+        grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
-    lo, hi = float(grid.min()), float(grid.max())
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
         light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6
@@ -67,7 +81,10 @@ def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> byte
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
     ax = fig.add_subplot()
     image = _draw(ax, exp, fontsize=8 if H <= 16 else 6, ticks=True)
-    fig.colorbar(image, ax=ax, label="score")
+    bar = fig.colorbar(image, ax=ax, label="score")
+    f = drawn_scale(exp.scores)
+    if f != 1.0:
+        bar.formatter = FuncFormatter(lambda v, _: score_text(float(v) / f))  # a Python float: inf, no warning
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     top = exp.record["head_rankings"][0]
@@ -103,7 +120,8 @@ def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
                 ax.set_title(f"{t} tok · {e.ranked[0]}", fontsize=8)
                 lo, hi = float(e.scores.min()), float(e.scores.max())
                 bar = fig.colorbar(image, ax=ax, fraction=0.1, pad=0.03, aspect=25)
-                bar.set_ticks([lo, hi] if hi > lo else [lo])
+                f = drawn_scale(e.scores)
+                bar.set_ticks([lo * f, hi * f] if hi > lo else [lo * f])
                 bar.set_ticklabels([score_text(lo), score_text(hi)] if hi > lo else [score_text(lo)])
                 bar.ax.tick_params(labelsize=6, length=2, pad=1)
             if j == 0:
