@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .ablation_measure import (LEADIN_RULE, Measured, ablate_map, leadins, measure_sequential,  # noqa: F401
-                               measure_shared, removal_mask)
+from .ablation_measure import (LEADIN_RULE, Measured, ablate_map, can_share, leadins,  # noqa: F401
+                               measure_sequential, measure_shared, removal_mask)
 from .ablation_stats import (CONTROL_NAMES, CONTROLS, DEFAULT_DRAWS, METRICS, TEST, conclusion,  # noqa: F401
                              matched_heads, paired_tests, random_heads, ranked_heads, summary, top_heads)
 from .data.dataset import load_jsonl
@@ -77,8 +77,9 @@ def measure(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequence[st
     first (they give the lead-ins), then every set, by the fast path (batch_size > 1) or the reference (1)."""
     base = answer_prompts(lm, prompts, max_new_tokens, 1)  # one sample at a time on both paths: same lead-ins
     leads = leadins(lm.tokenizer, prompts, base)
-    how = measure_sequential if batch_size == 1 else measure_shared
-    kw = {} if batch_size == 1 else {"batch_size": batch_size}
+    fast = batch_size > 1 and can_share(lm.model)  # hybrids (recurrent layers) take the reference path
+    how = measure_shared if fast else measure_sequential
+    kw = {"batch_size": batch_size} if fast else {}
     got: Measured = how(lm, prompts, head_sets, max_new_tokens, leads, progress=progress, **kw)
     return ([condition(h, a, lp, llp) for h, a, lp, llp in zip(head_sets, got.answers, got.logprob,
                                                                got.leadin_logprob)], leads)

@@ -152,6 +152,21 @@ def decoder_layers(model) -> list:
     raise ValueError(f"{type(model).__name__}: no list of {n} decoder layers found")
 
 
+def can_share(model) -> bool:
+    """Whether :func:`measure_shared` applies: every layer keeps plain keys and values in its cache (full or
+    sliding-window attention) and the decoder layers can be found. Hybrids with linear-attention or recurrent
+    layers (a state, not keys) are measured by :func:`measure_sequential`."""
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = _new_cache(model)
+        decoder_layers(model)
+    except (ValueError, TypeError, AttributeError, NotImplementedError):
+        return False
+    n = model.config.get_text_config().num_hidden_layers
+    return len(cache.layers) == n and all(isinstance(layer, DynamicLayer) for layer in cache.layers)
+
+
 class _Done(Exception):
     """Stops the shared pass once the deepest hidden state it must give is known."""
 
