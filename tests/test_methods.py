@@ -489,3 +489,29 @@ def test_cli_repeated_and_comma_methods(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query_focused", "summed_attention"]
     r = run_cli("detect", "--method", "summed_attention,retrieval_scor", "--output-dir", str(tmp_path / "x"))
     assert r.returncode == 2 and "did you mean 'retrieval_score'" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_gold_span_is_the_asked_fact_when_the_answer_appears_twice(smol_tok):
+    """Sample 1 (seed 0) is headquartered and incorporated in Oregon, the headquarters sentence first: the
+    gold span of inc_state is the incorporation fact's tokens (the span summed_attention+answer reads), not
+    the first mention; a head copying "Oregon" from the headquarters sentence gets no credit."""
+    from retrieval_heads.data.prompt import PromptFormat
+    from retrieval_heads.data.samples import synthetic_samples
+    from retrieval_heads.data.spans import answer_span, prompt_answer_span
+
+    group = synthetic_samples(PromptFormat(smol_tok), ["inc_state", "hq_state"], 256, 2, 0.5, 0)[1]
+    inc, hq = group["inc_state"], group["hq_state"]
+    assert inc.answer == hq.answer == "Oregon"
+    first = answer_span(smol_tok, inc.input_ids[inc.needle_start : inc.needle_end], "Oregon")
+    first = (inc.needle_start + first[0], inc.needle_start + first[1])
+    assert first == hq.fact_spans["hq_state"] != inc.fact_spans["inc_state"]  # the HQ mention comes first
+    assert gold_span(smol_tok, inc) == inc.fact_spans["inc_state"] == prompt_answer_span(smol_tok, inc)
+    assert gold_span(smol_tok, hq) == hq.fact_spans["hq_state"]
+    a, b = gold_span(smol_tok, inc)
+    answer = inc.input_ids[a:b]
+    L, H = 1, 2
+    argmax = torch.zeros(len(answer), L, H, dtype=torch.long)  # (T, L, H)
+    argmax[:, 0, 0] = torch.arange(a, b)  # head 0 copies the incorporation fact
+    argmax[:, 0, 1] = torch.arange(first[0], first[1])  # head 1 copies the headquarters mention
+    hits = retrieval_hits(torch.tensor(inc.input_ids), gold_span(smol_tok, inc), answer, argmax)
+    assert hits.tolist() == [[b - a, 0]]

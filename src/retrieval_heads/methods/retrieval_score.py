@@ -5,8 +5,11 @@ attended key in every pass) a head *copies* on an answer token when, in the pass
 the key it attends most (argmax of its row over all keys: prompt and answer so far) holds the very token
 just generated and lies on the gold answer inside the needle. Wu et al.'s needle *is* the answer; here the
 needle is a whole Section 1, so the keys that count are the needle tokens that spell the gold answer
-(its first whole-word occurrence there, case-insensitive; see :func:`gold_span`): copying "company" from the
-needle is not retrieving the fact. As in the paper, ``R = |g ∩ k| / |k|`` per sample, with ``k`` those gold-answer tokens and ``g``
+(see :func:`gold_span`): on synthetic samples the span of the very fact the question asks for, the same
+span ``summed_attention+answer`` reads (:func:`~retrieval_heads.data.spans.prompt_answer_span`), so that
+a head copying "Oregon" from the headquarters sentence is not credited for the incorporation state; on a
+user's dataset, the answer's first whole-word occurrence in the needle (case-insensitive). Copying "company"
+from the needle is not retrieving the fact. As in the paper, ``R = |g ∩ k| / |k|`` per sample, with ``k`` those gold-answer tokens and ``g``
 the ones the head copied (each counted once)::
 
     score(l, h) = (#gold-answer tokens in the needle that head (l, h) copied) / (#gold-answer tokens in the needle)
@@ -25,17 +28,18 @@ from typing import Sequence
 import torch
 
 from ..data.prompt import PromptSample
-from ..data.spans import answer_span
+from ..data.spans import prompt_answer_span
 from .base import Method, MethodContext, register
 
 
 def gold_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    """Prompt positions [start, end) of the needle tokens that overlap the gold answer's first whole-word
-    occurrence in the needle (case-insensitive, see :func:`~retrieval_heads.data.spans.whole_word_spans`), or
-    None when the needle holds the answer only inside longer words ("Kansas" only as part of "Arkansas") or
-    not at all."""
-    span = answer_span(tokenizer, prompt.input_ids[prompt.needle_start : prompt.needle_end], prompt.answer)
-    return None if span is None else (prompt.needle_start + span[0], prompt.needle_start + span[1])
+    """Prompt positions [start, end) of the gold answer's tokens in the needle: the asked fact's span on a
+    synthetic sample (even when another fact has the same text), else the tokens that overlap the answer's
+    first whole-word occurrence in the needle (case-insensitive, see
+    :func:`~retrieval_heads.data.spans.whole_word_spans`); None when the needle holds the answer only inside
+    longer words ("Kansas" only as part of "Arkansas") or not at all. The one span every method calls "the
+    answer" (:func:`~retrieval_heads.data.spans.prompt_answer_span`)."""
+    return prompt_answer_span(tokenizer, prompt)
 
 
 def retrieval_hits(prompt_ids: torch.Tensor, span: tuple[int, int], answer_ids: Sequence[int],
