@@ -29,10 +29,9 @@ import torch
 from .capture import attention_probe
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
+from .defaults import DEFAULT_MAX_NEW_TOKENS  # noqa: F401  (also read from here)
 from .hf import cache_kwarg, input_device, returned_cache  # noqa: F401  (cache_kwarg, returned_cache: also read from here)
 from .methods.base import batches, stack_ids
-
-DEFAULT_MAX_NEW_TOKENS = 12
 
 Stop = Callable[[list, int], bool]  # (answer ids so far, next token) -> stop before that token?
 

@@ -35,6 +35,7 @@ import torch
 
 from .chance import SpanMasses, probe_prompts, prompt_spans, span_masks, union_names
 from .data.prompt import PromptFormat, PromptSample
+from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .generation import Answer, answer_batch, answer_prompts
 from .hf import input_device
 from .methods import METHODS
@@ -56,7 +57,7 @@ class Scored:
 @torch.no_grad()
 def score_groups(
     lm, groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str], methods: Sequence[str],
-    answers: bool = False, max_new_tokens: int = 12, batch_size: int = 1,
+    answers: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Scored]:
     """Score ``methods`` on every question of every sample, one context pass per sample (batch of samples).

@@ -58,13 +58,15 @@ from .attention import attention_path, for_results as attention_files
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
+from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .io import given_path
-from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
+from .models import (DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, hub_access, model_identity,
+                     resolve)
 from .registry import Registry
 from .results import (MisnamedResult, check_result_folder, depth_text, identity_of, load_result, result_path,
                       samples_path, samples_problem)
 
-DEFAULT_MODELS = ("instruct", "base")
+DEFAULT_MODELS = ("smollm2",)  # as detect's; the seed's pair is --models instruct base
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
 DEFAULT_SAMPLES = 6  # per unit of a grid
 LOCK_NAME = ".sweep.lock"
@@ -91,6 +93,7 @@ class Grid:
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # longest greedy answer (answers, retrieval_score)
     span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
 
     @property
@@ -152,7 +155,7 @@ class Status:
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
            "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span"):
+           "span", "max_new_tokens"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -248,6 +251,7 @@ class GridSettings(BaseModel):
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
     span: Optional[Union[str, list[str]]] = None
+    max_new_tokens: Optional[int] = None
 
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
@@ -256,7 +260,8 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "save_attention": "a whole number",
-            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names"}
+            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names",
+            "max_new_tokens": "a whole number"}
 
 
 def _shown(value: Any) -> str:
@@ -297,7 +302,7 @@ def make_grid(**settings: Any) -> Grid:
         GRID_KEYS.get(k)
     if "tokens" in given:
         given["tokens"] = _ints(given["tokens"], "tokens")
-    for k in ("samples", "seed", "batch_size", "save_attention"):
+    for k in ("samples", "seed", "batch_size", "save_attention", "max_new_tokens"):
         if k in given:
             given[k] = _int(given[k], k)
     if "needle_positions" in given:
@@ -328,7 +333,7 @@ def make_grid(**settings: Any) -> Grid:
 
         values["span"] = ",".join(span_names(given["span"]))
     for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
-              "save_attention", "rank_by", "answers"):
+              "save_attention", "rank_by", "answers", "max_new_tokens"):
         if k in given:
             values[k] = given[k]
     if "needle_position" in given and "needle_positions" in given:
@@ -363,6 +368,8 @@ def make_grid(**settings: Any) -> Grid:
     for t in grid.tokens:
         for d in grid.needle_positions:
             check_args(None, t, grid.samples, d, grid.batch_size)
+    if grid.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {grid.max_new_tokens}")
     if grid.save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
     return grid
@@ -427,7 +434,18 @@ def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> 
     for k, v in want.items():
         if k in record and record[k] != v:
             return f"{k} {record[k]!r} (this sweep: {v!r})"
+    extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
+    if decodes(grid) and "max_new_tokens" in extra and extra["max_new_tokens"] != grid.max_new_tokens:
+        return f"max_new_tokens {extra['max_new_tokens']!r} (this sweep: {grid.max_new_tokens!r})"
     return None
+
+
+def decodes(grid: Grid) -> bool:
+    """Whether the grid's results depend on the model's greedy answers (``answers``, or a method that reads
+    them), and so on ``max_new_tokens``."""
+    from .methods import METHODS
+
+    return grid.answers or any("answers" in METHODS.get(m).needs for m in grid.methods)
 
 
 def _identity_mismatch(record: dict, identity: dict) -> str | None:
@@ -505,7 +523,7 @@ def compute_unit(
 
     from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
-    from .generation import DEFAULT_MAX_NEW_TOKENS, accuracy
+    from .generation import accuracy
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
@@ -517,7 +535,7 @@ def compute_unit(
         done += k
         progress(done / len(groups))
 
-    scored = score_groups(lm, groups, unit.questions, grid.methods, grid.answers, DEFAULT_MAX_NEW_TOKENS,
+    scored = score_groups(lm, groups, unit.questions, grid.methods, grid.answers, grid.max_new_tokens,
                           grid.batch_size, on_batch)
     out = []
     spans = grid.span.split(",")
@@ -525,7 +543,7 @@ def compute_unit(
         for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
-            answered = None if got is None else dict(accuracy(got), max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+            answered = None if got is None else dict(accuracy(got), max_new_tokens=grid.max_new_tokens)
             if m == "summed_attention":  # every span kind from the same masses
                 ss = span_scores(sc.masses, prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
@@ -704,17 +722,21 @@ def preflight(grid: Grid) -> None:
 
     for m in grid.models:
         _, name, path = resolve(m)
-        hint = " (the default grid is the seed's Llama-3-8B pair; try --models smollm2)" \
-            if m in DEFAULT_MODELS else ""
+        hub, offline_why = hub_access(path)  # the hub only if it answers within HUB_PROBE_S: no minutes of retries
+        hint = " (the seed's Llama-3-8B models are gated on the hub: log in with `hf auth login`, or try " \
+               "--models smollm2)" if m in ("instruct", "base") else ""
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
             check_causal_lm(m, config)
             text = config.get_text_config()
             limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
             if limit is not None and max(grid.tokens) > limit:
                 raise UserError(f"--tokens {max(grid.tokens)} exceeds the {limit} positions of {name}")
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
         except (OSError, ValueError) as e:
+            if offline_why and isinstance(e, OSError):
+                raise UserError(f"cannot load model {m!r}: it is not in the local hub cache and {offline_why}"
+                                f"{hint}") from None
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
         for depth in grid.needle_positions:
             synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, depth, grid.seed)

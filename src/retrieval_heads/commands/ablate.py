@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ._common import flag, quiet_transformers, values
 
 SUMMARY = "Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."
@@ -41,7 +42,8 @@ def register(commands) -> None:
                                             "the heads were found on).")
     p.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
     p.add_argument("--model", help="Model (default: the result's model_key).")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "

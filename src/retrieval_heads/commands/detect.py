@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ._common import flag, print_top, quiet_transformers, values
 
 SUMMARY = "Run one experiment and write its result JSON."
@@ -32,7 +33,8 @@ def register(commands) -> None:
     flag(p, "--success-only", False, "Count only correctly answered samples (written as METHOD_success).")
     flag(p, "--answers", False, "Also decode and record the model's answers and accuracy (automatic with "
                                 "retrieval_score or --success-only).")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (the probe's softmax is float32).")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--batch-size", type=int, default=1, help="Samples per forward pass.")

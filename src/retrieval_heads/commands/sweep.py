@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ._common import flag, quiet_transformers, values
 
 SUMMARY = "Run every model x question x length x depth experiment not already done; resumable, one model load each."
@@ -15,12 +16,13 @@ SUMMARY = "Run every model x question x length x depth experiment not already do
 # the grid's settings (sweep.make_grid's arguments) that flags give; a flag not given leaves the grid file's
 GRID_FLAGS = ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
               "dtype", "device", "batch_size", "save_samples", "save_attention", "trust_remote_code", "rank_by",
-              "answers", "span")
+              "answers", "span", "max_new_tokens")
 
 
 def register(commands) -> None:
     p = commands.add_parser("sweep", help=SUMMARY, description=SUMMARY)
-    values(p, "--models", "MODEL", "Model keys, local paths or hub ids [default: instruct base, the seed's pair].")
+    values(p, "--models", "MODEL", "Model keys, local paths or hub ids [default: smollm2, as detect; the seed's pair: "
+                                          "instruct base].")
     values(p, "--questions", "QUESTION", "Question keys, or 'all' [default: all four].")
     values(p, "--tokens", "TOKENS", "Prompt lengths in tokens [default: 2048 4096 6144 8192].")
     p.add_argument("--samples", type=int, help="Samples per experiment [default: 6].")
@@ -42,6 +44,8 @@ def register(commands) -> None:
     values(p, "--span", "SPAN", "summed_attention's span kinds, each its own result: needle, answer, fact "
                                 "(summed_attention+answer, ...) [default: needle].")
     flag(p, "--answers", None, "Also decode the model's greedy answers (accuracy in each result) [default: off].")
+    p.add_argument("--max-new-tokens", type=int, help="Longest greedy answer, in tokens (--answers, retrieval_score) "
+                                                     f"[default: {DEFAULT_MAX_NEW_TOKENS}].")
     p.add_argument("--config", help="Grid file (.json or .toml) of the settings above; flags win.")
     p.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                           "(_dDEPTH before .json at a depth other than 0.5).")
