@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from .console import bar_disabled, status
 from .capture import attention_probe
 from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
@@ -145,7 +146,7 @@ def measure_rows(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequen
     stop = stop_rule(model, tok)
     answers: dict[tuple[int, int], Answer] = {}
     logps: dict[tuple[int, int], float] = {}
-    with tqdm(total=2 * len(rows), desc="ablation", unit="row", disable=not progress, file=sys.stderr,
+    with tqdm(total=2 * len(rows), desc="ablation", unit="row", disable=bar_disabled(progress), file=sys.stderr,
               leave=False) as bar, torch.no_grad():
         for chunk in _row_batches(rows, lambda r: len(prompts[r[0]].input_ids), batch_size):
             ids = torch.tensor([prompts[i].input_ids for i, _ in chunk], device=device)  # (B, N)
@@ -351,6 +352,8 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
+    if not isinstance(model, LoadedModel):
+        status(f"loading model {record['model_key'] if model is None else model} ...", progress)
     lm = model if isinstance(model, LoadedModel) else load_model(  # an empty name is refused, not the result's
         record["model_key"] if model is None else model, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code)

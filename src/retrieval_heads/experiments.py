@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from .console import bar_disabled, plural, status
 from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
@@ -290,6 +291,8 @@ def detect(
         for n in names:  # no method folder is a link to elsewhere (checked again when writing)
             for sp in spans:
                 check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
+    if not isinstance(model, LoadedModel):
+        status(f"loading model {model} ...", progress)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                   trust_remote_code=trust_remote_code)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
@@ -305,7 +308,7 @@ def detect(
 
         from .onepass import score_groups
 
-        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=not progress, file=sys.stderr,
+        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=bar_disabled(progress), file=sys.stderr,
                   leave=False) as bar:
             shared = score_groups(lm, [{qkey: p} for p in prompts], [qkey], names, want_answers, max_new_tokens,
                                   batch_size, on_batch=bar.update)[qkey]
@@ -343,6 +346,8 @@ def detect(
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
         from .attention import for_results
 
+        status(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
+               progress)
         files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
         for r, data in zip(out.values(), files):
             r.attention = data

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .console import bar_disabled
 from .capture import attention_probe
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
@@ -150,7 +151,7 @@ def answer_prompts(
     from tqdm.auto import tqdm
 
     out: list[Answer | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=bar_disabled(progress), file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
             got = answer_batch(lm.model, lm.tokenizer, [prompts[i] for i in idx], max_new_tokens, track_argmax, ablate)
             for i, a in zip(idx, got):

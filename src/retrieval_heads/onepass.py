@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .console import bar_disabled
 from .chance import SpanMasses, probe_prompts, prompt_spans, span_masks, union_names
 from .data.prompt import PromptFormat, PromptSample
 from .defaults import DEFAULT_MAX_NEW_TOKENS
@@ -215,7 +216,7 @@ def score_prompts(
         return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
 
     out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=bar_disabled(progress), file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
             out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
             bar.update(len(idx))

@@ -1,0 +1,66 @@
+"""What the commands print: plain lines when stdout or stderr is not a terminal (no box-drawn table whose
+title wraps, no carriage returns of a progress bar), status lines for the silent phases, plurals."""
+
+import io
+import sys
+
+import pytest
+
+from conftest import tiny_smol_lm
+from retrieval_heads.commands._common import print_top
+from retrieval_heads.console import bar_disabled, plural
+
+TITLE = "summed_attention: smollm2 inc_state 512 tokens, 16 samples, accuracy 0.75, ranked by score"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_print_top_to_a_pipe_is_plain_lines(capsys):
+    print_top([("L3H4", 0.51234, 2.5), ("L12H0", 0.1, None)], TITLE)
+    assert capsys.readouterr().out.splitlines() == [
+        TITLE,  # whole, on one line
+        "rank  head    score   lift",
+        "   1  L3H4   0.5123  2.50x",
+        "   2  L12H0  0.1000      —",
+    ]
+    print_top([("L0H0", 1.0)], "t")
+    assert capsys.readouterr().out.splitlines() == ["t", "rank  head   score", "   1  L0H0  1.0000"]
+
+
+def test_print_top_on_a_terminal_draws_the_table(monkeypatch):
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    print_top([("L3H4", 0.51234, 2.5)], "title")
+    out = term.getvalue()
+    assert "title" in out and "L3H4" in out and "━" in out  # rich's box
+
+
+def test_bars_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert bar_disabled(True) and bar_disabled(False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not bar_disabled(True) and bar_disabled(False)
+
+
+def test_plural():
+    assert [plural(n, "question") for n in (0, 1, 2)] == ["0 questions", "1 question", "2 questions"]
+    assert plural(1, "sample(s)") == "1 sample(s)" and plural(3, "analysis", "analyses") == "3 analyses"
+
+
+@pytest.mark.slow  # a sweep on a tiny model
+def test_a_piped_sweep_prints_plain_lines_and_says_what_it_loads(tmp_path, capfd):
+    """With progress on but stderr not a terminal: no carriage return anywhere, a status line for the model
+    load and for saving attention rows, and "unit of 1 question"."""
+    from retrieval_heads.sweep import make_grid, run_sweep
+
+    lm = tiny_smol_lm()
+    grid = make_grid(models=["smollm2"], questions=["hq_state"], tokens=[256], samples=1, save_attention=2)
+    run_sweep(grid, tmp_path / "out", load=lambda m, **kw: lm, progress=True, check_models=False)
+    out, err = capfd.readouterr()
+    assert "\r" not in out and "\r" not in err
+    assert err.splitlines() == ["loading model smollm2 ...",
+                                "saving the top 2 heads' attention rows of 1 result (1 sample) ..."]
+    assert "(unit of 1 question, one prefill per sample)" in out and "1 questions" not in out
