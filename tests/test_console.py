@@ -4,11 +4,13 @@ title wraps, no carriage returns of a progress bar), status lines for the silent
 import io
 import sys
 
+from contextlib import nullcontext
+
 import pytest
 
 from conftest import tiny_smol_lm
 from retrieval_heads.commands._common import print_top
-from retrieval_heads.console import bar_disabled, plural
+from retrieval_heads.console import ERASE, bar_disabled, phase, plural
 
 TITLE = "summed_attention: smollm2 inc_state 512 tokens, 16 samples, accuracy 0.75, ranked by score"
 
@@ -45,22 +47,52 @@ def test_bars_only_on_a_terminal(monkeypatch):
     assert not bar_disabled(True) and bar_disabled(False)
 
 
+def test_a_phase_shows_on_a_terminal_and_leaves_nothing(monkeypatch):
+    """On a terminal: the text while the phase runs, erased after (success or failure), so that an error
+    found later is still the only line; in a file: nothing."""
+    from tqdm import tqdm
+
+    for tty in (False, True):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        for fail in (False, True):
+            err.seek(0)
+            err.truncate()
+            with pytest.raises(ValueError) if fail else nullcontext():
+                with phase("loading model m ..."):
+                    assert err.getvalue() == ("loading model m ..." if tty else "")  # shown while it runs
+                    if fail:
+                        raise ValueError("no weights")
+            assert err.getvalue() == ("loading model m ..." + ERASE if tty else "")
+    with phase("x", enabled=False):
+        assert err.getvalue() == "loading model m ..." + ERASE
+    bar = tqdm(total=3, desc="sweep", file=err)  # a live bar shows the phase as its description
+    with phase("saving rows ...", bar=bar):
+        assert bar.desc == "saving rows ..."
+    assert bar.desc == "sweep"
+    bar.close()
+
+
 def test_plural():
     assert [plural(n, "question") for n in (0, 1, 2)] == ["0 questions", "1 question", "2 questions"]
     assert plural(1, "sample(s)") == "1 sample(s)" and plural(3, "analysis", "analyses") == "3 analyses"
 
 
 @pytest.mark.slow  # a sweep on a tiny model
-def test_a_piped_sweep_prints_plain_lines_and_says_what_it_loads(tmp_path, capfd):
-    """With progress on but stderr not a terminal: no carriage return anywhere, a status line for the model
-    load and for saving attention rows, and "unit of 1 question"."""
+def test_a_piped_sweep_prints_plain_lines_and_says_what_it_loads(tmp_path, capfd, monkeypatch):
+    """With progress on but stderr not a terminal: nothing on stderr (no bar, no carriage return, no
+    transient status), plain result lines on stdout, and "unit of 1 question"."""
+    from retrieval_heads import console, sweep
     from retrieval_heads.sweep import make_grid, run_sweep
 
+    said = []
+    monkeypatch.setattr(sweep, "phase", lambda text, enabled=True, bar=None: (said.append(text),
+                                                                              console.phase(text, enabled, bar))[1])
     lm = tiny_smol_lm()
     grid = make_grid(models=["smollm2"], questions=["hq_state"], tokens=[256], samples=1, save_attention=2)
     run_sweep(grid, tmp_path / "out", load=lambda m, **kw: lm, progress=True, check_models=False)
     out, err = capfd.readouterr()
     assert "\r" not in out and "\r" not in err
-    assert err.splitlines() == ["loading model smollm2 ...",
-                                "saving the top 2 heads' attention rows of 1 result (1 sample) ..."]
+    assert err == ""
+    assert said == ["loading model smollm2 ...", "saving the top 2 heads' attention rows of 1 result (1 sample) ..."]
     assert "(unit of 1 question, one prefill per sample)" in out and "1 questions" not in out

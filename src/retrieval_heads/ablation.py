@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from .console import bar_disabled, status
+from .console import bar_disabled, phase
 from .capture import attention_probe
 from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
@@ -352,11 +352,12 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
-    if not isinstance(model, LoadedModel):
-        status(f"loading model {record['model_key'] if model is None else model} ...", progress)
-    lm = model if isinstance(model, LoadedModel) else load_model(  # an empty name is refused, not the result's
-        record["model_key"] if model is None else model, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        name = record["model_key"] if model is None else model  # an empty name is refused, not the result's
+        with phase(f"loading model {name} ...", progress):
+            lm = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
         raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
                         f"{record['num_heads']}")

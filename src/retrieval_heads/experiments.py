@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .console import bar_disabled, plural, status
+from .console import bar_disabled, phase, plural
 from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
@@ -291,10 +291,11 @@ def detect(
         for n in names:  # no method folder is a link to elsewhere (checked again when writing)
             for sp in spans:
                 check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
-    if not isinstance(model, LoadedModel):
-        status(f"loading model {model} ...", progress)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
-                                                                  trust_remote_code=trust_remote_code)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        with phase(f"loading model {model} ...", progress):
+            lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
     if records is not None:
         qkey = dataset_key(dataset)
@@ -346,9 +347,9 @@ def detect(
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
         from .attention import for_results
 
-        status(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
-               progress)
-        files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
+        with phase(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
+                   progress):
+            files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
         for r, data in zip(out.values(), files):
             r.attention = data
     for r in out.values() if output_dir else ():  # written once every result (and its attention) is complete

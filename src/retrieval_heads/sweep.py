@@ -47,7 +47,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -55,7 +55,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .attention import attention_path, for_results as attention_files
-from .console import bar_disabled, plural, status
+from .console import bar_disabled, phase, plural
 from .data.questions import QUESTIONS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
@@ -514,13 +514,14 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
 
 def compute_unit(
     lm: LoadedModel, unit: Unit, grid: Grid, on_progress: Callable[[float], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
+    on_phase: Callable[[str], Any] | None = None,
 ) -> list[DetectResult]:
     """Score every method x question of ``unit`` on ``lm``: one :class:`DetectResult` per experiment, record
     included, as :func:`~retrieval_heads.experiments.detect` would make it (equal within float tolerance:
     here every method, question and the answers share one context pass per sample,
     :mod:`retrieval_heads.onepass`). Writes nothing. ``on_progress(f)`` gets the fraction of the unit done so
-    far; ``on_status(line)`` is told of a long phase that moves no bar (saving attention rows)."""
+    far; ``on_phase(text)``, a context manager, wraps a long phase that moves no bar (saving attention rows;
+    :func:`~retrieval_heads.console.phase`)."""
     import torch
 
     from .chance import chance_fields, span_result_name, span_scores
@@ -558,11 +559,13 @@ def compute_unit(
             scores = sc.scores[m].to(lm.device, torch.float32)  # (S, L, H)
             record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores, answered=answered)
             out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, answers=got))
-    if grid.save_attention and on_status is not None:
-        on_status(f"saving the top {grid.save_attention} heads' attention rows of {plural(len(out), 'result')} "
-                  f"({plural(len(groups), 'sample')}) ...")
-    for r in out if grid.save_attention else ():  # rankings final: one more probed pass per sample
-        r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
+    if not grid.save_attention:
+        return out
+    text = (f"saving the top {grid.save_attention} heads' attention rows of {plural(len(out), 'result')} "
+            f"({plural(len(groups), 'sample')}) ...")
+    with on_phase(text) if on_phase is not None else nullcontext():
+        for r in out:  # rankings final: one more probed pass per sample
+            r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
     return out
 
 
@@ -833,9 +836,9 @@ def run_sweep(
                 if lm is None or lm.key != st.model_key:
                     lm = None  # the previous model goes before the next one comes
                     _release_memory()
-                    status(f"loading model {unit.model} ...", progress)
-                    lm = load(unit.model, dtype=grid.dtype, device=grid.device,
-                              trust_remote_code=grid.trust_remote_code)
+                    with phase(f"loading model {unit.model} ...", progress, bar):
+                        lm = load(unit.model, dtype=grid.dtype, device=grid.device,
+                                  trust_remote_code=grid.trust_remote_code)
                 if bar is None:
                     bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
                                disable=bar_disabled(progress), dynamic_ncols=True,
@@ -843,7 +846,7 @@ def run_sweep(
                                           "[{elapsed}<{remaining}]")
                 start, base = time.perf_counter(), bar.n
                 results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)),
-                                       (lambda line: status(line)) if progress else None)
+                                       lambda text: phase(text, progress, bar))
                 seconds = time.perf_counter() - start
                 for res in results:
                     e = (res.record["method"], res.record["question"])
