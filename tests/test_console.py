@@ -2,6 +2,7 @@
 title wraps, no carriage returns of a progress bar), status lines for the silent phases, plurals."""
 
 import io
+import json
 import sys
 
 from contextlib import nullcontext
@@ -89,10 +90,21 @@ def test_a_piped_sweep_prints_plain_lines_and_says_what_it_loads(tmp_path, capfd
     monkeypatch.setattr(sweep, "phase", lambda text, enabled=True, bar=None: (said.append(text),
                                                                               console.phase(text, enabled, bar))[1])
     lm = tiny_smol_lm()
-    grid = make_grid(models=["smollm2"], questions=["hq_state"], tokens=[256], samples=1, save_attention=2)
-    run_sweep(grid, tmp_path / "out", load=lambda m, **kw: lm, progress=True, check_models=False)
+    grid = make_grid(models=["smollm2"], questions=["hq_state"], tokens=[256], samples=1, save_attention=2,
+                     answers=True, max_new_tokens=2, save_samples=True)
+    s = run_sweep(grid, tmp_path / "out", load=lambda m, **kw: lm, progress=True, check_models=False)
     out, err = capfd.readouterr()
     assert "\r" not in out and "\r" not in err
     assert err == ""
     assert said == ["loading model smollm2 ...", "saving the top 2 heads' attention rows of 1 result (1 sample) ..."]
     assert "(unit of 1 question, one prefill per sample)" in out and "1 questions" not in out
+    # the sweep's answers take --max-new-tokens (here 2; the default is 12)
+    record = json.loads(s.done[0].read_text())
+    assert record["extra"]["max_new_tokens"] == 2
+    row = json.loads(s.done[0].with_suffix(".samples.jsonl").read_text().splitlines()[0])
+    from retrieval_heads.experiments import build_prompts
+    from retrieval_heads.generation import answer_prompts
+
+    prompt = build_prompts(lm, ["hq_state"], 256, 1, 0.5, 0)[0]["hq_state"]
+    (want,) = answer_prompts(lm, [prompt], 2)
+    assert row["generated"] == want.text and len(want.ids) <= 2
