@@ -4,12 +4,11 @@ title wraps, no carriage returns of a progress bar), status lines for the silent
 import io
 import json
 import sys
-
 from contextlib import nullcontext
 
 import pytest
-
 from conftest import tiny_smol_lm
+
 from retrieval_heads.commands._common import print_top
 from retrieval_heads.console import ERASE, bar_disabled, phase, plural
 
@@ -59,11 +58,10 @@ def test_a_phase_shows_on_a_terminal_and_leaves_nothing(monkeypatch):
         for fail in (False, True):
             err.seek(0)
             err.truncate()
-            with pytest.raises(ValueError) if fail else nullcontext():
-                with phase("loading model m ..."):
-                    assert err.getvalue() == ("loading model m ..." if tty else "")  # shown while it runs
-                    if fail:
-                        raise ValueError("no weights")
+            with pytest.raises(ValueError) if fail else nullcontext(), phase("loading model m ..."):
+                assert err.getvalue() == ("loading model m ..." if tty else "")  # shown while it runs
+                if fail:
+                    raise ValueError("no weights")
             assert err.getvalue() == ("loading model m ..." + ERASE if tty else "")
     with phase("x", enabled=False):
         assert err.getvalue() == "loading model m ..." + ERASE

@@ -347,7 +347,7 @@ def test_explorer_hover_axes_drop_down_and_legend(results, tmp_path):
         # the drop-down: the depth is in every option and the widest option fits the select
         options = page.locator("#rh-exp option").all_inner_texts()
         assert all(f"depth {x['depth']:g}" in o for o, x in zip(options, data["experiments"]))
-        assert options[exp].startswith(f"hq_state · 300 tokens · depth 0.5 · ")
+        assert options[exp].startswith("hq_state · 300 tokens · depth 0.5 · ")
         fits = page.evaluate("""() => {
             const sel = document.getElementById('rh-exp'), ctx = document.createElement('canvas').getContext('2d');
             ctx.font = getComputedStyle(sel).font;

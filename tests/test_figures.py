@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib.colors import LogNorm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from PIL import Image
 
 from retrieval_heads.report import figures
@@ -82,19 +82,20 @@ def test_the_depth_figure_is_legible_with_contrasting_text():
             assert t.get_color() == ("white" if lum < 0.35 else "black") or 0.35 <= lum <= 0.6, (t.get_text(), rgba)
             assert t.get_color() == text_colour(rgba)
     acc = fig.axes[0].get_images()[0]
-    zero = [t for t in fig.axes[0].texts if t.get_text() == "0.00"][0]
+    zero = next(t for t in fig.axes[0].texts if t.get_text() == "0.00")
     assert text_colour(acc.cmap(acc.norm(0.0))) == zero.get_color() == "white"  # on dark red
 
 
 def test_the_lift_scale_is_fixed_and_anchored_at_chance():
     """1x to 100x, logarithmic, whatever the values: 1.5x looks dim (near the bottom of the scale), 100x
     bright; below 1x and above 100x take the end colours."""
-    lifts = [ax for ax in figures.depth_figure(GROUP).axes if ax.get_title().startswith("top head's lift")]
-    image = lifts[0].get_images()[0]
+    lift = next(ax for ax in figures.depth_figure(GROUP).axes if ax.get_title().startswith("top head's lift"))
+    image = lift.get_images()[0]
     assert isinstance(image.norm, LogNorm) and (image.norm.vmin, image.norm.vmax) == (1.0, 100.0)
     assert image.norm(1.5) == pytest.approx(np.log10(1.5) / 2) and image.norm(1.5) < 0.1
     low = dict(GROUP, top_lift=[[1.1, 1.5], [1.2, None], [1.3, 1.4]])
-    same = [ax for ax in figures.depth_figure(low).axes if ax.get_title().startswith("top head's lift")][0].get_images()[0]
+    same = next(ax for ax in figures.depth_figure(low).axes
+                if ax.get_title().startswith("top head's lift")).get_images()[0]
     assert (same.norm.vmin, same.norm.vmax) == (1.0, 100.0)  # not fitted to the data
     bar = [ax for ax in figures.depth_figure(GROUP).axes if ax.get_label() == "<colorbar>"][-1]
     assert [t.get_text() for t in bar.get_yticklabels()] == ["1x", "2x", "5x", "10x", "20x", "50x", "100x"]

@@ -323,11 +323,11 @@ def test_qrhead_exact_ends_its_query_at_assistant(smol_tok):
     """On a chat template, qrhead_exact's query rows stop after "assistant" (the "\\n" after it dropped) and
     equal the plain reference, by score_batch and by the shared pass; qrhead keeps the "\\n" row and differs.
     Without a chat template the two are one method."""
-    from retrieval_heads.methods.qrhead import query_end, query_start
-    from retrieval_heads.onepass import score_groups
     from transformers import AutoModelForCausalLM
 
+    from retrieval_heads.methods.qrhead import query_end, query_start
     from retrieval_heads.models import LoadedModel
+    from retrieval_heads.onepass import score_groups
 
     fmt = PromptFormat(smol_tok)
     groups = synthetic_samples(fmt, ["hq_state"], 260, 2, 0.5, 0)

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .console import bar_disabled
 from . import stats
+from .console import bar_disabled
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.spans import prompt_answer_span, whole_word_spans

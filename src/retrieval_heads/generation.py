@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .console import bar_disabled
 from .capture import attention_probe
+from .console import bar_disabled
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
 from .defaults import DEFAULT_MAX_NEW_TOKENS  # noqa: F401  (also read from here)

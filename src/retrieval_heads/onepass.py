@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .console import bar_disabled
 from .chance import SpanMasses, probe_prompts, prompt_spans, span_masks, union_names
+from .console import bar_disabled
 from .data.prompt import PromptFormat, PromptSample
 from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .generation import Answer, answer_batch, answer_prompts

@@ -846,7 +846,7 @@ def run_sweep(
                                           "[{elapsed}<{remaining}]")
                 start, base = time.perf_counter(), bar.n
                 results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)),
-                                       lambda text: phase(text, progress, bar))
+                                       lambda text, bar=bar: phase(text, progress, bar))
                 seconds = time.perf_counter() - start
                 for res in results:
                     e = (res.record["method"], res.record["question"])

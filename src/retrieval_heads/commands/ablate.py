@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
 from ..defaults import DEFAULT_MAX_NEW_TOKENS
+from ..errors import UserError
 from ._common import flag, quiet_transformers, values
 
 SUMMARY = "Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."

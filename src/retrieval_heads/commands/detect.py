@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
 from ..defaults import DEFAULT_MAX_NEW_TOKENS
+from ..errors import UserError
 from ._common import flag, print_top, quiet_transformers, values
 
 SUMMARY = "Run one experiment and write its result JSON."

@@ -18,8 +18,8 @@ import textwrap
 from collections import defaultdict
 
 from matplotlib import colormaps
-from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
