@@ -27,7 +27,8 @@ def register(commands) -> None:
     p.add_argument("--save-attention", type=int, default=0, metavar="K",
                    help="Also save, per sample, the last token's attention rows of the top K heads (.attention.npz, "
                         "for the report's explorer); 0: off.")
-    values(p, "--method", "METHOD", "Scoring method(s): summed_attention, query_focused, retrieval_score, qrhead; "
+    values(p, "--method", "METHOD", "Scoring method(s): summed_attention, query_focused, retrieval_score, qrhead, "
+                                    "qrhead_exact; "
                                     "space- or comma-separated or repeated, all on the same samples "
                                     "[default: summed_attention].")
     flag(p, "--success-only", False, "Count only correctly answered samples (written as METHOD_success).")
