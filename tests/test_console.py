@@ -3,6 +3,7 @@ title wraps, no carriage returns of a progress bar), status lines for the silent
 
 import io
 import json
+import re
 import sys
 from contextlib import nullcontext
 
@@ -37,7 +38,13 @@ def test_print_top_on_a_terminal_draws_the_table(monkeypatch):
     monkeypatch.setattr(sys, "stdout", term)
     print_top([("L3H4", 0.51234, 2.5)], "title")
     out = term.getvalue()
-    assert "title" in out and "L3H4" in out and "━" in out  # rich's box
+    assert "L3H4" in out and "━" in out  # rich's box
+    term.seek(0)
+    term.truncate()
+    monkeypatch.setenv("COLUMNS", "120")  # a terminal wider than the title; the table is narrower
+    print_top([("L3H4", 0.51234, 2.5)], TITLE)
+    first = re.sub(r"\x1b\[[0-9;]*m", "", term.getvalue().splitlines()[0])
+    assert first == TITLE  # one line above the table, not wrapped to the table's width
 
 
 def test_bars_only_on_a_terminal(monkeypatch):

@@ -24,9 +24,9 @@ def values(parser: argparse.ArgumentParser, name: str, metavar: str, help: str) 
 
 
 def print_top(rows: list[tuple], title: str) -> None:
-    """rows: (head, score) or (head, score, lift or None); a lift column is shown when any row has one. On a
-    terminal, a drawn table; otherwise (a file, a pipe) plain lines: the title whole, then one aligned row per
-    head, no box characters."""
+    """rows: (head, score) or (head, score, lift or None); a lift column is shown when any row has one. The
+    title is one line above the rows (never wrapped to the table's width); on a terminal the rows are a drawn
+    table, otherwise (a file, a pipe) plain aligned lines, no box characters."""
     import sys
 
     from ..console import is_terminal
@@ -44,7 +44,7 @@ def print_top(rows: list[tuple], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table()  # the title goes above it, whole: as a table title it wraps to the table's width
     table.add_column("rank", justify="right")
     table.add_column("head")
     table.add_column("score", justify="right")
@@ -55,7 +55,9 @@ def print_top(rows: list[tuple], title: str) -> None:
         if with_lift:
             cells.append("—" if r[2] is None else f"{r[2]:.2f}x")
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    console.print(title, style="italic", highlight=False)
+    console.print(table)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
