@@ -56,6 +56,20 @@ def test_the_all_experiments_grid_is_legible():
     assert png.width >= 480 and png.height >= 400
 
 
+def test_an_experiments_heatmap_is_legible():
+    """Its numbered top heads were 7.5 px (6 pt at 90 dpi) on a grid of more than 16 heads."""
+    e = experiment(1024, H=32)
+    fig = figures.heatmap_figure(e, dpi=90)
+    small = [(s, px) for s, px in texts_px(fig, 90) if px < MIN_PX - 1e-9]
+    assert not small, small
+    numbers = list(fig.axes[0].texts)
+    assert [t.get_text() for t in numbers] == ["1", "2", "3", "4", "5"]
+    image = fig.axes[0].get_images()[0]
+    for t in numbers:
+        j, i = (round(x) for x in t.get_position())
+        assert t.get_color() == text_colour(image.cmap(image.norm(image.get_array()[i, j])))
+
+
 GROUP = {"method": "summed_attention", "model": "m", "question": "q", "depths": [0.1, 0.5, 0.9],
          "tokens": [1024, 2048], "answers_recorded": True,
          "accuracy": [[1.0, 0.0], [0.5, None], [0.25, 0.75]],

@@ -90,12 +90,17 @@ def region(ax, rows: int, cols: int, **extra) -> dict:
 def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> bytes:
     """One experiment's (L, H) score grid with a colorbar; title: model, question, tokens, method. With
     ``regions``, the heatmap's place in the picture is appended to it (:func:`region`)."""
+    return _png(heatmap_figure(exp, dpi, regions), dpi)
+
+
+def heatmap_figure(exp: Experiment, dpi: int = 90, regions: list | None = None) -> Figure:
+    """The figure of :func:`heatmap`, drawn for ``dpi``."""
     L, H = exp.shape
     w, h = min(12.0, max(5.0, 1.8 + 0.3 * H)), min(12.0, max(4.5, 1.4 + 0.17 * L))
     fig = Figure(figsize=(w, h))
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
     ax = fig.add_subplot()
-    image = _draw(ax, exp, fontsize=8 if H <= 16 else 6, ticks=True)
+    image = _draw(ax, exp, fontsize=max(8.0, points(dpi)), ticks=True)  # the numbered heads: >= 10 px
     fig.colorbar(image, ax=ax, label="score")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
@@ -105,7 +110,7 @@ def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> byte
                  f"({score_text(top['score'])})", fontsize=10)
     if regions is not None:
         regions.append(region(ax, L, H))
-    return _png(fig, dpi)
+    return fig
 
 
 def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
