@@ -24,6 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+# the slow references the tests hold the library to (tests/reference.py) are measured here too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -170,7 +173,8 @@ def make_paths(model, prompt, which: str = "abc") -> dict[str, Callable[[], obje
     """
     import torch
 
-    from retrieval_heads.methods.summed_attention import SummedAttention, seed_reference_scores
+    from reference import eager_head_scores
+    from retrieval_heads.methods.summed_attention import SummedAttention
     from retrieval_heads.models import input_device
 
     device = input_device(model)
@@ -180,7 +184,7 @@ def make_paths(model, prompt, which: str = "abc") -> dict[str, Callable[[], obje
     method = SummedAttention()
 
     def a():
-        s = seed_reference_scores(model, ids, prompt.needle_start, prompt.needle_end)
+        s = eager_head_scores(model, ids, prompt.needle_start, prompt.needle_end)
         return torch.tensor([[s[f"L{layer}H{head}"] for head in range(H)] for layer in range(L)])  # (L, H)
 
     def b():

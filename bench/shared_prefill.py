@@ -6,9 +6,9 @@
 Per length, each round scores the four questions of the same samples twice, in turn (the order alternates
 between rounds): (separate) one full forward pass per question and sample, ``SummedAttention.score_batch``
 on each full prompt, as ``detect`` does; (shared) one context pass per sample and one pass for the four
-suffixes on its cache, ``prefill.score_shared``, as ``sweep`` does. We report the median (min-max) of each,
-the ratio shared/separate of the medians and the median of the per-round ratios (goal <= 0.40), and the
-largest difference between the two paths' scores. Writes bench/results/shared_prefill.md and .json.
+suffixes on its cache (``score_shared`` of ``tests/reference.py``), as ``sweep`` does. We report the median
+(min-max) of each, the ratio shared/separate of the medians and the median of the per-round ratios (goal
+<= 0.40), and the largest difference between the two paths' scores. Writes bench/results/shared_prefill.md and .json.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     from retrieval_heads.data.questions import QUESTIONS
     from retrieval_heads.experiments import build_prompts
     from retrieval_heads.methods.summed_attention import SummedAttention
-    from retrieval_heads.prefill import score_shared
+    from reference import score_shared  # tests/, on sys.path through _common
 
     machine, lm = C.setup(args.threads, args.model)
     qs = list(QUESTIONS)

@@ -193,7 +193,7 @@ def test_ablate_checks_everything_before_loading_a_model():
     for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
                     ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
                     ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
-                    ({"random_seeds": -1}, "--random-seeds must be >= 0")]:
+                    ({"random_seeds": -1}, "--random-seeds must lie in \\[0, 1000\\], got -1")]:
         with pytest.raises(UserError, match=msg):
             ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
     with pytest.raises(UserError, match="checksum"):

@@ -12,7 +12,8 @@ import torch
 
 from conftest import tiny_smol_lm
 from retrieval_heads import attention as A
-from retrieval_heads.capture import reference_rows
+from reference import reference_rows
+from retrieval_heads.attention_capture import capture_rows
 from retrieval_heads.cli import main
 from retrieval_heads.errors import UserError
 from retrieval_heads.experiments import detect
@@ -74,7 +75,7 @@ def test_capture_rows_equal_the_scoring_probe(tiny_lm):
     """The extra pass sees the very rows the scoring pass saw: needle mass equals the per-sample score (1e-6)."""
     res = detect(tiny_lm, question="inc_state", tokens=300, samples=2)
     heads = [parse_head(h) for h in res.record["top_50_heads"][:6]]
-    rows = A.capture_rows(tiny_lm, res.prompts, heads, batch_size=1)
+    rows = capture_rows(tiny_lm, res.prompts, heads, batch_size=1)
     for s, p in enumerate(res.prompts):
         assert rows[s].shape == (6, len(p.input_ids))
         for j, (layer, head) in enumerate(heads):

@@ -7,10 +7,11 @@ import torch
 
 import retrieval_heads.capture as capture
 from conftest import FAMILIES, tiny_config, tiny_model
-from retrieval_heads.capture import PROBE, attention_probe, attention_rows, eager_attention, prepare, reference_rows
+from reference import eager_attention, reference_rows
+from retrieval_heads.capture import PROBE, attention_probe, attention_rows, prepare
 from retrieval_heads.errors import UserError
 from retrieval_heads.methods.base import needle_mass
-from retrieval_heads.prefill import shared_needle_mass
+from reference import shared_needle_mass
 
 TOL = 1e-5
 
@@ -151,7 +152,7 @@ def test_a_silent_layer_fails_loudly():
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(10))
     mask = torch.zeros(2, 40)
     mask[:, 5:15] = 1
-    with pytest.raises(UserError, match=r"LlamaForCausalLM each layer must reach the probe once: layer 1 0 times;"):
+    with pytest.raises(UserError, match=r"LlamaForCausalLM each attention layer must reach the probe once: layer 1 0 times;"):
         needle_mass(model, ids, mask)
     with pytest.raises(UserError, match="layer 1 0 times"):
         shared_needle_mass(model, ids[:, :32], [ids[:, 32:36], ids[:, 32:40]], mask[:, :32])
@@ -190,10 +191,10 @@ def test_soft_cap_that_binds_is_applied(monkeypatch):
     uncapped = {}
     real_rows = capture.attention_rows
 
-    def both(query, key, mask, scaling, softcap=None, positions=None):
+    def both(query, key, mask, scaling, softcap=None, positions=None, *rest):
         assert softcap == 2.0
-        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions)
-        return real_rows(query, key, mask, scaling, softcap, positions)
+        uncapped[len(uncapped)] = real_rows(query, key, mask, scaling, None, positions, *rest)
+        return real_rows(query, key, mask, scaling, softcap, positions, *rest)
 
     monkeypatch.setattr(capture, "attention_rows", both)
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(12))

@@ -118,9 +118,9 @@ def test_uniform_attention_has_lift_one_and_nothing_significant(family):
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 def test_shared_prefill_measures_the_same_spans(family):
     """The sweep's shared prefill gives each span's mass and baseline as separate full passes do, and the
-    needle's mass bit-identical to score_shared (the seed's scores unchanged)."""
+    needle's mass bit-identical to the needle-only shared pass (tests/reference.py's score_shared)."""
     from retrieval_heads.onepass import score_groups
-    from retrieval_heads.prefill import score_shared
+    from reference import score_shared
 
     model = tiny_model(family)
     ps = prompts(n_samples=3)
@@ -130,14 +130,14 @@ def test_shared_prefill_measures_the_same_spans(family):
     groups = [{"hq_state": p, "inc_year": o} for p, o in zip(ps, other)]
     got = score_groups(loaded(model), groups, ["hq_state", "inc_year"], ["summed_attention"], batch_size=2)
     shared = {q: got[q].masses for q in got}
-    seed = score_shared(model, groups, ["hq_state", "inc_year"], batch_size=2)
+    needle_only = score_shared(model, groups, ["hq_state", "inc_year"], batch_size=2)
     for q, ref_prompts in (("hq_state", ps), ("inc_year", other)):
         full = chance.probe_prompts(loaded(model), ref_prompts)
         assert set(shared[q].mass) == set(full.mass)
         for name in full.mass:
             torch.testing.assert_close(shared[q].mass[name], full.mass[name], atol=1e-5, rtol=0)
             torch.testing.assert_close(shared[q].baseline[name], full.baseline[name], atol=1e-7, rtol=0)
-        assert torch.equal(shared[q].mass["needle"], seed[q])
+        assert torch.equal(shared[q].mass["needle"], needle_only[q])
 
 
 def test_every_span_column_is_needle_mass_of_that_span():
@@ -224,7 +224,7 @@ def test_cli_bad_span_options_one_line_exit_2(tmp_path, args, message):
 @pytest.mark.slow
 def test_detect_spans_on_smollm2(smollm2, tmp_path):
     """Every span kind from one pass per sample, each under its own name; lift = score / baseline; the
-    default result is the seed's plus the added fields."""
+    default result is the core fields plus the added ones."""
     from retrieval_heads import detect
 
     res = detect(smollm2, question="hq_state", tokens=384, samples=2, span="needle,answer,fact", output_dir=tmp_path,

@@ -1,7 +1,7 @@
 """The command line itself (argparse), without loading a model: lists taken natively, flags both ways, usage
 errors as one line with exit 2, ``--help`` on every subcommand."""
 
-import json
+import re
 
 import pytest
 
@@ -12,7 +12,7 @@ from retrieval_heads.commands.sweep import grid_settings
 from retrieval_heads.errors import UserError
 from retrieval_heads.sweep import make_grid
 
-COMMANDS = ["detect", "sweep", "ablate", "report", "export"]
+COMMANDS = ["detect", "sweep", "report", "ablate", "export"]
 
 
 def grid(*argv):
@@ -100,27 +100,27 @@ def test_negative_numbers_are_values(capfd):
     one_line(rc, err, "--seed must be >= 0, got -1")
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["sweep", "--tokens"], "error: --tokens needs at least one value"),
-    (["sweep", "--tokens", "--models", "smollm2"], "error: --tokens needs at least one value"),
-    (["ablate", "r.json", "--k"], "error: --k needs at least one value"),
-    (["detect", "--method"], "error: --method needs at least one value"),
-    (["detect", "--frobnicate"], "error: No such option: --frobnicate"),
-    (["detect", "--tokenz", "5"], "error: No such option: --tokenz (Possible options: --tokens, --top)"),
+@pytest.mark.parametrize("argv, msg", [  # argparse's own messages, on one line
+    (["sweep", "--tokens"], "error: argument --tokens: expected at least one argument"),
+    (["sweep", "--tokens", "--models", "smollm2"], "error: argument --tokens: expected at least one argument"),
+    (["ablate", "r.json", "--k"], "error: argument --k: expected at least one argument"),
+    (["detect", "--method"], "error: argument --method: expected at least one argument"),
+    (["detect", "--frobnicate"], "error: unrecognized arguments: --frobnicate"),
     # options are never abbreviated: --tok is not --tokens
-    (["detect", "--tok", "5"], "error: No such option: --tok (Possible options: --method, --tokens, --top)"),
-    (["sweep", "--model", "smollm2"], "error: No such option: --model (Possible options: --method, --models)"),
-    (["--foo", "detect"], "error: No such option: --foo"),
-    (["detect", "--seed"], "error: Option '--seed' requires an argument."),
-    (["detect", "--tokens", "many"], "error: Invalid value for '--tokens': 'many' is not a valid integer."),
-    (["sweep", "--needle-position", "mid"], "error: Invalid value for '--needle-position': 'mid' is not a valid "
-                                            "number."),
-    (["detect", "--save-samples=yes"], "error: Option '--save-samples' does not take a value."),
-    (["detect", "stray"], "error: Got unexpected extra argument(s) (stray)"),
-    (["ablate"], "error: Missing argument 'RESULT'."),
-    (["export", "r.json"], "error: Missing option '--format'."),
-    (["detekt"], "error: No such command 'detekt'."),
-    ([], "error: Missing command."),
+    (["detect", "--tok", "5"], "error: unrecognized arguments: --tok 5"),
+    (["sweep", "--model", "smollm2"], "error: unrecognized arguments: --model smollm2"),
+    (["--foo", "detect"], "error: unrecognized arguments: --foo"),
+    (["detect", "--seed"], "error: argument --seed: expected one argument"),
+    (["detect", "--tokens", "many"], "error: argument --tokens: invalid int value: 'many'"),
+    (["sweep", "--needle-position", "mid"], "error: argument --needle-position: invalid float value: 'mid'"),
+    (["detect", "--save-samples=yes"], "error: argument --save-samples/--no-save-samples: ignored explicit "
+                                       "argument 'yes'"),
+    (["detect", "stray"], "error: unrecognized arguments: stray"),
+    (["ablate"], "error: the following arguments are required: RESULT"),
+    (["export", "r.json"], "error: the following arguments are required: --format"),
+    (["detekt"], "error: argument COMMAND: invalid choice: 'detekt' (choose from 'detect', 'sweep', 'report', "
+                 "'ablate', 'export')"),
+    ([], "error: the following arguments are required: COMMAND"),
 ])
 def test_usage_errors_are_one_line(capfd, argv, msg):
     rc, out, err = cli(capfd, *argv)
@@ -133,72 +133,35 @@ def test_help(capfd, command):
         rc, out, err = cli(capfd, *command, flag)
         assert rc == 0 and err == "" and out.startswith("usage: retrieval-heads"), (command, err)
     if not command:
-        assert all(c in out for c in COMMANDS)
+        listed = re.findall(r"^    (\w+) ", out.split("commands:")[1].split("workflow:")[0], re.MULTILINE)
+        assert listed == COMMANDS  # workflow order
+        assert "--version" in out and "workflow:" in out
     else:
-        assert "[default:" in out
+        assert "[default:" in out and "\nexamples:\n  retrieval-heads " + command[0] in out
+        assert out.count(f"retrieval-heads {command[0]} ") >= 2  # at least two examples
 
 
-def test_help_wins_over_other_options(capfd):
-    rc, out, err = cli(capfd, "sweep", "--tokens", "1024", "2048", "--help")
-    assert rc == 0 and "--needle-positions DEPTH [DEPTH ...]" in out and err == ""
+def test_help_groups_options_and_shows_allowed_values(capfd):
+    rc, out, _ = cli(capfd, "detect", "--help")
+    assert rc == 0
+    titles = [line[:-1] for line in out.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert titles == ["options", "experiment", "methods", "output", "engine", "examples"]
+    section = out.split("\nmethods:\n")[1].split("\noutput:\n")[0]
+    assert "--method METHOD" in section and "--span SPAN" in section and "--rank-by" in section
+    from retrieval_heads.chance import RANK_BY, SPANS
+    from retrieval_heads.methods import METHODS
+
+    flat = " ".join(out.split())
+    assert "Allowed: " + ", ".join(METHODS) + "." in flat  # the registry's methods, whatever they are
+    assert "Allowed: " + ", ".join(SPANS) + "." in flat and "Allowed: " + ", ".join(RANK_BY) + "." in flat
+    assert "Allowed: float32, bfloat16, float16." in flat
 
 
-def test_sweep_flags_win_over_the_grid_file(tmp_path):
-    g = tmp_path / "g.json"
-    g.write_text(json.dumps({"models": ["smollm2"], "tokens": [256], "answers": True, "samples": 3}))
-    got = grid("--config", str(g), "--tokens", "512", "1024", "--no-answers")
-    assert (got.tokens, got.answers, got.samples) == ((512, 1024), False, 3)
+def test_version(capfd):
+    from retrieval_heads import __version__
 
-
-def test_sweep_takes_several_methods():
-    a = grid("--models", "smollm2", "--method", "summed_attention", "qrhead")
-    b = grid("--models", "smollm2", "--method", "summed_attention,qrhead")
-    assert a.methods == b.methods == ("summed_attention", "qrhead") and a.size == 2 * 4 * 4
-
-
-def test_sweep_takes_span_kinds():
-    a = grid("--models", "smollm2", "--span", "needle", "answer")
-    b = grid("--models", "smollm2", "--span", "needle,answer")
-    assert a.results == b.results == ("summed_attention", "summed_attention+answer")
-
-
-@pytest.mark.parametrize("argv, msg", [
-    (["ablate", ""], "RESULT is empty"),
-    (["ablate", "r.json", "--dataset", ""], "--dataset is empty"),
-    (["export", "", "--format", "kv"], "RESULT is empty"),
-    (["report", ""], "RESULTS_DIR is empty"),
-    (["detect", "--dataset", ""], "--dataset is empty"),
-    (["sweep", "--config", ""], "--config is empty"),
-])
-def test_an_empty_path_is_not_the_current_folder(capfd, tmp_path, monkeypatch, argv, msg):
-    """An empty path argument is refused (as --output-dir and --out are), never read as '.': ``report ""``
-    would report on the current folder and write there, ``ablate ""`` failed with a traceback."""
-    monkeypatch.chdir(tmp_path)
-    rc, out, err = cli(capfd, *argv)
-    one_line(rc, err, msg)
-    assert out == "" and list(tmp_path.iterdir()) == []
-
-
-def test_an_empty_model_is_refused_not_the_current_folder(capfd, tmp_path, monkeypatch):
-    """``--model ""`` never loads the model folder the command runs in, nor (ablate) the folder a result's
-    model_key names, which a result file's field must never choose."""
-    import torch
-
-    from retrieval_heads.ablation import ablate
-    from retrieval_heads.results import make_record
-
-    (tmp_path / "config.json").write_text("{}")  # the current folder looks like a model folder
-    (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "config.json").write_text("{}")  # and so does the folder the result's model_key names
-    monkeypatch.chdir(tmp_path)
-    rc, out, err = cli(capfd, "detect", "--model", "", "--output-dir", "out")
-    one_line(rc, err, "the model is empty")
-    rec = make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
-                      question_prompt="q", total_tokens=256, needle_position=0.5, scores=torch.ones(3, 4),
-                      samples_processed=2, seed=0, dtype="float32")
-    with pytest.raises(UserError, match="the model is empty"):
-        ablate(rec, model="", ks=(0, 2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "tiny"]
+    rc, out, err = cli(capfd, "--version")
+    assert (rc, out, err) == (0, f"retrieval-heads {__version__}\n", "")
 
 
 @pytest.mark.parametrize("argv, msg", [

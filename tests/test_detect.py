@@ -10,19 +10,20 @@ import torch
 from retrieval_heads import detect
 from retrieval_heads.data.prompt import PromptFormat
 from retrieval_heads.data.samples import synthetic_samples
-from retrieval_heads.methods.summed_attention import SummedAttention, reference_scores, seed_reference_scores
-from retrieval_heads.results import SEED_FIELDS, load_result, parse_head, validate
+from reference import eager_head_scores, summed_attention_scores
+from retrieval_heads.methods.summed_attention import SummedAttention
+from retrieval_heads.results import CORE_FIELDS, load_result, parse_head, validate
 
 
-def test_probe_equals_seed_reference_on_smollm2(smollm2):
+def test_probe_equals_the_original_loop_on_smollm2(smollm2):
     p = synthetic_samples(PromptFormat(smollm2.tokenizer), ["inc_state"], 384, 1, 0.5, 0)[0]["inc_state"]
     ids = torch.tensor([p.input_ids])
     fast = SummedAttention().score_batch(smollm2.model, [p])[0]  # (L, H)
-    seed = seed_reference_scores(smollm2.model, ids, p.needle_start, p.needle_end)
+    seed = eager_head_scores(smollm2.model, ids, p.needle_start, p.needle_end)
     assert fast.shape == (30, 9) and len(seed) == 270
     worst = max(abs(fast[layer, head].item() - seed[f"L{layer}H{head}"]) for layer in range(30) for head in range(9))
     assert worst < 1e-5
-    assert torch.allclose(fast, reference_scores(smollm2.model, [p])[0], atol=1e-5)
+    assert torch.allclose(fast, summed_attention_scores(smollm2.model, [p])[0], atol=1e-5)
     assert fast.max() > 0.05  # some head does look at the needle
 
 
@@ -31,7 +32,7 @@ def test_detect_writes_seed_format(smollm2, tmp_path):
     path = tmp_path / "summed_attention" / "smollm2_hq_state_512.json"
     assert res.path == path
     rec = json.loads(path.read_text())
-    assert list(rec)[: len(SEED_FIELDS)] == list(SEED_FIELDS)
+    assert list(rec)[: len(CORE_FIELDS)] == list(CORE_FIELDS)
     assert rec["method"] == "summed_attention" and rec["model_key"] == "smollm2"
     assert rec["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert rec["question_prompt"] == "In what state is the company headquartered?"
@@ -105,7 +106,7 @@ def test_cli_detect_end_to_end(tmp_path):
     (["--samples", "0"], "--samples must be positive"),
     (["--method", "nope"], "unknown method 'nope'"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
-    (["--tokens", "many"], "Invalid value for '--tokens'"),
+    (["--tokens", "many"], "argument --tokens: invalid int value"),
 ])
 @pytest.mark.slow
 def test_cli_bad_input_one_line_exit_2(tmp_path, args, msg):

@@ -25,6 +25,7 @@ from retrieval_heads.models import LoadedModel, smollm2_path
 from retrieval_heads.report import build
 from retrieval_heads.report.explorer import embed_json
 from retrieval_heads.report.tables import score_text
+from retrieval_heads.results import result_path
 
 
 def tiny_lm(positions: int = 1024) -> LoadedModel:
@@ -176,6 +177,21 @@ def click_head(page, exp: int, head: str, nth: int = -1):
     page.mouse.click(box["x"] + box["width"] * (h + 0.5) / cols, box["y"] + box["height"] * (layer + 0.5) / rows)
 
 
+def shown(page) -> tuple[str, float, float, int]:
+    """The message of a shown row: (its text, the needle mass, the first token's attention, the tokens)."""
+    text = page.inner_text("#rh-msg")
+    m = re.search(r"needle mass (\S+), first token (\S+), (\d+) tokens$", text)
+    assert m, text
+    return text, float(m[1]), float(m[2]), int(m[3])
+
+
+def stored(saved, sample: int, head: str, needle: tuple[int, int]) -> tuple[float, float, int]:
+    """What the page must show for ``head`` on ``sample``, from the attention file itself: the needle mass,
+    the first token's attention and the tokens (the page prints 3 significant digits)."""
+    r = saved.row(sample, saved.heads.index(head)).astype(np.float64)
+    return float(r[needle[0]:needle[1]].sum()), float(r[0]), len(r)
+
+
 SHADED = "() => Array.from(document.querySelectorAll('#rh-text .rh-t')).filter(s => s.style.backgroundColor).length"
 
 
@@ -216,11 +232,15 @@ def test_explorer_in_headless_chromium(results, tmp_path, capsys):
         assert page.locator("#rh-answer .rh-t").all_inner_texts() and \
             res.prompts[0].answer.lower() in "".join(page.locator("#rh-answer .rh-t").all_inner_texts()).lower()
         assert page.locator("#rh-plot polyline").count() == 1 and page.locator("#rh-plot .rh-band-needle").count() == 1
-        assert "needle mass" in page.inner_text("#rh-msg")
+        text, mass, first, n_shown = shown(page)
+        want = stored(A.load(A.attention_path(res.path)), 0, top, (p0.needle_start, p0.needle_end))
+        assert text.startswith(f"{e['label']} · {top} (rank 1, score ")
+        assert (mass, first, n_shown) == (pytest.approx(want[0], rel=6e-3), pytest.approx(want[1], rel=6e-3), n)
+        assert want[0] > 0
         page.select_option("#rh-sample", "1")
         assert page.locator("#rh-text .rh-t").count() == len(res.prompts[1].input_ids)
         shot = artifacts(tmp_path) / "explorer.png"
-        page.screenshot(path=str(shot))
+        page.screenshot(path=str(shot))  # an artifact to look at; the assertions above are the check
         # a head whose rows were not saved says so
         other = next(f"L{l}H{h}" for l in range(e["layers"]) for h in range(e["heads"])
                      if f"L{l}H{h}" not in e["saved"]["heads"])
@@ -233,7 +253,6 @@ def test_explorer_in_headless_chromium(results, tmp_path, capsys):
         assert "--save-attention" in page.inner_text("#rh-msg")
         assert errors == []
         browser.close()
-    assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
 
 
@@ -298,9 +317,18 @@ def test_explorer_on_a_depth_sweep_of_the_embedded_model(smollm2, tmp_path):
             assert page.input_value("#rh-exp") == str(exp) and page.input_value("#rh-head") == top
             assert page.evaluate(SHADED) > 0
             assert page.locator("#rh-needle").count() == 1
-            assert f"depth {e['depth']:g}" in page.inner_text("#rh-msg") or e["depth"] == 0.5
+            text, mass, first, n = shown(page)
+            # the message names this experiment's own length and depth (every depth, 0.5 included)
+            assert text.startswith(f"{e['label']} · {top} (rank 1, score ")
+            assert e["label"].endswith(f" · inc_state · {e['tokens']} tokens · depth {e['depth']:g}")
+            path_e = result_path(out, "summed_attention", "smollm2", "inc_state", e["tokens"], e["depth"])
+            saved = A.load(A.attention_path(path_e))
+            smp = e["saved"]["samples"][0]
+            want = stored(saved, 0, top, tuple(smp["needle"]))
+            assert (mass, first, n) == (pytest.approx(want[0], rel=6e-3), pytest.approx(want[1], rel=6e-3), want[2])
+            assert n == len(saved.sample_ids(0))
         shot = artifacts(tmp_path) / "explorer_depth_sweep.png"
-        page.screenshot(path=str(shot))
+        page.screenshot(path=str(shot))  # an artifact to look at; the assertions above are the check
         assert errors == []
         browser.close()
     assert shot.stat().st_size > 10_000

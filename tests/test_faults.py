@@ -261,7 +261,7 @@ def bad_input_cases(model, d):
         (detect + ["--dataset", latin], "latin.jsonl:2: not valid UTF-8"),
         (detect + ["--dataset", d / "none.jsonl"], "none.jsonl does not exist"),
         (["sweep", "--config", nothing], "names nothing"),
-        (sweep + ["--questions"], "--questions needs at least one value"),
+        (sweep + ["--questions"], "argument --questions: expected at least one argument"),
     ]
 
 
@@ -1006,7 +1006,7 @@ def test_lock_is_never_written_through_a_link(tmp_path):
     os.unlink(out / ".sweep.lock")
     os.link(victim, out / ".sweep.lock")
     with sweep_lock(out) as note:
-        assert note.read_text() == f"{os.getpid()}\n" and not os.path.samefile(note, victim)
+        assert note.read_text() == f"{os.getpid()} sweep\n" and not os.path.samefile(note, victim)
     assert victim.read_text() == "precious\n" and sorted(out.iterdir()) == []
 
 
@@ -1034,11 +1034,11 @@ def test_removing_the_lock_file_does_not_release_the_lock(tmp_path):
             with sweep_lock(out):
                 pass
         os.unlink(out / ".sweep.lock")
-        with pytest.raises(UserError, match="another sweep \\(pid \\?\\) is running"):
+        with pytest.raises(UserError, match="another retrieval-heads command \\(pid \\?\\) is running"):
             with sweep_lock(out):
                 pass
         (out / ".sweep.lock").write_text("1\n")  # a forged note changes only the message
-        with pytest.raises(UserError, match="another sweep \\(pid 1\\) is running"):
+        with pytest.raises(UserError, match="another retrieval-heads command \\(pid 1\\) is running"):
             with sweep_lock(out):
                 pass
     finally:

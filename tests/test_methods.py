@@ -15,12 +15,15 @@ from retrieval_heads.data.questions import answer_matches
 from retrieval_heads.generation import DEFAULT_MAX_NEW_TOKENS, greedy_decode, stop_rule
 from retrieval_heads.methods import METHODS, MethodContext
 from retrieval_heads.methods.qrhead import filtered_sum
-from retrieval_heads.methods.query_focused import question_mass, reference_scores as qf_reference
+from reference import query_focused_scores as qf_reference, reference_argmax
+from retrieval_heads.methods.query_focused import question_mass
 from retrieval_heads.data.spans import whole_word_spans
-from retrieval_heads.methods.retrieval_score import gold_span, reference_argmax, retrieval_hits
+from retrieval_heads.data.spans import gold_span
+from retrieval_heads.methods.retrieval_score import retrieval_hits
 from retrieval_heads.results import load_result
 
-ALL = "summed_attention,query_focused,retrieval_score"
+# one method of each kind: span-measuring, calibrated, answers-only (their behaviours are tested by name below)
+MIXED = "summed_attention,query_focused,retrieval_score"
 
 
 def never(ids, tok):
@@ -40,21 +43,47 @@ def peaky(family):
 
 # --- decoding --------------------------------------------------------------------------------------------
 
-def test_every_method_follows_the_contract():
-    """What each registered method needs and whether it counts correct samples only, declared on the one base
-    type (no attribute read with a default)."""
-    from retrieval_heads.methods.base import CONTEXT_FIELDS, Method
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_follows_the_contract(name):
+    """What each registered method declares, on the one base type: its needs are MethodContext fields, a
+    method read from a shared pass says which rows it reads, and its result names follow from its span kinds."""
+    from retrieval_heads.methods.base import CONTEXT_FIELDS, SPAN_KINDS, Method
 
-    declared = {n: (METHODS.get(n).needs, METHODS.get(n).success_only) for n in METHODS}
-    assert declared == {
-        "summed_attention": (frozenset(), False),
-        "query_focused": (frozenset({"prompt_format"}), False),
-        "retrieval_score": (frozenset({"answers", "tokenizer"}), True),
-        "qrhead": (frozenset({"prompt_format"}), False),
-        "qrhead_exact": (frozenset({"prompt_format"}), False),
-    }
+    m = METHODS.get(name)
+    assert isinstance(m, Method) and m.name == name
+    assert isinstance(m.needs, frozenset) and m.needs <= CONTEXT_FIELDS
     assert CONTEXT_FIELDS == {"tokenizer", "prompt_format", "answers"}
-    assert all(isinstance(METHODS.get(n), Method) for n in METHODS)
+    if m.shared:  # its shared-pass reader is its own, not the base's
+        assert type(m).from_reads is not Method.from_reads
+    if m.reads_null or m.reads_needle_keys or m.measures_spans:  # these read rows of a shared pass
+        assert m.shared and type(m).row_span is not Method.row_span
+    spans = list(SPAN_KINDS)
+    assert m.result_spans(spans) == (tuple(spans) if m.measures_spans else ("needle",))
+    names = m.result_names(spans, success_only=True)
+    first = name if m.success_only else f"{name}_success"
+    assert names[0] == first and names[1:] == [f"{first}+{sp}" for sp in m.result_spans(spans)[1:]]
+    assert m.result_names() == [name]
+
+
+def test_every_module_of_the_methods_folder_registers_its_method():
+    """A new file in methods/ is all it takes: the package imports every module but base, each registering."""
+    import pkgutil
+
+    import retrieval_heads.methods as pkg
+
+    modules = {i.name for i in pkgutil.iter_modules(pkg.__path__)} - {"base"}
+    assert {type(METHODS.get(n)).__module__.rpartition(".")[2] for n in METHODS} == modules
+    assert list(METHODS)[:4] == list(pkg.BUILT_IN)  # the built-in ones first, in their documented order
+
+
+def test_the_contract_s_declarations_of_the_built_in_methods():
+    """The built-in methods as documented in docs/methods.md (a method added later is not listed here: the
+    test above covers it)."""
+    get = METHODS.get
+    assert get("summed_attention").measures_spans and get("summed_attention").needs == frozenset()
+    assert get("retrieval_score").success_only and get("retrieval_score").needs == {"answers", "tokenizer"}
+    assert get("query_focused").reads_null and not get("query_focused").reads_needle_keys
+    assert get("qrhead").reads_null and get("qrhead").reads_needle_keys
 
 
 def test_register_refuses_collisions_and_strays():
@@ -80,10 +109,10 @@ def test_register_refuses_collisions_and_strays():
     assert "greedy_needs" not in METHODS
 
 
-@pytest.mark.parametrize("name, missing", [("query_focused", "prompt_format"), ("qrhead", "prompt_format"),
-                                           ("retrieval_score", "answers, tokenizer")])
-def test_a_method_without_its_context_says_what_is_missing(name, missing):
+@pytest.mark.parametrize("name", [n for n in METHODS if METHODS.get(n).needs])
+def test_a_method_without_its_context_says_what_is_missing(name):
     p = PromptSample(input_ids=[1, 2, 3, 4], needle_start=1, needle_end=2, context_end=3, question="q", answer="x")
+    missing = ", ".join(sorted(METHODS.get(name).needs))
     with pytest.raises(ValueError, match=f"needs {missing} in its MethodContext"):
         METHODS.get(name).score_batch(tiny_model("llama"), [p])
 
@@ -220,7 +249,7 @@ def test_retrieval_score_is_zero_without_a_whole_word_gold_span(smol_tok):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_question_mass_equals_reference(family):
-    from retrieval_heads.capture import reference_rows
+    from reference import reference_rows
 
     model = tiny_model(family)
     g = torch.Generator().manual_seed(8)
@@ -398,7 +427,7 @@ def experiment(smollm2, tmp_path_factory):
     """hq_state at 512 tokens, samples 0 and 1 (with transformers 5.x SmolLM2 answers one of them correctly;
     the tests below hold for any outcome, checked sample by sample against slow references)."""
     out = tmp_path_factory.mktemp("methods")
-    res = experiments.detect(smollm2, question="hq_state", tokens=512, samples=2, method=ALL, output_dir=out,
+    res = experiments.detect(smollm2, question="hq_state", tokens=512, samples=2, method=MIXED, output_dir=out,
                              save_samples=True, success_only=True)
     return out, res
 

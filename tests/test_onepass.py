@@ -15,11 +15,12 @@ from retrieval_heads.data.samples import synthetic_samples
 from retrieval_heads.experiments import detect, score_prompts
 from retrieval_heads.generation import answer_prompts
 from retrieval_heads.models import LoadedModel
-from retrieval_heads.onepass import score_groups
+from retrieval_heads.methods import METHODS
+from retrieval_heads.onepass import measure_spans, score_groups
 from retrieval_heads.results import load_result, result_path
 from retrieval_heads.sweep import make_grid, run_sweep
 
-ALL = ["summed_attention", "query_focused", "qrhead", "retrieval_score"]
+ALL = list(METHODS)  # every registered method
 QS = list(QUESTIONS)
 
 
@@ -41,18 +42,19 @@ def check_equal(lm, groups, got, questions, max_new_tokens, methods=ALL):
     pass), answers and argmax (greedy decoding of the whole prompt), each other method's score_batch."""
     for q in questions:
         prompts = [g[q] for g in groups]
-        if "summed_attention" in methods:
-            ref = probe_prompts(lm, prompts)
-            assert set(got[q].masses.mass) == set(ref.mass)
+        for m in (m for m in methods if METHODS.get(m).measures_spans):
+            ref = probe_prompts(lm, prompts) if m == "summed_attention" else measure_spans(lm, METHODS.get(m), prompts)
+            mine = got[q].span_masses[m]
+            assert set(mine.mass) == set(ref.mass)
             for n in ref.mass:
-                torch.testing.assert_close(got[q].masses.mass[n], ref.mass[n], atol=1e-5, rtol=0)
-                torch.testing.assert_close(got[q].masses.baseline[n], ref.baseline[n], atol=1e-7, rtol=0)
+                torch.testing.assert_close(mine.mass[n], ref.mass[n], atol=1e-5, rtol=0)
+                torch.testing.assert_close(mine.baseline[n], ref.baseline[n], atol=1e-7, rtol=0)
         answers = answer_prompts(lm, prompts, max_new_tokens, track_argmax=True)
         assert [a.ids for a in got[q].answers] == [a.ids for a in answers]
         for a, b in zip(got[q].answers, answers):
             assert torch.equal(a.argmax, b.argmax) and a.correct == b.correct
         for m in methods:
-            if m != "summed_attention":
+            if not METHODS.get(m).measures_spans:
                 torch.testing.assert_close(got[q].scores[m], score_prompts(lm, m, prompts, answers=answers),
                                            atol=1e-5, rtol=0)
 

@@ -8,7 +8,8 @@ import retrieval_heads.prefill as prefill
 from retrieval_heads.data.prompt import PromptFormat, PromptSample
 from retrieval_heads.data.questions import QUESTIONS
 from retrieval_heads.data.samples import synthetic_samples
-from retrieval_heads.methods.summed_attention import SummedAttention, reference_scores
+from reference import score_shared, summed_attention_scores
+from retrieval_heads.methods.summed_attention import SummedAttention
 
 QS = ["a", "b", "c", "d"]
 
@@ -40,13 +41,13 @@ def test_shared_equals_separate_on_tiny_families(family):
     groups = tiny_groups()
     ref = separate(model, groups, QS)
     for batch_size in (1, 2):
-        got = prefill.score_shared(model, groups, QS, batch_size=batch_size)
+        got = score_shared(model, groups, QS, batch_size=batch_size)
         for q in QS:
             assert got[q].shape == (3, 3, 4)
             torch.testing.assert_close(got[q], ref[q], atol=1e-5, rtol=0)
     assert max(float(ref[q].max()) for q in QS) > 0.05  # the needle does get attention
     # and the eager, full-matrix reference agrees as well
-    torch.testing.assert_close(got["c"][:1], reference_scores(model, [groups[0]["c"]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["c"][:1], summed_attention_scores(model, [groups[0]["c"]]), atol=1e-5, rtol=0)
 
 
 def test_sliding_window_really_hides_the_start():
@@ -56,7 +57,7 @@ def test_sliding_window_really_hides_the_start():
     groups = tiny_groups(n_samples=1)
     for p in groups[0].values():
         p.needle_start, p.needle_end = 0, 8
-    got = prefill.score_shared(model, groups, QS)
+    got = score_shared(model, groups, QS)
     for q in QS:
         assert float(got[q].abs().max()) == 0.0
         torch.testing.assert_close(got[q], separate(model, groups, [q])[q], atol=1e-6, rtol=0)
@@ -78,7 +79,7 @@ def test_probe_builds_rows_only_for_the_suffix_pass(monkeypatch):
         return real(model, counted if on_layer is not None else None, **kw)
 
     monkeypatch.setattr(prefill, "attention_probe", counting_probe)
-    prefill.score_shared(model, groups, QS, batch_size=2)
+    score_shared(model, groups, QS, batch_size=2)
     n_max = 9
     assert [layer for layer, _ in calls] == [0, 1, 2]
     assert all(shape == (2 * 4, 4, 4, 48 + n_max) for _, shape in calls)  # (B*Q, H, S distinct ends, K)
@@ -87,9 +88,9 @@ def test_probe_builds_rows_only_for_the_suffix_pass(monkeypatch):
 def test_fallback_without_a_shareable_cache(monkeypatch):
     model = tiny_model("qwen2")
     groups = tiny_groups(n_samples=2)
-    ref = prefill.score_shared(model, groups, QS)
+    ref = score_shared(model, groups, QS)
     monkeypatch.setattr(prefill, "_new_cache", lambda model: None)
-    got = prefill.score_shared(model, groups, QS)
+    got = score_shared(model, groups, QS)
     for q in QS:
         torch.testing.assert_close(got[q], ref[q], atol=1e-5, rtol=0)
 
@@ -98,7 +99,7 @@ def test_questions_must_share_their_context():
     groups = tiny_groups(n_samples=1)
     groups[0]["b"].input_ids[3] += 1
     with pytest.raises(ValueError, match="do not share their context"):
-        prefill.score_shared(tiny_model("llama"), groups, QS)
+        score_shared(tiny_model("llama"), groups, QS)
     groups = tiny_groups(n_samples=1)
     groups[0]["c"].needle_end += 1
     with pytest.raises(ValueError, match="do not share their context"):
@@ -110,11 +111,11 @@ def test_shared_equals_separate_on_smollm2(smollm2):
     groups = synthetic_samples(PromptFormat(smollm2.tokenizer), qs, 320, 1, 0.5, 0)
     ends = {len(groups[0][q].input_ids) for q in qs}
     assert len(ends) > 1 and max(ends) == 320  # suffixes of different lengths: the padding is exercised
-    got = prefill.score_shared(smollm2.model, groups, qs)
+    got = score_shared(smollm2.model, groups, qs)
     ref = separate(smollm2.model, groups, qs)
     for q in qs:
         torch.testing.assert_close(got[q], ref[q], atol=1e-5, rtol=0)
     assert float(ref["inc_state"].max()) > 0.05
     # one question alone gives the same numbers as in a group of four
-    alone = prefill.score_shared(smollm2.model, groups, ["hq_state"])["hq_state"]
+    alone = score_shared(smollm2.model, groups, ["hq_state"])["hq_state"]
     torch.testing.assert_close(alone, got["hq_state"], atol=1e-6, rtol=0)

@@ -83,3 +83,30 @@ def test_significance_with_no_sample_left():
     assert got["heads"] == [] and got["samples"] == 0 and got["min_attainable_p"] == 1.0
     assert got["note"].startswith("too few samples: with 0 sample(s)")
     assert got["p_adjusted"] == [[1.0] * 3] * 2
+
+
+def test_signed_rank_equals_scipy():
+    """The numpy test against scipy.stats.wilcoxon (the reference it replaced), column by column: exact
+    distributions (1-50 differences), ties and zeros (normal approximation), large samples, ties of zeros."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    cols = []
+    for n in (1, 2, 3, 5, 8, 13, 20, 33, 50, 51, 80):
+        cols.append(rng.normal(0.3, 1.0, n))
+        cols.append(np.round(rng.normal(0.2, 1.0, n), 1))  # tied magnitudes, some zeros
+    cols.append(np.array([1.0, -1.0, 2.0, 2.0, -2.0, 3.0]))
+    cols.append(np.array([-0.5] * 7))
+    for x in cols:
+        d = x[:, None]
+        got_p, used = stats.signed_rank_greater(1.0 + d, np.ones_like(d))
+        kept = stats.paired_differences(1.0 + d, np.ones_like(d))[:, 0]
+        kept = kept[kept != 0]
+        assert used[0] == kept.size
+        if kept.size == 0:
+            assert got_p[0] == 1.0
+            continue
+        ties = np.unique(np.abs(kept)).size < kept.size
+        method = "exact" if kept.size <= stats.EXACT_UP_TO and not ties else "approx"
+        want = wilcoxon(kept, alternative="greater", zero_method="wilcox", method=method).pvalue
+        assert got_p[0] == pytest.approx(float(want), rel=1e-9, abs=1e-15), (x, method)

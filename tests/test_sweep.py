@@ -46,7 +46,7 @@ def one_error_line(proc):
 
 
 def test_default_grid_is_the_seeds_on_detects_model():
-    """The seed's questions and lengths, on detect's default model (the seed's gated Llama-3-8B pair is
+    """The original study's questions and lengths, on detect's default model (its gated Llama-3-8B pair is
     --models instruct base)."""
     from retrieval_heads.cli import parse
 
@@ -87,7 +87,7 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
 
 def test_preflight_does_not_wait_on_an_unreachable_hub(tmp_path, monkeypatch):
     """A hub id not in the cache while the hub does not answer: one line within the probe's 3 s, not
-    minutes of retries (the seed's gated pair used to be the default)."""
+    minutes of retries (the original study's gated pair used to be the default)."""
     import socket
     import time as clock
 
@@ -145,7 +145,7 @@ def test_list_options_take_several_values():
     args = parse(["sweep", "--models", "a", "b", "--tokens", "1", "2", "--samples", "3", "--questions", "all"])
     assert (args.models, args.tokens, args.samples, args.questions) == (["a", "b"], ["1", "2"], 3, ["all"])
     for argv in (["--questions", "--tokens", "1"], ["--tokens"]):
-        with pytest.raises(UserError, match="needs at least one value"):
+        with pytest.raises(UserError, match="expected at least one argument"):
             parse(["sweep", *argv])
 
 
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line(tmp_path, args, msg):
 
 @pytest.mark.parametrize("args, msg", [
     (["--models", "smollm2", "--tokens", "64"], "--tokens 64 is too small"),
-    (["--models", "smollm2", "--tokens"], "--tokens needs at least one value"),
+    (["--models", "smollm2", "--tokens"], "argument --tokens: expected at least one argument"),
     (["--models", "/no/such/model"], "does not exist"),
     (["--models", "smollm2", "--samples", "0"], "--samples must be positive"),
     (["--models", "smollm2", "--needle-position", "1.5"], "--needle-position must lie in [0, 1]"),

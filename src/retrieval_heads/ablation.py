@@ -188,7 +188,7 @@ def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence
                  progress: bool = False, tokens: int | None = None, seed: int | None = None) -> dict:
     """Every condition of the curve, as the JSON written by ``retrieval-heads ablate``. ``batch_size`` rows
     (sample x condition) per forward pass; 1 runs one condition at a time (the reference)."""
-    total = record["num_layers"] * record["num_heads"]
+    total = len(record["head_rankings"])  # a hybrid's: its attention layers' heads
     ks = check_ks(ks, total)
     if random_seeds < 0:
         raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
@@ -302,6 +302,9 @@ class AblationResult:
         return path, png
 
 
+MAX_RANDOM_SEEDS = 1000  # random controls per k; each is a forward pass per sample
+
+
 def ablate(
     result: str | Path | dict,
     model=None,
@@ -333,7 +336,7 @@ def ablate(
     """
     source = None if isinstance(result, dict) else Path(result)
     record = validate(result) if source is None else load_result(source)
-    ks = check_ks(ks, record["num_layers"] * record["num_heads"])
+    ks = check_ks(ks, len(record["head_rankings"]))
     for k in ks if random_seeds > 0 else []:
         random_heads(record, k, 0)  # a control that cannot be drawn fails before the model loads
     n = record["samples_processed"] if samples is None else samples
@@ -343,11 +346,11 @@ def ablate(
     if synthetic and record["question"] not in QUESTIONS:
         raise UserError(f"{source or 'the result'} was made from a dataset ({record['question']}); "
                         "pass it with --dataset")
-    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size)
+    check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size, s)
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if random_seeds < 0:
-        raise UserError(f"--random-seeds must be >= 0, got {random_seeds}")
+    if not 0 <= random_seeds <= MAX_RANDOM_SEEDS:
+        raise UserError(f"--random-seeds must lie in [0, {MAX_RANDOM_SEEDS}], got {random_seeds}")
     if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")

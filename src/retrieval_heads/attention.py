@@ -6,12 +6,15 @@ sample, the attention row of the last prompt token of the result's top-K heads (
 ranking) over every position of the prompt, with the prompt's token ids, each distinct token's text, and the
 needle's and the answer's spans. The report's explorer shows them.
 
-How the rows are captured: the ranking is known only once every sample is scored, so the rows come from one
-extra probed forward pass per sample after ranking (:func:`capture_rows`), on the very ids that were
-scored, through the same exact probe (:mod:`retrieval_heads.capture`). Keeping every head's row during the
+How the rows are captured (:mod:`retrieval_heads.attention_capture`): the ranking is known only once every
+sample is scored, so the rows come from one extra probed forward pass per sample after ranking, on the very
+ids that were scored, through the same exact probe (:mod:`retrieval_heads.capture`). Keeping every head's row during the
 scoring pass instead would cost O(samples x layers x heads x N) memory (4.4 GB in float32 for Llama-3-8B at
 8K with 131 samples) against O(layers x heads x N) for one more pass; the extra pass costs one prefill per
-sample and only when asked for. With several methods, one pass serves the union of their top heads.
+sample and only when asked for. With several methods (or span kinds, or a sweep unit's results), one pass per
+prompt serves the union of their top heads.
+
+This module is the file format only (numpy): reading a saved file (the report) imports no torch.
 
 Storage: each row is quantised to 8 bits with its own scale, ``q = round(p / s)`` with ``s = max(p) / 255``,
 so a stored value is within ``s / 2`` of the probe's (the quantisation step is ``s``; tested). The file is
@@ -38,7 +41,7 @@ array                dtype       shape / meaning
 A token's text is ``tokenizer.decode([id])`` (SentencePiece's word-start marker restored as a space); a
 byte-level token that holds part of a multi-byte character shows as U+FFFD.
 
-Size: about ``(K + 4) * T`` bytes plus the distinct tokens' texts; for the seed's grid see the README.
+Size: about ``(K + 4) * T`` bytes plus the distinct tokens' texts; for the default sweep grid see docs/sweeps.md.
 
 Reading (:func:`load`) treats the file as untrusted: no pickles, only the arrays above with their dtypes,
 a cap on the unpacked size, and every offset, span and id checked; anything else is one UserError.
@@ -48,26 +51,27 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
-from collections import defaultdict
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
-from .capture import attention_probe
-from .data.prompt import PromptSample
 from .errors import UserError
 from .io import atomic_write_bytes, read_regular
-from .methods.base import batches, stack_ids
-from .models import LoadedModel
 from .results import head_name, parse_head
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data.prompt import PromptSample
 
 FORMAT = "retrieval-heads attention rows 1"
 LEVELS = 255
-MAX_UNPACKED = 1 << 31  # 2 GiB: far above the seed's grid (a few MB per file); a zip bomb stops here
+MAX_UNPACKED = 1 << 31  # 2 GiB: far above the default sweep grid (a few MB per file); a zip bomb stops here
 ARRAYS = {"meta": np.uint8, "heads": np.int32, "offsets": np.int64, "ids": np.int32, "rows": np.uint8,
           "scale": np.float32, "spans": np.int64, "vocab_ids": np.int32, "vocab_offsets": np.int64,
           "vocab_text": np.uint8}
@@ -81,36 +85,6 @@ def attention_path(result: str | Path) -> Path:
 def top_heads(record: dict, k: int) -> list[tuple[int, int]]:
     """The result's top ``k`` heads as (layer, head), by its own final ranking."""
     return [parse_head(r["head"]) for r in record["head_rankings"][:k]]
-
-
-@torch.no_grad()
-def capture_rows(lm: LoadedModel, prompts: Sequence[PromptSample], heads: Sequence[tuple[int, int]],
-                 batch_size: int = 1) -> list[torch.Tensor]:
-    """The last prompt token's attention rows of ``heads`` over every position: one (K, N) float32 CPU tensor
-    per prompt, rows in the order of ``heads``. One probed forward pass per batch (prompts of one length)."""
-    by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)  # layer -> [(k, head)]
-    for k, (layer, head) in enumerate(heads):
-        by_layer[layer].append((k, head))
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    device = lm.device
-    for idx in batches(prompts, batch_size):
-        ids = stack_ids([prompts[i] for i in idx], device)  # (B, N)
-        rows = torch.zeros(len(idx), len(heads), ids.shape[1])  # (B, K, N)
-
-        def on_layer(layer: int, probs: torch.Tensor) -> None:  # probs: (B, H, 1, N)
-            sel = by_layer.get(layer)
-            if sel:
-                ks, hs = [k for k, _ in sel], [h for _, h in sel]
-                rows[:, ks] = probs[:, hs, -1, :].float().cpu()  # (B, k_l, N)
-
-        with attention_probe(lm.model, on_layer) as probe:
-            lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            probe.end_pass(lm.model)  # every layer reported exactly once
-        if not bool(torch.isfinite(rows).all()):
-            raise UserError("the forward pass produced NaN/inf attention while saving attention rows")
-        for j, i in enumerate(idx):
-            out[i] = rows[j]
-    return out  # type: ignore[return-value]
 
 
 def quantize(rows: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +115,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> dict[int, str]:
 
 
 def answer_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    from .methods.retrieval_score import gold_span
+    from .data.spans import gold_span
 
     return gold_span(tokenizer, prompt) if prompt.answer else None
 
@@ -221,17 +195,74 @@ class SavedAttention:
         return self.ids[self.offsets[sample]:self.offsets[sample + 1]]
 
 
-def load(path: str | Path) -> SavedAttention:
-    """Read and check an attention file; UserError (naming the file) for anything malformed."""
+def load(path: str | Path, record: dict | None = None) -> SavedAttention:
+    """Read and check an attention file; UserError (naming the file) for anything malformed. With the
+    ``record`` of its result, arrays larger than its samples and tokens allow are refused before they are
+    read."""
     path = Path(path)
     try:
         data = read_regular(path)
     except OSError as e:
         raise UserError(f"cannot read attention file {path}: {e.strerror or e}") from None
-    return loads(data, str(path))
+    return loads(data, str(path), record)
 
 
-def loads(data: bytes, where: str = "attention file") -> SavedAttention:
+def _header(f, info) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in a member's ``.npy`` header; ValueError unless they account for exactly the
+    member's size (so that no array is allocated larger than its bytes)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"npy version {version}")
+    header = f.tell()
+    if dtype.hasobject or fortran or math.prod(shape) * dtype.itemsize != info.file_size - header:
+        raise ValueError(f"{info.filename} header claims shape {shape} in {info.file_size - header} bytes")
+    return shape, dtype
+
+
+def _limits(shapes: dict, record: dict) -> str | None:
+    """Why the arrays' shapes exceed what ``record`` (the result) allows, before they are read."""
+    S, N = record.get("samples_processed"), record.get("total_tokens")
+    L, H = record.get("num_layers"), record.get("num_heads")
+    if not all(isinstance(x, int) for x in (S, N, L, H)):
+        return None
+    T, K = shapes["ids"][0] if shapes["ids"] else 0, shapes["heads"][0] if shapes["heads"] else 0
+    if shapes["offsets"] != (S + 1,):
+        return f"{max(0, (shapes['offsets'] or (1,))[0] - 1)} samples, the result has {S}"
+    if T > S * N:
+        return f"{T} tokens, more than the result's {S} samples of {N} tokens"
+    if K > L * H:
+        return f"{K} heads, more than the result's {L}x{H}"
+    return None
+
+
+MAX_META = 1 << 20
+
+
+def _meta(arr: np.ndarray, bad) -> dict:
+    from .io import parse_json
+
+    try:
+        meta = parse_json(arr.tobytes())
+    except UserError as e:
+        raise bad(f"meta: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
+        raise bad("unknown format")
+    return meta
+
+
+def _unread(meta: dict) -> SavedAttention:
+    """A file whose arrays were not read (made for another result): its meta alone, no samples."""
+    return SavedAttention(meta, [str(h) for h in meta["heads"]], np.zeros(1, np.int64), np.zeros(0, np.int32),
+                          np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32), np.zeros((0, 4), np.int64), {})
+
+
+def loads(data: bytes, where: str = "attention file", record: dict | None = None) -> SavedAttention:
+    """Check and unpack an attention file's bytes (see :func:`load`); with ``record``, a file made for
+    another result (its checksum differs) comes back unread, with its meta only."""
     def bad(why: str) -> UserError:
         return UserError(f"{where}: not a valid attention file ({why})")
 
@@ -244,25 +275,32 @@ def loads(data: bytes, where: str = "attention file") -> SavedAttention:
                 raise bad(f"members {', '.join(names[:12])}")
             if sum(i.file_size for i in infos) > MAX_UNPACKED:
                 raise bad("unpacks to more than 2 GiB")
+            shapes = {}
+            for info in infos:  # every header first: shapes are checked before any array is allocated
+                name = info.filename[:-4]
+                with z.open(info) as f:
+                    shapes[name], dtype = _header(f, info)
+                if dtype != np.dtype(ARRAYS[name]):
+                    raise bad(f"{name} has dtype {dtype}")
+            if shapes["meta"][0] > MAX_META:
+                raise bad("meta is larger than 1 MiB")
+            with z.open("meta.npy") as f:
+                meta = _meta(np.lib.format.read_array(f, allow_pickle=False), bad)
+            if record is not None and meta.get("result_checksum") != record.get("checksum"):
+                return _unread(meta)  # another result's file (check_matches says so): its arrays are not read
+            why = _limits(shapes, record) if record is not None else None
+            if why:
+                raise bad(why)
             for info in infos:
                 name = info.filename[:-4]
                 with z.open(info) as f:
                     arr = np.lib.format.read_array(f, allow_pickle=False)
-                if arr.dtype != np.dtype(ARRAYS[name]):
-                    raise bad(f"{name} has dtype {arr.dtype}")
                 arrays[name] = arr
     except UserError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError,
+            MemoryError) as e:
         raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    from .io import parse_json
-
-    try:
-        meta = parse_json(arrays["meta"].tobytes())
-    except UserError as e:
-        raise bad(f"meta: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("heads"), list):
-        raise bad("unknown format")
     heads, offsets, ids, rows = arrays["heads"], arrays["offsets"], arrays["ids"], arrays["rows"]
     scale, spans = arrays["scale"], arrays["spans"]
     K = len(meta["heads"])
@@ -307,27 +345,12 @@ def check_matches(saved: SavedAttention, record: dict) -> str | None:
             return f"its {k} {m.get(k)!r} is not the result's {record.get(k)!r}"
     if saved.samples != record.get("samples_processed"):
         return f"{saved.samples} samples, the result has {record.get('samples_processed')}"
+    longest = int(np.diff(saved.offsets).max(initial=0))
+    if longest > record.get("total_tokens", 0):
+        return f"a prompt of {longest} tokens, the result's are {record.get('total_tokens')}"
     L, H = record["num_layers"], record["num_heads"]
     for name in saved.heads:
         layer, head = parse_head(name)
         if not (0 <= layer < L and 0 <= head < H):
             return f"head {name} is outside the result's {L}x{H} grid"
     return None
-
-
-def for_results(lm: LoadedModel, items: Sequence[tuple[dict, Sequence[PromptSample]]], k: int,
-                batch_size: int = 1) -> list[bytes]:
-    """Attention files for several results on the same prompts (e.g. several methods of one ``detect``):
-    one probed pass per batch for the union of their top-``k`` heads. ``items``: (record, prompts)."""
-    if not items:
-        return []
-    prompts = items[0][1]
-    wanted: list[tuple[int, int]] = []
-    for record, _ in items:
-        wanted += [h for h in top_heads(record, k) if h not in wanted]
-    rows = capture_rows(lm, prompts, wanted, batch_size)
-    out = []
-    for record, ps in items:
-        pick = [wanted.index(h) for h in top_heads(record, k)]
-        out.append(pack(record, ps, [r[pick] for r in rows], lm.tokenizer))
-    return out

@@ -1,11 +1,12 @@
-"""Is it retrieval? Chance baselines, control spans and span kinds for the summed-attention score.
+"""Is it retrieval? Chance baselines, control spans and span kinds for a span-measuring method (the default).
 
 For every prompt a few key spans are laid out (:func:`prompt_spans`) and the probe measures, in the one
-forward pass that scores the needle, the attention mass the last prompt token puts on each of them and each
-one's chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
+forward pass that scores the needle, the attention mass the method's rows (the last prompt token for the
+default method; :meth:`~retrieval_heads.methods.base.Method.row_span`) put on each of them and each one's
+chance baseline (:func:`~retrieval_heads.methods.base.span_masses`, or the shared prefill of
 :mod:`retrieval_heads.onepass`):
 
-- ``needle``: the seed's span (Section 1); ``control:needle``: a control span as long as the needle;
+- ``needle``: the original method's span (Section 1); ``control:needle``: a control span as long as the needle;
 - ``fact:KEY`` (synthetic samples): the tokens stating each of the needle's four facts;
   ``control:fact:KEY``: a control span as long as that fact;
 - ``answer`` (``--dataset``): the answer's first whole-word occurrence in the needle; ``control:answer``.
@@ -36,7 +37,7 @@ layer's heads (no evidence either way).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,9 @@ from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.spans import prompt_answer_span, whole_word_spans
 from .errors import UserError
+from .methods.base import SPAN_KINDS, span_result_name  # noqa: F401  (span_result_name: also read from here)
 
-SPANS = ("needle", "answer", "fact")
+SPANS = SPAN_KINDS
 RANK_BY = ("score", "lift")
 
 
@@ -69,12 +71,6 @@ def check_rank_by(rank_by: str) -> str:
     if rank_by not in RANK_BY:
         raise UserError(f"unknown --rank-by {rank_by!r}; choose from: {', '.join(RANK_BY)}")
     return rank_by
-
-
-def span_result_name(name: str, span: str) -> str:
-    """The result name of a span kind: the method's own for ``needle`` (the seed's), ``{name}+{span}`` else
-    (e.g. ``summed_attention+answer``; the method folder has the same name)."""
-    return name if span == "needle" else f"{name}+{span}"
 
 
 def check_spans_for(spans: Sequence[str], dataset: bool) -> None:
@@ -156,8 +152,10 @@ class SpanMasses:
 
 
 def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
-                  desc: str = "spans") -> SpanMasses:
-    """One probed forward pass per batch of prompts (as ``summed_attention``), every span at once."""
+                  desc: str = "spans", rows: Callable[[PromptSample], tuple[int, int]] | None = None) -> SpanMasses:
+    """One probed forward pass per batch of prompts, every span at once: the mass that the mean of each
+    prompt's query rows ``rows(p)`` ([start, end); default: the last token) puts on each span, and its
+    chance baseline."""
     import sys
 
     from tqdm.auto import tqdm
@@ -175,11 +173,30 @@ def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, prog
         for idx in batches(prompts, batch_size):
             ids = stack_ids([prompts[i] for i in idx], device)  # (B, N)
             masks = span_masks([spans[i] for i in idx], names, ids.shape[1], device)  # (B, M, N)
-            m, b = span_masses(lm.model, ids, masks)  # (B, L, H, 1, M) each
-            mass[idx], base[idx] = m[:, :, :, 0].to(mass.device), b[:, :, :, 0].to(base.device)
+            positions, w = _row_weights([prompts[i] for i in idx], rows, device)
+            m, b = span_masses(lm.model, ids, masks, positions)  # (B, L, H, S, M) each
+            if w is None:  # the last token: its one row, as measured
+                m, b = m[:, :, :, 0], b[:, :, :, 0]
+            else:  # the mean over each prompt's own rows
+                m = (m * w[:, None, None, :, None].to(m.device)).sum(3)  # (B, L, H, M)
+                b = (b * w[:, None, None, :, None].to(b.device)).sum(3)  # (B, L, H, M)
+            mass[idx], base[idx] = m.to(mass.device), b.to(base.device)
             bar.update(len(idx))
     return SpanMasses({n: mass[..., j] for j, n in enumerate(names)},
                       {n: base[..., j] for j, n in enumerate(names)}, spans)
+
+
+def _row_weights(batch: Sequence[PromptSample], rows, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Query positions and (B, S) weights (1/len on each prompt's own rows) for :func:`probe_prompts`;
+    (None, None) when every prompt's rows are its last token (the probe's default row)."""
+    spans = [rows(p) if rows is not None else (len(p.input_ids) - 1, len(p.input_ids)) for p in batch]
+    if all(span == (len(p.input_ids) - 1, len(p.input_ids)) for span, p in zip(spans, batch)):
+        return None, None
+    lo, hi = min(a for a, _ in spans), max(z for _, z in spans)
+    w = torch.zeros(len(batch), hi - lo)  # (B, S)
+    for i, (a, z) in enumerate(spans):
+        w[i, a - lo : z - lo] = 1.0 / (z - a)
+    return torch.arange(lo, hi, device=device), w
 
 
 # --- from masses to a result -------------------------------------------------------------------------------------
@@ -257,7 +274,7 @@ def span_scores(sm: SpanMasses, prompts: Sequence[PromptSample], span: str) -> S
 
 
 def chance_fields(ss: SpanScores, alpha: float = stats.DEFAULT_ALPHA, accuracy: Mapping | None = None) -> dict:
-    """The fields a summed-attention result gains (JSON-ready; see README "Result format")."""
+    """The fields a span-measuring method's result gains (JSON-ready; see docs/result-format.md)."""
     L, H = ss.score.shape[1:]
     lift = ss.lift.numpy()
     t = ss.tested

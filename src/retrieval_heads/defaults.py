@@ -5,7 +5,7 @@ its help before anything heavy is loaded).
 12
 """
 
-# Longest greedy answer, in tokens: detect --answers, retrieval_score, sweep, ablate. The seed's answers are
+# Longest greedy answer, in tokens: detect --answers, retrieval_score, sweep, ablate. The built-in answers are
 # a state, a year or a count (at most 5 tokens on SmolLM2's tokenizer); Wu et al.'s code decodes up to 50.
 # bench/peers.py measures what 50 would change.
 DEFAULT_MAX_NEW_TOKENS = 12

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -22,13 +22,16 @@ from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
 from .data.samples import dataset_samples, synthetic_samples
+from . import eager_rows
 from .errors import UserError
+from .families import attention_layers
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
+from .leftovers import remove_stale_temps
+from .lock import holds_output_dir
 from .methods import METHODS
-from .methods.base import MethodContext, batches
 from .models import LoadedModel, load_model
-from .onepass import score_prompts  # noqa: F401  (part of this module's API)
+from .onepass import measure_spans, score_prompts  # noqa: F401  (score_prompts: part of this module's API)
 from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
 
 # detect's defaults: where the embedded model answers and heads beat the control, under 2 minutes on 2 cores
@@ -48,7 +51,7 @@ class DetectResult:
     path: Path | None = None
     answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
     attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
-    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (summed_attention results)
+    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (a span-measuring method's results)
     rank_by: str = "score"
     spans: object | None = None  # chance.SpanScores: per-sample baselines, control masses, lifts
 
@@ -60,7 +63,8 @@ class DetectResult:
         """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
         from .results import parse_head
 
-        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores)[:k]
+        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores,
+                        self.record.get("attention_layers"))[:k]
         out = []
         for h, _ in order:
             layer, head = parse_head(h)
@@ -75,7 +79,7 @@ class AmbiguousResult(AttributeError):
 
 class Detection(Mapping[str, DetectResult]):
     """What :func:`detect` returns, always: {result name: :class:`DetectResult`}, in the order they were made
-    (one per method, and per span kind of ``summed_attention``).
+    (one per method, and per span kind of a method that ``measures_spans``).
 
     A Detection of one result also answers for it: ``det.scores``, ``det.top(5)``, ``det.record``, ... are
     those of ``det.result``. With several results these raise :class:`AmbiguousResult` naming them; pick one
@@ -118,16 +122,27 @@ class Detection(Mapping[str, DetectResult]):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1) -> None:
+MAX_SAMPLES = 100_000  # prompts are built in memory first; far above any experiment's needs
+
+
+def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1,
+               seed: int | None = None) -> None:
     """The checks that need no model: fail before spending time on loading one."""
+    from .results import depth_text
+
     if question is not None:
         QUESTIONS.get(question)
     if tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}")
     if samples <= 0:
         raise UserError(f"--samples must be positive, got {samples}")
+    if samples > MAX_SAMPLES:
+        raise UserError(f"--samples must be at most {MAX_SAMPLES}, got {samples}")
     if not (isinstance(needle_position, (int, float)) and math.isfinite(needle_position) and 0 <= needle_position <= 1):
         raise UserError(f"--needle-position must lie in [0, 1], got {needle_position}")
+    depth_text(needle_position)  # a depth the result's file name can hold (1e-300 cannot), before any work
+    if seed is not None and seed < 0:  # Python's Random would use abs(seed): -1 would repeat seed 1's samples
+        raise UserError(f"--seed must be >= 0, got {seed}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
 
@@ -179,6 +194,7 @@ def write_result(
         from .attention import attention_path
 
         files.insert(0, (attention_path(path), attention))
+    remove_stale_temps([p for p, _ in files])  # of these files only, left by a killed writer (detect's too)
     atomic_write_files(files)
     return path
 
@@ -206,13 +222,11 @@ def method_names(method: str | Sequence[str]) -> list[str]:
 
 
 def result_name(method: str, success_only: bool) -> str:
-    """The name a method's result is written under: ``{method}_success`` with ``success_only`` (only correctly
-    answered samples counted), unless the method counts only those anyway (``retrieval_score``)."""
-    if success_only and not METHODS.get(method).success_only:
-        return f"{method}_success"
-    return method
+    """The name a method's result is written under (:meth:`~retrieval_heads.methods.base.Method.result_name`)."""
+    return METHODS.get(method).result_name(success_only)
 
 
+@holds_output_dir("detect")  # no sweep or other detect writes into output_dir meanwhile
 def detect(
     model: str | LoadedModel = "smollm2",
     question: str = "inc_state",
@@ -237,13 +251,15 @@ def detect(
     rank_by: str = "score",
     alpha: float = 0.05,
     one_prefill: bool = True,
+    eager_attentions: bool = False,
 ) -> Detection:
     """Score every (layer, head) of ``model`` by one or several methods on the same samples.
 
-    ``method`` is a name (``summed_attention``, ``query_focused``, ``retrieval_score``, ``qrhead``), a comma-separated
-    list or a list of names. With ``dataset`` (a JSONL file, see :mod:`retrieval_heads.data.dataset`) its
-    records are the samples (``samples`` caps how many are used) and the experiment is named after the file;
-    otherwise ``samples`` synthetic filings are generated from ``seed``. With ``output_dir`` each method's
+    ``method`` is a registered method's name (``METHODS``; see :mod:`retrieval_heads.methods`), a
+    comma-separated list or a list of names. With ``dataset`` (a JSONL file, see
+    :mod:`retrieval_heads.data.dataset`) its records are the samples (``samples`` caps how many are used)
+    and the experiment is named after the file; otherwise ``samples`` synthetic filings are generated from
+    ``seed``. With ``output_dir`` each method's
     result JSON (and, with ``save_samples``, its per-sample audit file) is written to
     ``output_dir/{name}/``.
 
@@ -251,14 +267,19 @@ def detect(
     them, with ``success_only`` (each method then counts only correctly answered samples and is written as
     ``{method}_success``), or with ``answers=True``; accuracy then goes in each result's ``extra``.
 
-    ``summed_attention`` results also get each head's chance baseline, lift, control-span mass and a
-    significance test against the control (:mod:`retrieval_heads.chance`), for each span kind in ``span``
-    (``needle``, ``answer``, ``fact``; each written under :func:`~retrieval_heads.chance.span_result_name`),
+    The results of a method that ``measures_spans`` (the default method) also get each head's chance
+    baseline, lift, control-span mass and a significance test against the control
+    (:mod:`retrieval_heads.chance`), for each span kind in ``span`` (``needle``, ``answer``, ``fact``; each
+    written under :func:`~retrieval_heads.chance.span_result_name`),
     all from the same probed passes; ``rank_by="lift"`` ranks them by lift; ``alpha`` is the test's level.
 
     When more than one pass per sample would be run (several methods, or answers), every method, span and
     the answers come from one context pass per sample (:mod:`retrieval_heads.onepass`; equal to separate
     passes within float tolerance); ``one_prefill=False`` runs each method's own passes instead.
+
+    ``eager_attentions=True`` scores a model whose family does not use transformers' attention interface
+    (bloom, gpt_neo, mpt, ...) from its own full attention matrices, one layer at a time
+    (:mod:`retrieval_heads.eager_rows`: exact, but B x H x N x N floats per layer); other models ignore it.
 
     With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
@@ -271,7 +292,7 @@ def detect(
     from . import chance
     from .generation import accuracy, answer_prompts
 
-    check_args(None if dataset else question, tokens, samples, needle_position, batch_size)
+    check_args(None if dataset else question, tokens, samples, needle_position, batch_size, seed)
     names = method_names(method)
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)
@@ -289,13 +310,15 @@ def detect(
     if output_dir is not None:
         check_writable(output_dir)  # before any work
         for n in names:  # no method folder is a link to elsewhere (checked again when writing)
-            for sp in spans:
-                check_result_folder(Path(output_dir) / chance.span_result_name(result_name(n, success_only), sp))
+            for rname in METHODS.get(n).result_names(spans, success_only):
+                check_result_folder(Path(output_dir) / rname)
     if isinstance(model, LoadedModel):
         lm = model
     else:
         with phase(f"loading model {model} ...", progress):
             lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if eager_attentions:
+        eager_rows.enable(lm.model)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
     if records is not None:
         qkey = dataset_key(dataset)
@@ -304,7 +327,8 @@ def detect(
     else:
         qkey, qprompt = question, QUESTIONS.get(question).prompt
     shared = None
-    if one_prefill and (want_answers or any(n != "summed_attention" for n in names)):  # several passes: share one
+    # a span-measuring method alone reads one pass per sample; anything more shares one context pass
+    if one_prefill and (want_answers or len(names) > 1 or not METHODS.get(names[0]).measures_spans):
         from tqdm.auto import tqdm
 
         from .onepass import score_groups
@@ -323,10 +347,11 @@ def detect(
     provenance = make_provenance(lm.identity, dataset)
     out: dict[str, DetectResult] = {}
     for name in names:
-        if name == "summed_attention":  # every span from the same probed passes
-            masses = shared.masses if shared is not None else \
-                chance.probe_prompts(lm, prompts, batch_size, progress, desc=name)
-            for sp in spans:
+        m = METHODS.get(name)
+        if m.measures_spans:  # every span from the same probed passes
+            masses = shared.span_masses[name] if shared is not None else \
+                measure_spans(lm, m, prompts, batch_size, progress, desc=name)
+            for sp in m.result_spans(spans):
                 out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
                                         dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
                                              needle_position=needle_position, seed=seed,
@@ -345,7 +370,7 @@ def detect(
         )
         out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
-        from .attention import for_results
+        from .attention_capture import for_results
 
         with phase(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
                    progress):
@@ -359,7 +384,8 @@ def detect(
 
 
 def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident) -> dict[str, DetectResult]:
-    """One summed-attention result for span kind ``span`` from the probed masses (see :func:`detect`)."""
+    """One result of span-measuring method ``name`` for span kind ``span`` from the probed masses (see
+    :func:`detect`)."""
     from .chance import chance_fields, span_result_name, span_scores
 
     ss = span_scores(masses, prompts, span)
@@ -413,5 +439,5 @@ def experiment_record(
         total_tokens=tokens, needle_position=needle_position, scores=sample_scores.sum(0),
         samples_processed=sample_scores.shape[0], seed=seed,
         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
-        rank_by=rank_by, provenance=provenance,
+        rank_by=rank_by, provenance=provenance, attention_layers=attention_layers(lm.model.config),
     )

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .errors import UserError
-from .results import parse_head, read_sample_scores, samples_path, scores_tensor
+from .results import parse_head, read_sample_scores, samples_path, scores_array
 
 FORMATS = ("wu", "qrhead", "duo", "kv")
 
@@ -34,7 +34,7 @@ def head_key(name: str) -> str:
     return f"{layer}-{head}"
 
 
-def load_sample_scores(result_path: str | Path, record: dict) -> torch.Tensor:
+def load_sample_scores(result_path: str | Path, record: dict) -> np.ndarray:
     """(S, L, H) per-sample scores from the result's .samples.jsonl."""
     path = samples_path(result_path)
     if not path.is_file():
@@ -42,14 +42,14 @@ def load_sample_scores(result_path: str | Path, record: dict) -> torch.Tensor:
     t = read_sample_scores(path, (record["num_layers"], record["num_heads"]))
     if t.shape[0] != record["samples_processed"]:
         raise UserError(f"{path} does not match its result ({tuple(t.shape)} scores)")
-    total = scores_tensor(record)  # (L, H): the rows add up to it (or average to it), else they are another run's
-    atol = 1e-5 * max(1.0, float(total.abs().max()))
-    if not any(torch.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (t.sum(0), t.mean(0))):
+    total = scores_array(record)  # (L, H): the rows add up to it (or average to it), else they are another run's
+    atol = 1e-5 * max(1.0, float(np.abs(total).max()))
+    if not any(np.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (t.sum(0), t.mean(0))):
         raise UserError(f"{path} does not add up to its result's scores (another run's samples file?)")
     return t
 
 
-def wu(record: dict, sample_scores: torch.Tensor) -> dict[str, list[float]]:
+def wu(record: dict, sample_scores: np.ndarray) -> dict[str, list[float]]:
     """{"L-H": [per-sample scores]}, heads in (layer, head) order."""
     S, L, H = sample_scores.shape
     return {f"{layer}-{head}": [float(sample_scores[s, layer, head]) for s in range(S)]
@@ -76,23 +76,28 @@ def kv_groups(record: dict, kv_heads: int | None) -> int:
 def kv_view(record: dict, kv_heads: int | None = None) -> dict:
     """Mean and max of each GQA group's query-head scores, (L, KV) grids."""
     n = kv_groups(record, kv_heads)
-    scores = scores_tensor(record)  # (L, H)
+    scores = scores_array(record)  # (L, H)
     L, H = scores.shape
     G = H // n
-    grouped = scores.view(L, n, G)  # (L, KV, G): query head h = j * G + g reads KV head j
+    grouped = scores.reshape(L, n, G)  # (L, KV, G): query head h = j * G + g reads KV head j
+    with np.errstate(over="ignore"):
+        mean = grouped.mean(-1)  # (L, KV)
+    over = ~np.isfinite(mean)  # a sum past the largest float (scores near +-1.7e308): each term divided first
+    mean[over] = (grouped / G).sum(-1)[over]
     return {
         "num_layers": L, "num_heads": H, "num_key_value_heads": n, "group_size": G,
+        **({"attention_layers": record["attention_layers"]} if "attention_layers" in record else {}),
         "mapping": "query head h reads KV head h // group_size",
         "groups": {str(j): list(range(j * G, (j + 1) * G)) for j in range(n)},
-        "mean": [[round(float(x), 6) for x in row] for row in grouped.mean(-1)],
-        "max": [[round(float(x), 6) for x in row] for row in grouped.amax(-1)],
+        "mean": [[round(float(x), 6) for x in row] for row in mean],
+        "max": [[round(float(x), 6) for x in row] for row in grouped.max(-1)],
     }
 
 
 def duo(record: dict, kv_heads: int | None = None) -> str:
     """Tab-separated (L rows x KV columns) values in [0, 1], see the module docstring."""
     view = kv_view(record, kv_heads)
-    m = torch.tensor(view["max"], dtype=torch.float64).clamp(min=0)  # (L, KV)
+    m = np.clip(np.asarray(view["max"], dtype=np.float64), 0, None)  # (L, KV)
     top = float(m.max())
     m = m / top if top > 0 else m
     return "".join("\t".join(f"{float(x):.6f}" for x in row) + "\n" for row in m)
@@ -105,7 +110,7 @@ def render(fmt: str, record: dict, result_path: str | Path, k: int = 20, kv_head
     if fmt == "qrhead":
         return qrhead(record, k) + "\n"
     if fmt == "kv":
-        return json.dumps(kv_view(record, kv_heads), indent=2) + "\n"
+        return json.dumps(kv_view(record, kv_heads), indent=2, allow_nan=False) + "\n"
     if fmt == "duo":
         return duo(record, kv_heads)
     raise UserError(f"unknown format {fmt!r}; choose from: {', '.join(FORMATS)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import NumericalError
+from .errors import NumericalError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,19 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def check_tokenizer(model: str, tokenizer) -> None:
+    """UserError when ``tokenizer`` turns a word into no tokens: what transformers builds for a local folder
+    that lacks its tokenizer files (an empty vocabulary), which would fail later as an "empty needle"."""
+    try:
+        ids = tokenizer("Delaware", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001  (another failure is reported where the tokenizer is used)
+        return
+    if not ids:
+        raise UserError(f"the tokenizer of {model!r} encodes text to no tokens: its folder lacks the tokenizer "
+                        "files (tokenizer.json, or vocab.json and merges.txt, or tokenizer.model); copy them from "
+                        "the model it was trained with")
 
 
 def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None:

@@ -149,10 +149,20 @@ def _reject_constant(name: str):
     raise JSONError(f"non-standard JSON constant {name}")
 
 
-def parse_json(text: str | bytes) -> Any:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise JSONError(f"key {json.dumps(twice)[:40]} is given twice")
+    return out
+
+
+def parse_json(text: str | bytes, unique_keys: bool = False) -> Any:
     """``json.loads`` for untrusted text. Raises :class:`JSONError` (a UserError) with a short reason for
     malformed JSON, nesting deeper than :data:`MAX_JSON_DEPTH`, integers too long to convert (Python's
-    digit limit), floats that overflow to inf, and the constants NaN/Infinity.
+    digit limit), floats that overflow to inf, and the constants NaN/Infinity; with ``unique_keys``, an
+    object's key given twice (else the last one wins, as in ``json.loads``).
 
     >>> parse_json('{"a": [1, 2.5]}')
     {'a': [1, 2.5]}
@@ -162,7 +172,8 @@ def parse_json(text: str | bytes) -> Any:
     retrieval_heads.io.JSONError: nested deeper than 64 levels
     """
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as e:
         raise JSONError(f"{e.msg} at line {e.lineno}") from None
     except RecursionError:

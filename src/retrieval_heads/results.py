@@ -1,6 +1,6 @@
-"""The result JSON (the seed's format, plus a few fields), its file names, and its validation.
+"""The result JSON (the original format's fields, plus a few), its file names, and its validation.
 
-Seed fields, in the seed's order: method, model_key, model_name, question, question_prompt, total_tokens,
+Core fields, in the original format's order: method, model_key, model_name, question, question_prompt, total_tokens,
 needle_position, samples_processed, timestamp, head_rankings ([{head, score, rank}] for every head, best
 first), top_50_heads. Added: num_layers, num_heads, seed, dtype, scores ([layers][heads], the same numbers
 as head_rankings in grid form), extra (method-specific, e.g. accuracy), provenance (what produced it: model
@@ -15,19 +15,22 @@ import hashlib
 import json
 import math
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+import numpy as np
 
 from .errors import UserError
 from .io import MAX_NAME, NAME_CHARS, JSONError, check_name, parse_json, read_regular, safe_key  # noqa: F401  (names: also read from here)
 
 if TYPE_CHECKING:
+    import torch
+
     from .data.prompt import PromptSample
 
-SEED_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
+CORE_FIELDS = ("method", "model_key", "model_name", "question", "question_prompt", "total_tokens",
                "needle_position", "samples_processed", "timestamp", "head_rankings", "top_50_heads")
 
 
@@ -47,7 +50,7 @@ def parse_head(name: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-SEED_DEPTH = 0.5  # the seed's needle depth: its results keep the seed's names, without a depth
+DEFAULT_DEPTH = 0.5  # the default needle depth: its results' file names carry no depth
 
 
 def depth_text(depth: float) -> str:
@@ -64,8 +67,8 @@ def depth_text(depth: float) -> str:
     raise UserError(f"needle_position: {depth!r} has no short decimal form")  # unreachable for a float
 
 
-def file_name(model_key: str, question: str, tokens: int, depth: float = SEED_DEPTH) -> str:
-    """A result's file name: ``{model_key}_{question}_{tokens}.json`` at the seed's depth (0.5), else
+def file_name(model_key: str, question: str, tokens: int, depth: float = DEFAULT_DEPTH) -> str:
+    """A result's file name: ``{model_key}_{question}_{tokens}.json`` at the default depth (0.5), else
     ``{model_key}_{question}_{tokens}_d{depth}.json`` (:func:`depth_text`, e.g. ``_d0.10``). The names are
     checked (:func:`check_name`), ``tokens`` must be a positive whole number and ``depth`` in [0, 1];
     :func:`parse_file_name` reads it back."""
@@ -73,7 +76,7 @@ def file_name(model_key: str, question: str, tokens: int, depth: float = SEED_DE
     check_name(question, "question")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
         raise UserError(f"total_tokens: expected a positive whole number, got {tokens!r}")
-    suffix = "" if depth_text(depth) == depth_text(SEED_DEPTH) else f"_d{depth_text(depth)}"
+    suffix = "" if depth_text(depth) == depth_text(DEFAULT_DEPTH) else f"_d{depth_text(depth)}"
     return f"{model_key}_{question}_{tokens}{suffix}.json"
 
 
@@ -83,24 +86,24 @@ _FILE_NAME = re.compile(r"(?P<stem>.+)_(?P<tokens>[1-9][0-9]*)(?:_d(?P<depth>[01
 def parse_file_name(name: str) -> tuple[str, int, float]:
     """``(stem, tokens, depth)`` of a result's file name as :func:`file_name` writes it, ``stem`` being
     ``{model_key}_{question}`` (both may hold '_', so they are not split); a name without a depth is at the
-    seed's 0.5. UserError for any other name, including a depth not written the one way :func:`depth_text`
+    default 0.5. UserError for any other name, including a depth not written the one way :func:`depth_text`
     writes it (``_d0.5``, ``_d0.50``, ``_d0.100``).
 
     >>> parse_file_name("smollm2_inc_state_2048_d0.10.json"), parse_file_name("smollm2_inc_state_2048.json")
     (('smollm2_inc_state', 2048, 0.1), ('smollm2_inc_state', 2048, 0.5))
     """
     m = _FILE_NAME.fullmatch(name) if isinstance(name, str) else None
-    depth = SEED_DEPTH if m is None or m["depth"] is None else float(m["depth"])
+    depth = DEFAULT_DEPTH if m is None or m["depth"] is None else float(m["depth"])
     if m is None or not 0 <= depth <= 1 or (m["depth"] is not None and (
-            m["depth"] != depth_text(depth) or depth_text(depth) == depth_text(SEED_DEPTH))):
+            m["depth"] != depth_text(depth) or depth_text(depth) == depth_text(DEFAULT_DEPTH))):
         raise UserError(f"{name!r} is not a result file name (MODEL_QUESTION_TOKENS.json or "
                         f"MODEL_QUESTION_TOKENS_dDEPTH.json, e.g. _d0.10)")
     return m["stem"], int(m["tokens"]), depth
 
 
 def result_path(output_dir: str | Path, method: str, model_key: str, question: str, tokens: int,
-                needle_position: float = SEED_DEPTH) -> Path:
-    """``output_dir/method/`` + :func:`file_name` (``{model_key}_{question}_{tokens}.json`` at the seed's depth
+                needle_position: float = DEFAULT_DEPTH) -> Path:
+    """``output_dir/method/`` + :func:`file_name` (``{model_key}_{question}_{tokens}.json`` at the default depth
     0.5, with ``_d{depth}`` before ``.json`` at any other); the names are checked (:func:`check_name`) and
     ``tokens`` must be a positive whole number, so the file always lies in ``output_dir/method/``."""
     check_name(method, "method")
@@ -147,7 +150,22 @@ def sample_rows(prompts: Sequence[PromptSample], sample_scores: torch.Tensor, an
         }
 
 
-def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor:
+def _number_grid(value: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """``value`` as an (L, H) float64 array when it is a list of L lists of H finite numbers, else None."""
+    L, H = shape
+    if not (isinstance(value, list) and len(value) == L and
+            all(isinstance(row, list) and len(row) == H for row in value)):
+        return None
+    if not all(isinstance(x, (int, float)) for row in value for x in row):
+        return None
+    try:
+        grid = np.asarray(value, dtype=np.float64)  # (L, H)
+    except OverflowError:  # an int too large for a float
+        return None
+    return grid if bool(np.isfinite(grid).all()) else None
+
+
+def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """(S, L, H) float64 per-sample scores from a ``.samples.jsonl`` (rows as :func:`sample_rows`
     writes them); blank lines are skipped. UserError naming the line for an unreadable file, a malformed
     row, or scores that are not finite or not of ``shape`` (L, H)."""
@@ -164,20 +182,21 @@ def read_sample_scores(path: str | Path, shape: tuple[int, int]) -> torch.Tensor
             row = parse_json(line)
         except JSONError as e:
             raise UserError(f"{path}: line {n} is not a per-sample score row ({e})") from None
-        try:
-            scores = torch.tensor(row["scores"], dtype=torch.float64)  # (L, H)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):  # RuntimeError: an int too large
-            raise UserError(f"{path}: line {n} is not a per-sample score row") from None
-        if tuple(scores.shape) != tuple(shape) or not bool(torch.isfinite(scores).all()):
-            raise UserError(f"{path}: line {n} has scores of shape {tuple(scores.shape)}, expected {tuple(shape)}")
+        if not isinstance(row, dict) or "scores" not in row:
+            raise UserError(f"{path}: line {n} is not a per-sample score row")
+        scores = _number_grid(row["scores"], shape)  # (L, H)
+        if scores is None:
+            raise UserError(f"{path}: line {n} has scores that are not a {shape[0]} x {shape[1]} grid of "
+                            "finite numbers")
         rows.append(scores)
-    return torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)  # (S, L, H)
+    return np.stack(rows) if rows else np.zeros((0, *shape), dtype=np.float64)  # (S, L, H)
 
 
-def ranking(scores: torch.Tensor) -> list[tuple[str, float]]:
-    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H)."""
+def ranking(scores, layers: list[int] | None = None) -> list[tuple[str, float]]:
+    """Heads best first; ties broken by (layer, head) so the order is reproducible. scores (L, H): a tensor or
+    an array; ``layers``: only the heads of these layers (a hybrid's attention layers; None: every layer)."""
     L, H = scores.shape
-    flat = [(float(scores[l, h]), l, h) for l in range(L) for h in range(H)]
+    flat = [(float(scores[l, h]), l, h) for l in (range(L) if layers is None else layers) for h in range(H)]
     flat.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [(head_name(l, h), s) for s, l, h in flat]
 
@@ -191,18 +210,22 @@ def make_record(
     *, method: str, model_key: str, model_name: str, question: str, question_prompt: str, total_tokens: int,
     needle_position: float, scores: torch.Tensor, samples_processed: int, seed: int, dtype: str,
     extra: dict | None = None, provenance: dict | None = None, added: dict | None = None, rank_by: str = "score",
+    attention_layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The result record. ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
+    """The result record. ``attention_layers``: a hybrid's attention layers (:mod:`retrieval_heads.families`),
+    recorded, and the only layers whose heads are ranked (the other layers' scores stay 0 in the grid); None
+    where every layer attends (the field is then absent). ``added`` (e.g. the chance fields of :func:`retrieval_heads.chance.chance_fields`,
     with its ``lift`` grid) goes after ``extra``; with it, every head_rankings entry also has its ``lift``,
     and ``rank_by="lift"`` orders head_rankings and top_50_heads by lift instead of score."""
     scores = scores.detach().double().cpu()
     rounded = [[round(float(x), 6) for x in row] for row in scores]
-    ranked = ranking(torch.tensor(rounded, dtype=torch.float64))
+    layers = None if attention_layers is None else sorted(attention_layers)
+    ranked = ranking(np.asarray(rounded, dtype=np.float64), layers)
     lifts = (added or {}).get("lift")
     if rank_by == "lift":
         if lifts is None:
             raise ValueError("rank_by='lift' needs the lift grid")
-        by_lift = ranking(torch.tensor(lifts, dtype=torch.float64))
+        by_lift = ranking(np.asarray(lifts, dtype=np.float64), layers)
         ranked = [(h, rounded[parse_head(h)[0]][parse_head(h)[1]]) for h, _ in by_lift]
     record: dict[str, Any] = {
         "method": method,
@@ -220,6 +243,7 @@ def make_record(
         "top_50_heads": [h for h, _ in ranked[:50]],
         "num_layers": scores.shape[0],
         "num_heads": scores.shape[1],
+        **({} if layers is None else {"attention_layers": layers}),
         "seed": seed,
         "dtype": dtype,
         "scores": rounded,
@@ -234,6 +258,7 @@ def make_record(
 
 def package_versions() -> dict[str, str]:
     """The versions of this package, torch and transformers (recorded for audit; resume does not compare them)."""
+    import torch
     import transformers
 
     from . import __version__
@@ -273,7 +298,7 @@ def validate(record: Any, where: str = "result") -> dict:
     checksum alone would pass a file edited with its checksum recomputed."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: not a result object")
-    missing = [k for k in SEED_FIELDS + ("scores", "num_layers", "num_heads", "checksum") if k not in record]
+    missing = [k for k in CORE_FIELDS + ("scores", "num_layers", "num_heads", "checksum") if k not in record]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
     if record["checksum"] != _checksum(record):
@@ -321,9 +346,15 @@ def structure_problem(record: dict) -> str | None:
     if record.get("rank_by", "score") not in ("score", "lift") or (record.get("rank_by") == "lift" and lifts is None):
         return "rank_by is neither score nor lift (with a lift grid)"
     order = lifts if record.get("rank_by") == "lift" else scores  # what head_rankings is sorted by
+    layers = record.get("attention_layers", list(range(L)))
+    if "attention_layers" in record and (not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers)
+                                         or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= L
+                                         or len(layers) == L):
+        return f"attention_layers is not an ascending list of some of the {L} layers"
+    attends = set(layers)
     ranks = record["head_rankings"]
-    if not isinstance(ranks, list) or len(ranks) != L * H:
-        return f"head_rankings does not hold all {L * H} heads"
+    if not isinstance(ranks, list) or len(ranks) != len(layers) * H:
+        return f"head_rankings does not hold all {len(layers) * H} heads"
     seen = set()
     prev = None
     for i, r in enumerate(ranks):
@@ -334,8 +365,8 @@ def structure_problem(record: dict) -> str | None:
             lh = parse_head(r["head"])
         except ValueError:
             lh = None
-        if lh is None or not (0 <= lh[0] < L and 0 <= lh[1] < H) or head_name(*lh) != r["head"] or lh in seen:
-            return f"head_rankings[{i}]: {r['head']!r} is not a head of the {L} x {H} grid, or repeats one"
+        if lh is None or not (lh[0] in attends and 0 <= lh[1] < H) or head_name(*lh) != r["head"] or lh in seen:
+            return f"head_rankings[{i}]: {r['head']!r} is not a head of the {L} x {H} grid's attention layers, or repeats one"
         seen.add(lh)
         if r["rank"] != i + 1:
             return f"head_rankings[{i}] has rank {r['rank']}, expected {i + 1}"
@@ -387,9 +418,9 @@ def samples_problem(result: str | Path, record: dict) -> str | None:
         return f"samples file: {str(e).removeprefix(f'{path}: ')}"
     if rows.shape[0] != record["samples_processed"]:
         return f"samples file has {rows.shape[0]} rows, the result {record['samples_processed']} samples"
-    total = scores_tensor(record)  # (L, H)
-    atol = 1e-5 * max(1.0, float(total.abs().max()))
-    if not torch.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
+    total = scores_array(record)  # (L, H)
+    atol = 1e-5 * max(1.0, float(np.abs(total).max()))
+    if not np.allclose(rows.sum(0), total, rtol=1e-5, atol=atol):
         return "samples file does not add up to the result's scores"
     return None
 
@@ -409,6 +440,14 @@ class MisnamedResult(UserError):
 
 
 _RESULT_STEM = re.compile(r".+_[0-9]+")  # MODEL_QUESTION_TOKENS, the shape of a result's own name
+BUILTIN_METHODS = ("summed_attention", "query_focused", "retrieval_score", "qrhead")  # methods.METHODS's first
+
+
+def method_names():
+    """The registered methods' names: the registry where :mod:`retrieval_heads.methods` is loaded (with any
+    method a user registered), else the built-in ones, without importing torch for it (``report``)."""
+    loaded = sys.modules.get(f"{__package__}.methods")
+    return loaded.METHODS if loaded is not None else BUILTIN_METHODS
 
 
 def name_problem(path: str | Path, record: dict) -> str | None:
@@ -416,12 +455,10 @@ def name_problem(path: str | Path, record: dict) -> str | None:
     renamed or copied to another's name (``m_q_256.json`` saved as ``m_q_512.json``, or put in another
     method's folder) must not pass for that experiment. A name of another shape (``best.json``) is the
     user's own and is accepted; so is a folder that is not named like a method."""
-    from .methods import METHODS
-
     path = Path(path)
     want = file_name(record["model_key"], record["question"], record["total_tokens"], record["needle_position"])
     folder = path.parent.name
-    if folder != record["method"] and folder.split("+")[0].removesuffix("_success") in METHODS:
+    if folder != record["method"] and folder.split("+")[0].removesuffix("_success") in method_names():
         return (f"the result of {record['method']}/{want} lies in the folder of method {folder!r}; "
                 "move it to its own folder")
     if path.name != want and (_RESULT_STEM.fullmatch(path.stem) or _FILE_NAME.fullmatch(path.name)):
@@ -448,5 +485,6 @@ def load_result(path: str | Path) -> dict:
     return record
 
 
-def scores_tensor(record: dict) -> torch.Tensor:
-    return torch.tensor(record["scores"], dtype=torch.float64)
+def scores_array(record: dict) -> np.ndarray:
+    """A valid record's (L, H) score grid, float64."""
+    return np.asarray(record["scores"], dtype=np.float64)

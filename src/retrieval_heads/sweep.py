@@ -22,17 +22,11 @@ A unit always scores all the grid's questions (the suffix passes are cheap next 
 and writes those not done, so a resumed sweep computes exactly what an uninterrupted one does and ends with
 the same files, whichever of a unit's files a kill left behind.
 
-Lock: ``fcntl.flock`` (exclusive) on the output directory itself, opened ``O_RDONLY | O_DIRECTORY``, held
-for the whole sweep; a second sweep on the same directory stops at once with one line naming the first
-one's pid. The kernel drops the lock when its holder dies (even by SIGKILL), so it is never stale, and no
-file inside the directory carries it: deleting or replacing ``.sweep.lock`` cannot let a second sweep in.
-``{output_dir}/.sweep.lock`` is only a note of the holder's pid: written as a new file (``O_CREAT | O_EXCL
-| O_NOFOLLOW``, an old note unlinked first) so that nothing is ever written through a link (a symbolic link
-there is an error), and removed when the sweep ends, with any folder the sweep created and left empty; a
-model that fails to load after the lock thus leaves nothing behind. A sweep killed by SIGKILL leaves its
-note, which the next sweep replaces. Whoever takes the lock removes the temp files that a writer killed
-between write and rename left: only names of the writer's own pattern (:func:`retrieval_heads.io.temp_target`)
-whose target is one of this sweep's result or samples files, in its own method folder.
+Lock: the sweep holds :func:`retrieval_heads.lock.results_lock` on its output dir for the whole run (a
+second sweep, a ``detect``, ``export``, ``ablate`` or ``report`` writing there stops at once with one line).
+Once it holds the lock it removes the temp files that a writer killed between write and rename left: only
+names of the writer's own pattern (:func:`retrieval_heads.io.temp_target`) whose target is one of this
+sweep's result or samples files, in its own method folder.
 
 Grid files are typed strictly (:class:`GridSettings`, pydantic): a value of the wrong type is one line
 naming the field; flags given on the command line override the file, both ways.
@@ -43,40 +37,40 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .attention import attention_path, for_results as attention_files
+from . import eager_rows
+from .attention import attention_path
 from .console import bar_disabled, phase, plural
 from .data.questions import QUESTIONS
+from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
-from .defaults import DEFAULT_MAX_NEW_TOKENS
-from .io import given_path
+from .hf import check_tokenizer
+from .lock import results_lock
 from .models import (DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, hub_access, model_identity,
                      resolve)
 from .registry import Registry
-from .results import (MisnamedResult, check_result_folder, depth_text, identity_of, load_result, result_path,
+from .results import (MisnamedResult, depth_text, identity_of, load_result, result_path,
                       samples_path, samples_problem)
 
-DEFAULT_MODELS = ("smollm2",)  # as detect's; the seed's pair is --models instruct base
+DEFAULT_MODELS = ("smollm2",)  # as detect's; the original study's pair is --models instruct base
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
 DEFAULT_SAMPLES = 6  # per unit of a grid
-LOCK_NAME = ".sweep.lock"
 
 
 @dataclass(frozen=True)
 class Grid:
     """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-    settings. A depth other than the seed's 0.5 files its results under names of their own
+    settings. A depth other than the default 0.5 files its results under names of their own
     (:func:`~retrieval_heads.results.file_name`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -91,11 +85,12 @@ class Grid:
     batch_size: int = 1
     save_samples: bool = False
     trust_remote_code: bool = False
+    eager_attentions: bool = False  # score families without the attention interface (eager_rows)
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # longest greedy answer (answers, retrieval_score)
-    span: str = "needle"  # summed_attention's span kinds, comma-separated (chance.SPANS), each its own result
+    span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -104,13 +99,12 @@ class Grid:
 
     @property
     def results(self) -> tuple[str, ...]:
-        """The result names of each experiment: every method, and summed_attention once per span kind
-        (``summed_attention``, ``summed_attention+answer``, ...; :func:`~retrieval_heads.chance.span_result_name`)."""
-        from .chance import span_result_name
+        """The result names of each experiment: every method, a method that measures spans once per span kind
+        (``summed_attention``, ``summed_attention+answer``, ...; :meth:`~.methods.base.Method.result_names`)."""
+        from .methods import METHODS
 
         spans = self.span.split(",")
-        return tuple(span_result_name(m, sp) for m in self.methods
-                     for sp in (spans if m == "summed_attention" else ("needle",)))
+        return tuple(r for m in self.methods for r in METHODS.get(m).result_names(spans))
 
     @property
     def size(self) -> int:
@@ -156,7 +150,7 @@ class Status:
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
            "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span", "max_new_tokens"):
+           "span", "eager_attentions", "max_new_tokens"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -217,11 +211,13 @@ def check_depths(depths: Any, option: str = "--needle-positions") -> tuple[float
     """The needle depths of a grid, as floats in the order given: UserError for none, a depth outside [0, 1]
     (or not finite), or a depth given twice (``0.3`` and ``0.30`` are one depth)."""
     out: list[float] = []
+    seen: set[float] = set()  # not ``in out``: 80,000 depths would take minutes
     for d in depths:
         if not (isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and 0 <= d <= 1):
             raise UserError(f"{option} must lie in [0, 1], got {d}")
-        if float(d) in out:
+        if float(d) in seen:
             raise UserError(f"{option}: depth {float(d):g} is given twice")
+        seen.add(float(d))
         out.append(float(d))
     if not out:
         raise UserError("the grid names no needle_positions")
@@ -248,6 +244,7 @@ class GridSettings(BaseModel):
     batch_size: Optional[int] = None
     save_samples: Optional[bool] = None
     trust_remote_code: Optional[bool] = None
+    eager_attentions: Optional[bool] = None
     save_attention: Optional[int] = None
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
@@ -260,7 +257,7 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "needle_position": "a number", "needle_positions": "a number or a list of numbers",
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
-            "trust_remote_code": "true or false", "save_attention": "a whole number",
+            "trust_remote_code": "true or false", "eager_attentions": "true or false", "save_attention": "a whole number",
             "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names",
             "max_new_tokens": "a whole number"}
 
@@ -292,7 +289,7 @@ def check_types(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def make_grid(**settings: Any) -> Grid:
-    """A validated grid; settings left out (or None) take the defaults (the seed's grid). Raises UserError,
+    """A validated grid; settings left out (or None) take the defaults (the original study's grid). Raises UserError,
     before anything is loaded, for a value of the wrong type (:class:`GridSettings`; booleans must be real
     booleans), an empty list, an unknown model key, question or method, and for impossible numbers. For the
     CLI's sake, lists and numbers may be given as text (``tokens="1024,2048"``, ``samples="3"``)."""
@@ -333,7 +330,7 @@ def make_grid(**settings: Any) -> Grid:
         from .chance import span_names
 
         values["span"] = ",".join(span_names(given["span"]))
-    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code",
+    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code", "eager_attentions",
               "save_attention", "rank_by", "answers", "max_new_tokens"):
         if k in given:
             values[k] = given[k]
@@ -368,7 +365,7 @@ def make_grid(**settings: Any) -> Grid:
     check_device(grid.device, available=False)
     for t in grid.tokens:
         for d in grid.needle_positions:
-            check_args(None, t, grid.samples, d, grid.batch_size)
+            check_args(None, t, grid.samples, d, grid.batch_size, grid.seed)
     if grid.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {grid.max_new_tokens}")
     if grid.save_attention < 0:
@@ -402,7 +399,7 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"grid file {path}: malformed TOML ({first})") from None
     else:
         try:
-            data = parse_json(text)
+            data = parse_json(text, unique_keys=True)  # as TOML refuses a key given twice
         except JSONError as e:
             raise UserError(f"grid file {path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
@@ -527,6 +524,7 @@ def compute_unit(
     from .chance import chance_fields, span_result_name, span_scores
     from .experiments import build_prompts, synthetic_record
     from .generation import accuracy
+    from .methods import METHODS
     from .onepass import score_groups
 
     progress = on_progress or (lambda f: None)
@@ -543,12 +541,12 @@ def compute_unit(
     out = []
     spans = grid.span.split(",")
     for m in grid.methods:
-        for sp, q in ((sp, q) for sp in (spans if m == "summed_attention" else ("needle",)) for q in unit.questions):
+        for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
             answered = None if got is None else dict(accuracy(got), max_new_tokens=grid.max_new_tokens)
-            if m == "summed_attention":  # every span kind from the same masses
-                ss = span_scores(sc.masses, prompts, sp)
+            if METHODS.get(m).measures_spans:  # every span kind from the same masses
+                ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
                 record = synthetic_record(lm, span_result_name(m, sp), q, unit.tokens, unit.depth, grid.seed,
                                           scores, added=chance_fields(ss, accuracy=answered),
@@ -559,13 +557,13 @@ def compute_unit(
             scores = sc.scores[m].to(lm.device, torch.float32)  # (S, L, H)
             record = synthetic_record(lm, m, q, unit.tokens, unit.depth, grid.seed, scores, answered=answered)
             out.append(DetectResult(scores.sum(0).cpu(), scores.cpu(), prompts, record, answers=got))
-    if not grid.save_attention:
-        return out
-    text = (f"saving the top {grid.save_attention} heads' attention rows of {plural(len(out), 'result')} "
-            f"({plural(len(groups), 'sample')}) ...")
-    with on_phase(text) if on_phase is not None else nullcontext():
-        for r in out:  # rankings final: one more probed pass per sample
-            r.attention = attention_files(lm, [(r.record, r.prompts)], grid.save_attention, grid.batch_size)[0]
+    if grid.save_attention:  # rankings final: one more probed pass per question and sample, for every result
+        from .attention_capture import for_unit
+
+        text = (f"saving the top {grid.save_attention} heads' attention rows of {plural(len(out), 'result')} "
+                f"({plural(len(groups), 'sample')}) ...")
+        with on_phase(text) if on_phase is not None else nullcontext():
+            for_unit(lm, out, grid.save_attention, grid.batch_size)
     return out
 
 
@@ -591,130 +589,9 @@ def own_files(output_dir: str | Path, grid: Grid, keys: dict[str, str] | None = 
     return out
 
 
-def remove_stale_temps(files: list[Path]) -> list[Path]:
-    """Remove the temp files that a writer killed between write and rename left for ``files``: only names
-    of the writer's own pattern (``io.temp_target``) whose target is one of ``files``, in their folders.
-    Returns what was removed."""
-    from .io import temp_target
-
-    by_folder: dict[Path, set[str]] = {}
-    for f in files:
-        by_folder.setdefault(f.parent, set()).add(f.name)
-    removed = []
-    for folder, names in by_folder.items():
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # not there (yet)
-            continue
-        for e in entries:
-            if temp_target(e.name) in names and e.is_file(follow_symlinks=False):
-                Path(e.path).unlink(missing_ok=True)
-                removed.append(Path(e.path))
-    return removed
-
-
-def _missing_dirs(folder: Path) -> list[Path]:
-    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
-    out = []
-    p = folder
-    while not os.path.lexists(p) and p != p.parent:
-        out.append(p)
-        p = p.parent
-    return out
-
-
-@contextmanager
-def sweep_lock(output_dir: str | Path, own: list[Path] | None = None) -> Iterator[Path]:
-    """Hold the sweep lock on ``output_dir`` for the block; UserError at once if another process holds it.
-    Creates ``output_dir``; on leaving, removes the pid note and any folder it created that stayed empty.
-
-    The lock is ``fcntl.flock`` (exclusive) on the directory itself (opened ``O_RDONLY | O_DIRECTORY``), so
-    deleting or replacing a file inside it cannot release it. ``{output_dir}/.sweep.lock`` is only a note of
-    the holder's pid for the message of a second sweep: it is written by the holder as a new file
-    (``O_CREAT | O_EXCL | O_NOFOLLOW``, after removing an old note), so no link there is ever written
-    through; a symbolic link in its place is an error. With ``own`` (the sweep's result and samples paths),
-    the temp files a killed writer left for those files are removed once the lock is held."""
-    import fcntl
-
-    if isinstance(output_dir, str):
-        given_path(output_dir, "--output-dir")
-    out = Path(output_dir)
-    note = out / LOCK_NAME
-    created = _missing_dirs(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
-    mine = None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another sweep (pid {_holder(note)}) is running on {out}; wait for it to finish or "
-                            f"use another --output-dir") from None
-        mine = _write_note(note)
-        for folder in sorted({p.parent for p in own or ()}):
-            check_result_folder(folder)  # before its temp files are cleaned or any work is done
-        if own:
-            remove_stale_temps(own)
-        yield note
-    finally:
-        try:
-            if mine is not None:  # the note is ours (nobody replaced it): it goes with the lock
-                st = os.stat(note, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == mine:
-                    os.unlink(note)
-            for d in created:  # deepest first; a folder that holds anything stays
-                os.rmdir(d)
-        except OSError:
-            pass
-        os.close(fd)  # releases the lock, after the clean-up
-
-
-def _holder(note: Path) -> str:
-    """The pid in the lock holder's note, or '?' (no note, unreadable, or a link)."""
-    try:
-        fd = os.open(note, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return "?"
-    try:
-        text = os.read(fd, 32).decode("ascii", "replace").strip()
-    except OSError:
-        return "?"
-    finally:
-        os.close(fd)
-    return text if text.isdigit() else "?"
-
-
-def _write_note(note: Path) -> tuple[int, int]:
-    """Write this process's pid to ``note`` as a new file; returns its (device, inode)."""
-    import stat
-
-    try:
-        st = os.stat(note, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise UserError(f"cannot write {note}: {e.strerror or e}") from None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise UserError(f"{note} is a symbolic link; remove it (a sweep writes its pid there, never through a link)")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{note} is not a regular file; remove it")
-    try:
-        if st is not None:
-            os.unlink(note)  # a hard link elsewhere keeps its content: only this name goes
-        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        raise UserError(f"{note} was created by someone else while this sweep took the lock; retry") from None
-    except OSError as e:
-        raise UserError(f"cannot write {note}: {e.strerror or e}") from None
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino
+def sweep_lock(output_dir: str | Path, own: list[Path] | None = None):
+    """The results-dir lock (:func:`retrieval_heads.lock.results_lock`) held by a sweep."""
+    return results_lock(output_dir, "sweep", own)
 
 
 # --- checks that need configs and tokenizers, not weights -------------------------------------------------
@@ -731,8 +608,8 @@ def preflight(grid: Grid) -> None:
     for m in grid.models:
         _, name, path = resolve(m)
         hub, offline_why = hub_access(path)  # the hub only if it answers within HUB_PROBE_S: no minutes of retries
-        hint = " (the seed's Llama-3-8B models are gated on the hub: log in with `hf auth login`, or try " \
-               "--models smollm2)" if m in ("instruct", "base") else ""
+        hint = " (the original study's Llama-3-8B models are gated on the hub: log in with `hf auth login`, or " \
+               "try --models smollm2)" if m in ("instruct", "base") else ""
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
             check_causal_lm(m, config)
@@ -746,6 +623,7 @@ def preflight(grid: Grid) -> None:
                 raise UserError(f"cannot load model {m!r}: it is not in the local hub cache and {offline_why}"
                                 f"{hint}") from None
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
+        check_tokenizer(m, tokenizer)
         for depth in grid.needle_positions:
             synthetic_samples(PromptFormat(tokenizer), grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
@@ -839,6 +717,8 @@ def run_sweep(
                     with phase(f"loading model {unit.model} ...", progress, bar):
                         lm = load(unit.model, dtype=grid.dtype, device=grid.device,
                                   trust_remote_code=grid.trust_remote_code)
+                    if grid.eager_attentions:
+                        eager_rows.enable(lm.model)
                 if bar is None:
                     bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
                                disable=bar_disabled(progress), dynamic_ncols=True,

@@ -10,17 +10,34 @@ from ..errors import UserError
 from ..hf import quiet_transformers  # noqa: F401  (the subcommands read it from here)
 
 
-def flag(parser: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
-    """``--name/--no-name``; with ``default=None`` the option is tri-state (None: not given)."""
+def flag(parser, name: str, default: bool | None, help: str) -> argparse.Action:
+    """``--name/--no-name``; with ``default=None`` the option is tri-state (None: not given). ``parser``: a
+    parser or one of its argument groups."""
     action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
     action.help = help  # set after: Python 3.10's BooleanOptionalAction appends its own "(default: ...)"
+    return action
 
 
-def values(parser: argparse.ArgumentParser, name: str, metavar: str, help: str) -> None:
+def values(parser, name: str, metavar: str, help: str, allowed=None) -> argparse.Action:
     """An option that takes one value or several, space- or comma-separated (commas are split by the API or
     the command), or repeated: ``--tokens 1024 2048``, ``--tokens 1024,2048``, ``--tokens 1024 --tokens 2048``.
-    None when not given (a default list would be extended, not replaced, by what is given)."""
-    parser.add_argument(name, nargs="+", action="extend", metavar=metavar, default=None, help=help)
+    None when not given (a default list would be extended, not replaced, by what is given). ``allowed``: see
+    :func:`allow`."""
+    action = parser.add_argument(name, nargs="+", action="extend", metavar=metavar, default=None, help=help)
+    return allow(action, allowed)
+
+
+def allow(action: argparse.Action, allowed) -> argparse.Action:
+    """Show an option's allowed values at the end of its help: a tuple, or ``"module:NAME"`` (a tuple or a
+    registry), read only when the help is shown. The API checks the values, with its own message."""
+    if allowed is not None:
+        action.allowed = allowed
+    return action
+
+
+def groups(parser: argparse.ArgumentParser, *titles: str) -> list:
+    """Argument groups of ``parser`` under these titles (experiment, methods, output, engine), in order."""
+    return [parser.add_argument_group(t) for t in titles]
 
 
 def print_top(rows: list[tuple], title: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..errors import UserError
-from ._common import flag, quiet_transformers, values
+from ._common import allow, flag, groups, quiet_transformers, values
 
 SUMMARY = "Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."
 DEFAULT_KS = (0, 5, 10, 20, 50)
@@ -29,29 +29,36 @@ def parse_ks(given: list[str] | None) -> list[int]:
     return out
 
 
+EXAMPLES = """examples:
+  retrieval-heads ablate results/summed_attention/smollm2_inc_state_512.json
+  retrieval-heads ablate RESULT --k 0 5 10 --random-seeds 5 --samples 32
+  retrieval-heads ablate RESULT --dataset my_samples.jsonl      a result made from a dataset needs it again"""
+
+
 def register(commands) -> None:
-    p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY)
+    p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
-    values(p, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
-                          f"[default: {' '.join(map(str, DEFAULT_KS))}].")
-    p.add_argument("--random-seeds", type=int, default=3,
-                   help="Random controls per k (k heads drawn from outside the top k).")
-    p.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
-    p.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
-    p.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the samples "
-                                            "the heads were found on).")
-    p.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
-    p.add_argument("--model", help="Model (default: the result's model_key).")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "
-                                                             "condition (its own removed heads); 1 runs one condition "
-                                                             "at a time.")
-    p.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); the "
-                                 "plot goes next to it as .png.")
-    flag(p, "--trust-remote-code", False, "Allow the model's own Python code to run.")
+    exp, out, eng = groups(p, "experiment", "output", "engine")
+    values(exp, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
+                            f"[default: {' '.join(map(str, DEFAULT_KS))}].")
+    exp.add_argument("--random-seeds", type=int, default=3,
+                     help="Random controls per k (k heads drawn from outside the top k).")
+    exp.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
+    exp.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
+    exp.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the "
+                                              "samples the heads were found on).")
+    exp.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
+    exp.add_argument("--model", help="Model (default: the result's model_key).")
+    exp.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
+    out.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); "
+                                   "the plot goes next to it as .png.")
+    allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype."), "retrieval_heads.models:DTYPES")
+    eng.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    eng.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "
+                                                               "condition (its own removed heads); 1 runs one "
+                                                               "condition at a time.")
+    flag(eng, "--trust-remote-code", False, "Allow the model's own Python code to run.")
     p.set_defaults(run=ablate)
 
 
@@ -59,6 +66,8 @@ def ablate(args: argparse.Namespace) -> None:
     """Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."""
     from ..ablation import ablate as run_ablation
     from ..io import given_path
+    from ..leftovers import remove_stale_temps
+    from ..lock import writing_into
     from ..results import samples_path
     from ._common import check_not_input
 
@@ -72,10 +81,12 @@ def ablate(args: argparse.Namespace) -> None:
     for o in (out, out.with_suffix(".png")):
         check_not_input(o, [result, samples_path(result), dataset])
     quiet_transformers()
-    res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
-                       args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
-                       progress=True)
-    res.write(out)
+    with writing_into(out):  # not while a sweep or detect writes there
+        remove_stale_temps([out, out.with_suffix(".png")])  # what a killed ablate to the same files left
+        res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
+                           args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
+                           progress=True)
+        res.write(out)
     report = res.record
     for row in report["summary"]:
         rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \

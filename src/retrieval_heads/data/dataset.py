@@ -78,6 +78,14 @@ def _record(obj, where: str, n: int, warn) -> Record:
         raise UserError(f"{where}: field 'haystack' must be a string or a list of strings")
     if not any(h.strip() for h in hay):
         raise UserError(f"{where}: field 'haystack' is empty")
+    for k, texts in (("needle", [obj["needle"]]), ("haystack", hay), ("question", [obj["question"]]),
+                     ("answer", [obj["answer"]])):
+        for t in texts:  # JSON's \ud800 escape gives a lone surrogate: not text, and the tokenizer would fail on it
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"{where}: field {k!r} holds a lone surrogate (\\u{ord(t[e.start]):04x}), which is "
+                                "not text") from None
     question = obj["question"]
     if question in QUESTIONS:
         question = QUESTIONS.get(question).prompt

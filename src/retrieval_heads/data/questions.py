@@ -1,4 +1,4 @@
-"""The four questions of the seed, and a lenient answer matcher.
+"""The four built-in questions, and a lenient answer matcher.
 
 Each question asks about one fact that the needle (a filing's Section 1) states.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -25,6 +25,14 @@ class MethodContext:
 
 
 CONTEXT_FIELDS = frozenset(f.name for f in fields(MethodContext))
+
+SPAN_KINDS = ("needle", "answer", "fact")  # what a span-measuring method can score, each its own result
+
+
+def span_result_name(name: str, span: str) -> str:
+    """The result name of a span kind: the method's own for ``needle`` (the original method's span),
+    ``{name}+{span}`` else (e.g. ``summed_attention+answer``; the method folder has the same name)."""
+    return name if span == "needle" else f"{name}+{span}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,14 @@ class Method(ABC):
     ``reads_null``, the same rows of the content-free question "N/A" over the same context too;
     ``reads_needle_keys``, the attention on each needle token and not only the mass on spans. Its
     :meth:`from_reads` must equal :meth:`score_batch` (float tolerance), which stays the reference.
+
+    What results a method gives: by default one, named after the method (``{name}_success`` when only
+    correctly answered samples count, :meth:`result_name`). A method that sets ``measures_spans`` scores the
+    attention mass of its rows (:meth:`row_span`) on spans of the prompt: the shared pass (or
+    :func:`retrieval_heads.onepass.measure_spans`) measures every span of
+    :func:`retrieval_heads.chance.prompt_spans` with its chance baseline, and the method gives one result per
+    span kind the experiment asks for (:data:`SPAN_KINDS`; :meth:`result_names`), each with a chance
+    baseline, lift and a test against a control span. Its :meth:`score_batch` is the needle's mass.
     """
 
     name: ClassVar[str]
@@ -57,6 +73,25 @@ class Method(ABC):
     shared: ClassVar[bool] = False
     reads_null: ClassVar[bool] = False
     reads_needle_keys: ClassVar[bool] = False
+    measures_spans: ClassVar[bool] = False
+
+    def result_spans(self, spans: Sequence[str]) -> tuple[str, ...]:
+        """The span kinds among ``spans`` (an experiment's ``span`` setting) this method gives a result for:
+        all of them for a method that ``measures_spans``, else the needle alone."""
+        return tuple(spans) if self.measures_spans else ("needle",)
+
+    def result_name(self, success_only: bool = False) -> str:
+        """The name the method's result is written under: ``{name}_success`` with ``success_only`` (only
+        correctly answered samples counted), unless the method counts only those anyway."""
+        return f"{self.name}_success" if success_only and not self.success_only else self.name
+
+    def result_names(self, spans: Sequence[str] = ("needle",), success_only: bool = False) -> list[str]:
+        """Every result this method gives in an experiment: one per span kind of :meth:`result_spans`.
+
+        >>> METHODS.get("summed_attention").result_names(["needle", "answer"])
+        ['summed_attention', 'summed_attention+answer']
+        """
+        return [span_result_name(self.result_name(success_only), sp) for sp in self.result_spans(spans)]
 
     def row_span(self, fmt: PromptFormat, p: PromptSample) -> tuple[int, int] | None:
         """[start, end): the rows of prompt ``p`` (all after its shared context) whose mean a shared pass reads."""
@@ -94,6 +129,22 @@ def register(method: Method) -> Method:
                          f"got {method.needs!r}")
     METHODS.register(method.name, method)
     return method
+
+
+def unregister(name: str) -> Method:
+    """Remove the method ``name`` from :data:`METHODS` (KeyError if none is registered) and return it."""
+    return METHODS.unregister(name)
+
+
+NULL_QUESTION = "N/A"  # the content-free question that calibrating methods ask over the same context
+
+
+def null_prompt(fmt: PromptFormat, p: PromptSample, question: str = NULL_QUESTION) -> PromptSample:
+    """The same prompt with the content-free question: ids up to ``context_end`` kept, the suffix rebuilt."""
+    q0, q1 = fmt.question_span(question)
+    ids = p.input_ids[: p.context_end] + fmt.suffix(question)
+    return replace(p, input_ids=ids, question=question, question_start=p.context_end + q0,
+                   question_end=p.context_end + q1)
 
 
 def span_mask(batch: Sequence[PromptSample], device) -> torch.Tensor:

@@ -17,7 +17,7 @@ and head (l, h):
    torch's default, as in QRHead's code); the tokens with ``c(k) <= t`` are dropped, and
    ``score(l, h) = sum of c(k) over the needle tokens with c(k) > t``.
 
-A per-sample score lies in [-1, 1]. An experiment's score is the sum over samples, like the seed's (QRHead's
+A per-sample score lies in [-1, 1]. An experiment's score is the sum over samples, like every method's (QRHead's
 QRScore is the mean over instances: divide by ``samples_processed``). A one-token needle has no standard
 deviation: its threshold is NaN and it scores 0, as in QRHead's code. Differences from ``query_focused``:
 that method averages over the question's own tokens only, sums the mass over the needle (no per-token
@@ -41,8 +41,7 @@ import torch
 
 from ..capture import attention_probe
 from ..data.prompt import PromptFormat, PromptSample
-from .base import Method, MethodContext, batches, check_finite, register, stack_ids
-from .query_focused import null_prompt
+from .base import Method, MethodContext, batches, check_finite, null_prompt, register, stack_ids
 
 
 def query_start(fmt: PromptFormat, p: PromptSample) -> int:

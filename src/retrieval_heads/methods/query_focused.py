@@ -19,25 +19,12 @@ before summing (an outlier filter). Registered method ``qrhead`` (:mod:`retrieva
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import torch
 
-from ..capture import reference_rows
-from ..data.prompt import PromptFormat, PromptSample
-from .base import Method, MethodContext, batches, needle_mass, register, span_mask, stack_ids
-
-NULL_QUESTION = "N/A"
-
-
-def null_prompt(fmt: PromptFormat, p: PromptSample, question: str = NULL_QUESTION) -> PromptSample:
-    """The same prompt with the content-free question: ids up to ``context_end`` kept, the suffix rebuilt."""
-    q0, q1 = fmt.question_span(question)
-    ids = p.input_ids[: p.context_end] + fmt.suffix(question)
-    return replace(p, input_ids=ids, question=question, question_start=p.context_end + q0,
-                   question_end=p.context_end + q1)
-
+from ..data.prompt import PromptSample
+from .base import Method, MethodContext, batches, needle_mass, null_prompt, register, span_mask, stack_ids
 
 def question_rows(batch: Sequence[PromptSample], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Query positions covering every prompt's question span, and (B, S) weights 1/len on each prompt's own
@@ -88,18 +75,3 @@ class QueryFocused(Method):
 
 
 register(QueryFocused())
-
-
-def reference_scores(model, tokenizer, batch: Sequence[PromptSample]) -> torch.Tensor:
-    """The same scores through :func:`reference_rows` (eager, full N x N matrices), one prompt at a time."""
-    fmt = PromptFormat(tokenizer)
-    out = []
-    for p in batch:
-        per = []
-        for q in (p, null_prompt(fmt, p)):
-            ids = torch.tensor([q.input_ids])
-            rows = reference_rows(model, ids, torch.arange(q.question_start, q.question_end))  # L x (1, H, S, N)
-            mass = torch.stack([r[0, :, :, q.needle_start : q.needle_end].sum(-1).mean(-1) for r in rows])  # (L, H)
-            per.append(mass)
-        out.append(per[0] - per[1])
-    return torch.stack(out)  # (B, L, H)

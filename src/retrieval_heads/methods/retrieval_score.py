@@ -17,7 +17,7 @@ the ones the head copied (each counted once)::
 so a per-sample score lies in [0, 1]. It is 0 on samples the model answers wrongly (counted on correct
 samples only, as Wu et al.) and on samples whose needle does not contain the answer as whole words (e.g.
 "Kansas" only inside "Arkansas", "Virginia" only inside "West Virginia": the gold span is then empty). An experiment's score,
-like the seed's, is the sum over samples, i.e. over the correctly answered ones; divide by
+like every method's, is the sum over samples, i.e. over the correctly answered ones; divide by
 ``extra.n_correct`` for Wu et al.'s average.
 """
 
@@ -28,18 +28,8 @@ from typing import Sequence
 import torch
 
 from ..data.prompt import PromptSample
-from ..data.spans import prompt_answer_span
+from ..data.spans import gold_span
 from .base import Method, MethodContext, register
-
-
-def gold_span(tokenizer, prompt: PromptSample) -> tuple[int, int] | None:
-    """Prompt positions [start, end) of the gold answer's tokens in the needle: the asked fact's span on a
-    synthetic sample (even when another fact has the same text), else the tokens that overlap the answer's
-    first whole-word occurrence in the needle (case-insensitive, see
-    :func:`~retrieval_heads.data.spans.whole_word_spans`); None when the needle holds the answer only inside
-    longer words ("Kansas" only as part of "Arkansas") or not at all. The one span every method calls "the
-    answer" (:func:`~retrieval_heads.data.spans.prompt_answer_span`)."""
-    return prompt_answer_span(tokenizer, prompt)
 
 
 def retrieval_hits(prompt_ids: torch.Tensor, span: tuple[int, int], answer_ids: Sequence[int],
@@ -92,25 +82,3 @@ class RetrievalScore(Method):
 
 
 register(RetrievalScore())
-
-
-@torch.no_grad()
-def reference_argmax(model, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> torch.Tensor:
-    """The slow reference for what decoding records: eager attention with ``output_attentions=True``, step by
-    step over a KV cache feeding the given answer tokens; (T, L, H) position of the argmax of each head's
-    full row per step (its keys are the last ones of the sequence so far)."""
-    from ..capture import eager_attention
-    from ..hf import cache_kwarg, input_device, returned_cache
-
-    rows = []
-    with eager_attention(model):
-        dev = input_device(model)
-        out = model(input_ids=torch.tensor([list(prompt_ids)], device=dev), use_cache=True, output_attentions=True)
-        for t in range(len(answer_ids)):
-            seen = len(prompt_ids) + t
-            rows.append(torch.stack([a[0, :, -1, :].float().argmax(-1).cpu() + seen - a.shape[-1]
-                                     for a in out.attentions]))  # (L, H)
-            if t + 1 < len(answer_ids):
-                out = model(input_ids=torch.tensor([[answer_ids[t]]], device=dev), use_cache=True,
-                            output_attentions=True, **{cache_kwarg(model): returned_cache(out)})
-    return torch.stack(rows)  # (T, L, H)

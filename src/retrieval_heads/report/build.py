@@ -104,7 +104,8 @@ def _movement(col: Collection) -> tuple[list[Block], dict]:
 
 def _stability(col: Collection) -> tuple[list[Block], dict, list[str]]:
     exps = col.experiments
-    by_len = stability.length_pairs(exps)
+    bounded: list[str] = []  # groups of more than 12 lengths: neighbouring lengths compared only
+    by_len = stability.length_pairs(exps, bounded)
     by_model, skip_m = stability.model_pairs(exps)
     by_method, skip_x = stability.method_pairs(exps)
     blocks: list[Block] = [
@@ -126,7 +127,7 @@ def _stability(col: Collection) -> tuple[list[Block], dict, list[str]]:
                                       for r in by_method], ["Model", "Question", "Length"], "Method A", "Method B")
                   if by_method else Paragraph("No experiment has results of two methods."))
     data = {"length_pairs": by_len, "model_pairs": by_model, "method_pairs": by_method}
-    return blocks, data, skip_m + skip_x
+    return blocks, data, skip_m + skip_x + bounded
 
 
 def _bootstrap(col: Collection, resamples: int, seed: int, top: int) -> tuple[list[Block], dict, list[str]]:
@@ -305,11 +306,17 @@ def write(report: Report, out_dir: str | Path) -> list[Path]:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an earlier ``out`` is moved aside first and removed
-    after (put back if the rename fails)."""
+    """Rename the finished folder ``tmp`` to ``out``. An earlier ``out`` swaps names with ``tmp`` in one step
+    (:func:`~retrieval_heads.leftovers.exchange`) and is removed after; where that is not offered, it is moved
+    aside first and removed after (put back if the rename fails; restored by the next run after a kill)."""
+    from ..leftovers import exchange
+
     try:
         if not out.exists():
             os.replace(tmp, out)
+            return
+        if exchange(tmp, out):  # no moment without a report at ``out``
+            shutil.rmtree(tmp, ignore_errors=True)
             return
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
         os.replace(out, old)  # onto the empty folder mkdtemp made

@@ -17,7 +17,7 @@ import numpy as np
 from ..data.questions import QUESTIONS
 from ..errors import UserError
 from ..io import JSONError, parse_json, read_regular
-from ..results import SEED_DEPTH, file_name, name_problem, read_sample_scores, samples_path, validate
+from ..results import DEFAULT_DEPTH, file_name, name_problem, read_sample_scores, samples_path, validate
 
 
 @dataclass
@@ -52,9 +52,9 @@ class Experiment:
 
     @property
     def question_label(self) -> str:
-        """The question, with the needle depth where it is not the seed's 0.5 (``inc_state @0.25``): what tells
+        """The question, with the needle depth where it is not the default 0.5 (``inc_state @0.25``): what tells
         results of one question at several depths apart in the tables that have a column per length."""
-        return self.question if self.depth == SEED_DEPTH else f"{self.question} @{self.depth:g}"
+        return self.question if self.depth == DEFAULT_DEPTH else f"{self.question} @{self.depth:g}"
 
     @property
     def scores(self) -> np.ndarray:
@@ -90,14 +90,14 @@ class Experiment:
 
     @property
     def key(self) -> tuple:
-        """(method, model, question, tokens), and the needle depth after them where it is not the seed's 0.5
+        """(method, model, question, tokens), and the needle depth after them where it is not the default 0.5
         (as the file names do): one key per experiment."""
         ident = (self.method, self.model, self.question, self.tokens)
-        return ident if self.depth == SEED_DEPTH else ident + (self.depth,)
+        return ident if self.depth == DEFAULT_DEPTH else ident + (self.depth,)
 
     @property
     def title(self) -> str:
-        depth = "" if self.depth == SEED_DEPTH else f" · depth {self.depth:g}"
+        depth = "" if self.depth == DEFAULT_DEPTH else f" · depth {self.depth:g}"
         return f"{self.model} · {self.question} · {self.tokens} tokens{depth}"
 
     @property
@@ -117,7 +117,7 @@ class Collection:
 
 
 def question_order(key: str) -> tuple[int, str]:
-    """The built-in questions in the seed's order, then any other (dataset) names alphabetically."""
+    """The built-in questions in their own order, then any other (dataset) names alphabetically."""
     keys = QUESTIONS.names()
     return (keys.index(key), "") if key in keys else (len(keys), key)
 
@@ -178,7 +178,39 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     if not found:
         what = f"no result files (only other JSON: {', '.join(skipped[:3])})" if skipped else "no result files"
         raise UserError(f"{root}: {what}; expected METHOD/MODEL_QUESTION_TOKENS.json as written by detect or sweep")
-    return Collection(root, sorted(found.values(), key=sort_key), skipped)
+    experiments = sorted(found.values(), key=sort_key)
+    check_one_model_per_key(experiments)
+    return Collection(root, experiments, skipped)
+
+
+WEIGHTS = ("source", "revision", "weights_sha256")  # provenance.model's fields that name the weights
+
+
+def check_one_model_per_key(experiments: list[Experiment]) -> None:
+    """UserError naming both files when two results share a ``model_key`` but not the model: a known weights
+    field (source, revision, sha256) that differs, or another head grid. The report compares results of one
+    key as one model (between lengths, depths, questions), so a result made by other weights under the same
+    key would pass for that model's. (Unknown fields, null in older results, are not compared.)"""
+    first: dict[str, Experiment] = {}
+    for e in experiments:
+        seen = first.setdefault(e.model, e)
+        if seen is e:
+            continue
+        if seen.shape != e.shape:
+            raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but have different head grids "
+                            f"({seen.shape[0]}x{seen.shape[1]} and {e.shape[0]}x{e.shape[1]} layers x heads); "
+                            "report them from separate folders")
+        a, b = _weights(seen), _weights(e)
+        differ = [k for k in WEIGHTS if a[k] is not None and b[k] is not None and a[k] != b[k]]
+        if differ:
+            what = ", ".join(f"{k} {str(a[k])[:16]} vs {str(b[k])[:16]}" for k in differ)
+            raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but were made with different "
+                            f"weights ({what}); report them from separate folders")
+
+
+def _weights(e: Experiment) -> dict:
+    model = (e.record.get("provenance") or {}).get("model") or {}
+    return {k: model.get(k) for k in WEIGHTS}
 
 
 def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:
@@ -191,7 +223,7 @@ def load_sample_scores(exp: Experiment) -> tuple[np.ndarray | None, str]:
     path = exp.samples_path
     if not path.exists():
         return None, "no per-sample scores (run with --save-samples)"
-    per_sample = read_sample_scores(path, exp.shape).numpy()  # (S, L, H)
+    per_sample = read_sample_scores(path, exp.shape)  # (S, L, H)
     if len(per_sample) < 2:
         return None, f"{len(per_sample)} sample(s) in {path.name}; a bootstrap needs at least 2"
     total = exp.scores

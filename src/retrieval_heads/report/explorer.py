@@ -81,7 +81,7 @@ def payload(col: Collection) -> tuple[dict, list[dict], list[str]]:
             summary.append({"index": i, "file": None})
             exps.append(entry)
             continue
-        saved = load(path)
+        saved = load(path, e.record)  # sizes checked against the result before reading
         why = check_matches(saved, e.record)
         if why:
             entry["why"] = f"attention file {rel} not used: {why}"

@@ -17,11 +17,13 @@ import math
 import textwrap
 from collections import defaultdict
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 from ..results import parse_head
 from .collect import Experiment
@@ -61,9 +63,20 @@ def _png(fig: Figure, dpi: int) -> bytes:
     return buf.getvalue()
 
 
+def drawn_scale(grid) -> float:
+    """The power of two the grid is drawn multiplied by: 1, or less for scores so large (+-1.7e308 are
+    finite) that matplotlib's colour scale would overflow; its colour bar labels the real values."""
+    big = float(np.abs(grid).max(initial=0.0))
+    return 1.0 if big <= 1e300 else 2.0 ** -math.ceil(math.log2(big / 1e300))
+
+
 def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
     grid = exp.scores  # (L, H)
     L, H = grid.shape
+    grid = grid * drawn_scale(grid)  # as drawn (a new array)
+    layers = exp.record.get("attention_layers")
+    if layers is not None:  # a hybrid: the layers without attention stay blank
+        grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
@@ -101,7 +114,10 @@ def heatmap_figure(exp: Experiment, dpi: int = 90, regions: list | None = None) 
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
     ax = fig.add_subplot()
     image = _draw(ax, exp, fontsize=max(8.0, points(dpi)), ticks=True)  # the numbered heads: >= 10 px
-    fig.colorbar(image, ax=ax, label="score")
+    bar = fig.colorbar(image, ax=ax, label="score")
+    f = drawn_scale(exp.scores)
+    if f != 1.0:
+        bar.formatter = FuncFormatter(lambda v, _: score_text(float(v) / f))  # a Python float: inf, no warning
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     top = exp.record["head_rankings"][0]
@@ -152,12 +168,13 @@ def grid_figure(exps: list[Experiment], regions: list | None = None) -> tuple[Fi
                 ax.set_xlabel("head", fontsize=pt, labelpad=1)
                 lo, hi = float(e.scores.min()), float(e.scores.max())
                 bar = fig.colorbar(image, ax=ax, fraction=0.1, pad=0.03, aspect=25)
+                f = drawn_scale(e.scores)
                 if hi > lo:
                     bar.locator = MaxNLocator(nbins=4)
-                    bar.formatter = FuncFormatter(lambda v, pos: f"{v:.3g}")
+                    bar.formatter = FuncFormatter(lambda v, pos, f=f: f"{float(v) / f:.3g}")
                     bar.update_ticks()
                 else:
-                    bar.set_ticks([lo], labels=[score_text(lo)])
+                    bar.set_ticks([lo * f], labels=[score_text(lo)])
                 bar.ax.tick_params(labelsize=pt, length=2, pad=1)
             if j == 0:
                 label = f"{model}\n{question}" + (f"\n{method}" if several else "") + "\nlayer"

@@ -7,7 +7,8 @@ score grid) is ``None``.
   overlap of their top-k head sets (top-k taken from each result's own ranking).
 - :func:`length_pairs`, :func:`model_pairs`, :func:`method_pairs`, :func:`depth_pairs`: :func:`compare` over
   every pair that differs in exactly that one factor (results at other needle depths are other groups: their
-  question is shown as ``question @depth``, :attr:`Experiment.question_label`).
+  question is shown as ``question @depth``, :attr:`Experiment.question_label`); in a group of more than 12
+  results, neighbouring ones only (:func:`pairs_of`).
 - :func:`movement`: for each (method, model, question), the rank of every length's top heads at every length.
 - :func:`top1_counts`: how often each head is the top head, per length.
 - :func:`bootstrap_ranks`: percentile intervals of each head's rank when the samples are resampled with
@@ -35,7 +36,7 @@ def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
 
 
 def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float | None:
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
+    if x.max() == x.min() or y.max() == y.min():  # not np.ptp: max - min overflows for scores near +-1.7e308
         return None
     return float(fn(x, y).statistic)
 
@@ -50,13 +51,30 @@ def compare(a: Experiment, b: Experiment, top_k: tuple[int, ...] = TOP_K) -> dic
     return out
 
 
-def _pairs(exps: list[Experiment], group_of, vary_of) -> tuple[list[dict], list[str]]:
+ALL_PAIRS_UP_TO = 12  # a group of more results compares neighbours only (530 lengths: 529 pairs, not 140,185)
+
+
+def pairs_of(members: list[Experiment], vary_of) -> list[tuple[Experiment, Experiment]]:
+    """Every pair of a group of at most :data:`ALL_PAIRS_UP_TO` results; above that, each result and the next
+    one in order of ``vary_of`` (neighbouring lengths, depths ...), so that a report on hundreds of lengths
+    takes seconds, not the hours of all pairs."""
+    if len(members) <= ALL_PAIRS_UP_TO:
+        return list(combinations(members, 2))
+    ordered = sorted(members, key=vary_of)
+    return list(zip(ordered, ordered[1:]))
+
+
+def _pairs(exps: list[Experiment], group_of, vary_of, bounded: list[str] | None = None) -> tuple[list[dict], list[str]]:
     groups: dict[tuple, list[Experiment]] = defaultdict(list)
     for e in exps:
         groups[group_of(e)].append(e)
     rows, mismatched = [], defaultdict(int)
     for g, members in groups.items():
-        for a, b in combinations(members, 2):
+        if len(members) > ALL_PAIRS_UP_TO and bounded is not None:
+            bounded.append(f"{' · '.join(map(str, g))}: {len(members)} results, so only neighbouring ones are "
+                           f"compared ({len(members) - 1} pairs of {len(members) * (len(members) - 1) // 2}; all "
+                           f"pairs up to {ALL_PAIRS_UP_TO})")
+        for a, b in pairs_of(members, vary_of):
             if a.shape != b.shape:
                 mismatched[(vary_of(a), vary_of(b), a.shape, b.shape)] += 1
                 continue
@@ -66,19 +84,24 @@ def _pairs(exps: list[Experiment], group_of, vary_of) -> tuple[list[dict], list[
     return rows, skipped
 
 
-def length_pairs(exps: list[Experiment]) -> list[dict]:
-    """Every pair of lengths of one (method, model, question, depth)."""
-    return _pairs(exps, lambda e: (e.method, e.model, e.question_label), lambda e: e.tokens)[0]
+def length_pairs(exps: list[Experiment], bounded: list[str] | None = None) -> list[dict]:
+    """Every pair of lengths of one (method, model, question, depth) (:func:`pairs_of`: neighbouring lengths
+    only above 12 lengths, each such group noted in ``bounded``)."""
+    return _pairs(exps, lambda e: (e.method, e.model, e.question_label), lambda e: e.tokens, bounded)[0]
 
 
 def model_pairs(exps: list[Experiment]) -> tuple[list[dict], list[str]]:
     """Every pair of models on one (method, question, tokens) whose head grids have the same shape."""
-    return _pairs(exps, lambda e: (e.method, e.question_label, e.tokens), lambda e: e.model)
+    notes: list[str] = []
+    rows, skipped = _pairs(exps, lambda e: (e.method, e.question_label, e.tokens), lambda e: e.model, notes)
+    return rows, skipped + notes
 
 
 def method_pairs(exps: list[Experiment]) -> tuple[list[dict], list[str]]:
     """Every pair of methods on one experiment (model, question, tokens)."""
-    return _pairs(exps, lambda e: (e.model, e.question_label, e.tokens), lambda e: e.method)
+    notes: list[str] = []
+    rows, skipped = _pairs(exps, lambda e: (e.model, e.question_label, e.tokens), lambda e: e.method, notes)
+    return rows, skipped + notes
 
 
 def depth_pairs(exps: list[Experiment]) -> list[dict]:
@@ -130,18 +153,25 @@ def top1_counts(exps: list[Experiment]) -> list[dict]:
     return out
 
 
-def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0,
+                    layers: list[int] | None = None) -> np.ndarray:
     """Ranks (B, L*H) of every head in each of ``resamples`` bootstrap resamples of the samples.
 
     per_sample (S, L, H). Resample b draws S sample indices with replacement, sums their scores and ranks
     the heads 1..L*H, best first, ties broken by (layer, head) as in :func:`retrieval_heads.results.ranking`.
+    ``layers``: a hybrid's attention layers; the other layers' heads rank after all of them.
     """
-    S = per_sample.shape[0]
+    S, L, H = per_sample.shape
     X = per_sample.reshape(S, -1)  # (S, N)
     idx = np.random.default_rng(seed).integers(0, S, size=(resamples, S))  # (B, S)
     weights = np.zeros((resamples, S))  # (B, S): how often each sample was drawn
     np.add.at(weights, (np.arange(resamples)[:, None], idx), 1.0)
     totals = weights @ X  # (B, N)
+    if layers is not None:
+        silent = [layer for layer in range(L) if layer not in set(layers)]
+        grid = totals.reshape(resamples, L, H)  # (B, L, H)
+        grid[:, silent] = -np.inf  # ranked after every attention head
+        totals = grid.reshape(resamples, L * H)  # (B, N)
     order = np.argsort(-totals, axis=1, kind="stable")  # (B, N): flat index = layer * H + head
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1, X.shape[1] + 1), order.shape), axis=1)
@@ -167,7 +197,7 @@ def rank_intervals(exp: Experiment, per_sample: np.ndarray, top: int = 20, resam
                    seed: int = 0) -> list[dict]:
     """The 2.5 / 50 / 97.5 percentile bootstrap rank of the result's top heads, and how often each is first."""
     H = exp.shape[1]
-    ranks = bootstrap_ranks(per_sample, resamples, seed)  # (B, N)
+    ranks = bootstrap_ranks(per_sample, resamples, seed, exp.record.get("attention_layers"))  # (B, N)
     lo, mid, hi = np.percentile(ranks, [2.5, 50, 97.5], axis=0)  # (N,) each
     rows = []
     for r, entry in enumerate(exp.record["head_rankings"][:top], 1):

@@ -1,6 +1,6 @@
 """The report's tables, as :class:`~retrieval_heads.report.document.Table` blocks.
 
-The first is the seed's "Top Head per Configuration": a row per model x question, a column per length,
+The first is the original study's "Top Head per Configuration": a row per model x question, a column per length,
 cells ``L16H1 (117.8)`` (top head, its score to 3 significant digits and at least one decimal), ``—`` where no result exists.
 """
 
@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..errors import UserError
 from ..results import parse_head
 from .collect import Experiment, question_order
 from .document import Table
@@ -19,7 +20,7 @@ MISSING = "—"
 
 
 def tokens_label(t: int | str) -> str:
-    """2048 -> "2K" as in the seed; lengths that are not whole K stay as numbers."""
+    """2048 -> "2K" as in the original table; lengths that are not whole K stay as numbers."""
     t = int(t)
     return f"{t // 1024}K" if t % 1024 == 0 else str(t)
 
@@ -30,7 +31,7 @@ def num(x: float | None, digits: int = 3) -> str:
 
 def score_text(x: float, digits: int = 3) -> str:
     """A score with the precision its size needs: ``digits`` significant digits, at least one decimal
-    (117.84 -> "117.8" as in the seed's table, 3.254 -> "3.25", 0.6213 -> "0.621", 0.00123 -> "0.00123")."""
+    (117.84 -> "117.8" as in the original table, 3.254 -> "3.25", 0.6213 -> "0.621", 0.00123 -> "0.00123")."""
     x = float(x)
     if x == 0 or not math.isfinite(x):
         return f"{x:.1f}"
@@ -39,7 +40,8 @@ def score_text(x: float, digits: int = 3) -> str:
 
 
 def top_head_cell(e: Experiment) -> str:
-    """``L16H1 (117.8)``, the seed's; ``L16H1 (117.8, 8.1x)`` with the head's lift where the result has one."""
+    """``L16H1 (117.8)``, as in the original table; ``L16H1 (117.8, 8.1x)`` with the head's lift where the
+    result has one."""
     top = e.record["head_rankings"][0]
     lift = e.lift
     if lift is None:
@@ -49,11 +51,11 @@ def top_head_cell(e: Experiment) -> str:
 
 
 def top_head_table(exps: list[Experiment]) -> Table:
-    """The seed's table for the experiments of one method."""
+    """The "Top Head per Configuration" table for the experiments of one method."""
     lengths = sorted({e.tokens for e in exps})
     cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     order: dict[str, tuple] = {}
-    for e in exps:  # a row per model x question x needle depth ("inc_state @0.25" away from the seed's 0.5)
+    for e in exps:  # a row per model x question x needle depth ("inc_state @0.25" away from the default 0.5)
         cells[(e.model, e.question_label)][e.tokens] = top_head_cell(e)
         order[e.question_label] = (question_order(e.question), e.depth)
     rows, last_model = [], None
@@ -120,21 +122,42 @@ def retrieval_row(e: Experiment) -> dict:
     sig = e.record.get("significance") if isinstance(e.record.get("significance"), dict) else {}
     lift = e.lift
     row = {"method": e.method, "model": e.model, "question": e.question, "depth": e.depth, "tokens": e.tokens,
-           "samples": e.record["samples_processed"], "n_correct": extra.get("n_correct"),
-           "n_answered": extra.get("n_answered"), "top_lift": None, "top_lift_head": None,
+           "samples": e.record["samples_processed"], "n_correct": _count(e, extra, "n_correct"),
+           "n_answered": _count(e, extra, "n_answered"), "top_lift": None, "top_lift_head": None,
            "significant": [], "alpha": sig.get("alpha"), "note": str(sig.get("note", "")),
-           "tested": _count(sig.get("samples")), "left_out": _count(sig.get("samples_left_out")),
+           "tested": _sample_count(sig.get("samples")), "left_out": _sample_count(sig.get("samples_left_out")),
            "verdict": str(e.record.get("verdict", ""))}
     if lift is not None:
         k = int(np.argmax(lift.reshape(-1)))
         row["top_lift"], row["top_lift_head"] = round(float(lift.reshape(-1)[k]), 4), f"L{k // lift.shape[1]}H{k % lift.shape[1]}"
     heads = sig.get("heads")
     if isinstance(heads, list):
-        row["significant"] = [str(h.get("head")) for h in heads if isinstance(h, dict)]
+        row["significant"] = [_head(e, h.get("head")) for h in heads if isinstance(h, dict)]
     return row
 
 
-def _count(x) -> int | None:
+def _count(e: Experiment, extra: dict, key: str) -> int | None:
+    """``extra[key]`` (absent: None) if a whole number >= 0; UserError naming the file otherwise: it goes into
+    report.md as it is, where text (HTML) would be rendered."""
+    n = extra.get(key)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise UserError(f"{e.path}: extra.{key} is not a whole number >= 0 ({str(n)[:40]})")
+    return n
+
+
+def _head(e: Experiment, name) -> str:
+    """A head name of ``significance`` if it names a head of the result's grid; UserError naming the file."""
+    try:
+        layer, head = parse_head(name) if isinstance(name, str) else (-1, -1)
+    except (UserError, ValueError):
+        layer, head = -1, -1
+    if not (0 <= layer < e.shape[0] and 0 <= head < e.shape[1]):
+        raise UserError(f"{e.path}: significance names {str(name)[:40]!r}, not a head of its "
+                        f"{e.shape[0]}x{e.shape[1]} grid")
+    return name
+
+
+def _sample_count(x) -> int | None:
     """A sample count from a result's significance block (an int >= 0), else None."""
     return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
 
