@@ -44,6 +44,7 @@ from .ablation_measure import (LEADIN_RULE, Measured, ablate_map, can_share, lea
                                measure_sequential, measure_shared, removal_mask)
 from .ablation_stats import (CONTROL_NAMES, CONTROLS, DEFAULT_DRAWS, METRICS, TEST, conclusion,  # noqa: F401
                              matched_heads, paired_tests, random_heads, ranked_heads, summary, top_heads)
+from .console import phase
 from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
@@ -288,9 +289,12 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
-    lm = model if isinstance(model, LoadedModel) else load_model(  # an empty name is refused, not the result's
-        record["model_key"] if model is None else model, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        name = record["model_key"] if model is None else model  # an empty name is refused, not the result's
+        with phase(f"loading model {name} ...", progress):
+            lm = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if (lm.num_layers, lm.num_heads) != (record["num_layers"], record["num_heads"]):
         raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
                         f"{record['num_heads']}")

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from .console import bar_disabled
 from .capture import attention_probe
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
@@ -276,7 +277,7 @@ def measure_shared(lm, prompts: Sequence[PromptSample], head_sets: Sequence[Sequ
     answers = [[None] * S for _ in range(C)]
     logps = [[0.0] * S for _ in range(C)]
     lead_lp = [[0.0] * S for _ in range(C)]
-    with tqdm(total=C * S, desc="ablation", unit="row", disable=not progress, file=sys.stderr,
+    with tqdm(total=C * S, desc="ablation", unit="row", disable=bar_disabled(progress), file=sys.stderr,
               leave=False) as bar, torch.no_grad():
         for i, p in enumerate(prompts):
             gold = gold_ids(tok, p.answer)

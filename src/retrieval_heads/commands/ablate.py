@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..errors import UserError
 from ._common import allow, flag, groups, quiet_transformers, values
 
@@ -54,7 +55,8 @@ def register(commands) -> None:
                                               "samples the heads were found on).")
     exp.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
     exp.add_argument("--model", help="Model (default: the result's model_key).")
-    exp.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    exp.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
     out.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); "
                                    "the plot goes next to it as .png.")
     allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype."), "retrieval_heads.models:DTYPES")

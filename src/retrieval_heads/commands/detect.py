@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..errors import UserError
 from ._common import allow, flag, groups, print_top, quiet_transformers, values
 
@@ -41,7 +42,8 @@ def register(commands) -> None:
     flag(meth, "--success-only", False, "Count only correctly answered samples (written as METHOD_success).")
     flag(meth, "--answers", False, "Also decode and record the model's answers and accuracy (automatic with a "
                                    "method that reads them, or --success-only).")
-    meth.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    meth.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                      help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
     out.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                             "(_dDEPTH before .json at a depth other than 0.5).")
     flag(out, "--save-samples", False, "Also write the per-sample audit file (.samples.jsonl).")
