@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from retrieval_heads.ablation import (ablate, ablate_map, evaluate, measure_rows, random_heads, removal_mask,
+from retrieval_heads.ablation import (ablate, ablate_map, evaluate, leadins, matched_heads, measure_sequential,
+                                     measure_shared, random_heads, removal_mask,
                                      run_ablation, top_heads)
 from retrieval_heads.capture import attention_probe
 from retrieval_heads.data.prompt import PromptSample
@@ -85,18 +86,22 @@ def test_k0_reproduces_the_unablated_answers_exactly():
     plain = answer_prompts(lm, prompts, 4)  # no probe at all
     plain_lp = [gold_logprob(lm.model, lm.tokenizer, p) for p in prompts]
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(3)))
-    report = run_ablation(lm, record, prompts, [0, 2], random_seeds=2, max_new_tokens=4)
+    report = run_ablation(lm, record, prompts, [0, 2], random_seeds=2, max_new_tokens=4, batch_size=1)
     k0 = report["top"][0]
     assert k0["k"] == 0 and k0["heads"] == []
     assert [s["generated"] for s in k0["samples"]] == [a.text for a in plain]
     assert [s["logprob"] for s in k0["samples"]] == [round(x, 6) for x in plain_lp]
-    assert [r["heads"] for r in report["random"] if r["k"] == 0] == [[], []]
+    assert [r["heads"] for r in report["random"] + report["matched"] if r["k"] == 0] == [[], [], [], []]
     k2 = report["top"][1]
     assert k2["heads"] == top_heads(record, 2)
     assert k2["logprob"] != k0["logprob"]  # removing heads does something
     by_hand = evaluate(lm, prompts, k2["heads"], 4)
     assert by_hand == {k: v for k, v in k2.items() if k != "k"}
-    assert report["summary"][1]["random_logprob_min"] <= report["summary"][1]["random_logprob_max"]
+    row = report["summary"][1]
+    for kind in ("matched", "random"):
+        lps = sorted(r["logprob"] for r in report[kind] if r["k"] == 2)
+        assert (row[f"{kind}_logprob_min"], row[f"{kind}_logprob_median"], row[f"{kind}_logprob_max"]) == \
+            (lps[0], pytest.approx((lps[0] + lps[1]) / 2, abs=1e-6), lps[1])
 
 
 def test_per_row_removal_equals_each_row_alone():
@@ -133,12 +138,13 @@ def test_batched_conditions_equal_one_condition_at_a_time(batch_size):
     record = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(5)))
     seq = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=1)
     bat = run_ablation(lm, record, prompts, [0, 2, 5], random_seeds=2, max_new_tokens=5, batch_size=batch_size)
-    for a, b in zip(seq["top"] + seq["random"], bat["top"] + bat["random"], strict=True):
+    for a, b in zip(seq["top"] + seq["matched"] + seq["random"], bat["top"] + bat["matched"] + bat["random"],
+                    strict=True):
         assert a["heads"] == b["heads"] and a["k"] == b["k"] and a.get("seed") == b.get("seed")
         assert [s["generated"] for s in a["samples"]] == [s["generated"] for s in b["samples"]]
         assert a["n_correct"] == b["n_correct"]
         for x, y in zip(a["samples"], b["samples"]):
-            assert abs(x["logprob"] - y["logprob"]) <= 1e-5
+            assert abs(x["logprob"] - y["logprob"]) <= 1e-5 and abs(x["leadin_logprob"] - y["leadin_logprob"]) <= 1e-5
     assert len(seq["summary"]) == len(bat["summary"])
     for x, y in zip(seq["summary"], bat["summary"]):  # one flat dict per k (approx takes no nesting)
         assert x == pytest.approx(y, abs=1e-5)
@@ -166,25 +172,29 @@ def test_random_control_never_draws_a_top_head():
 
 
 @pytest.mark.slow
-def test_batched_rows_equal_sequential_on_smollm2(smollm2):
-    """The real model at 256 tokens: rows of batch 8 (every condition of a sample in one pass) give each
-    condition's sequential answers, and its gold log-probs within 1e-5 (unrounded; float32); removal changes
-    the answers and the log-probs, so the comparison can fail."""
+def test_shared_path_equals_sequential_on_smollm2(smollm2):
+    """The real model at 256 tokens: the fast path (lower layers shared, one prefill per row, conditions of a
+    sample batched) gives each condition's sequential answers, and gold and lead-in log-probs within 1e-5
+    (unrounded; float32); removal changes the answers and the log-probs, so the comparison can fail."""
     scores = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
-    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="hq_state",
+    scores[20:, :] += 1  # top heads in the upper layers, as found on real results: layers below are shared
+    rec = make_record(method="summed_attention", model_key="smollm2", model_name="m", question="inc_state",
                       question_prompt="q", total_tokens=256, needle_position=0.5, scores=scores, samples_processed=2,
                       seed=0, dtype="float32")
-    prompts = [g["hq_state"] for g in build_prompts(smollm2, ["hq_state"], 256, 2, 0.5, 0)]
-    sets = [[], top_heads(rec, 10), top_heads(rec, 40), random_heads(rec, 10, 0), random_heads(rec, 40, 1)]
-    answers, logps = measure_rows(smollm2, prompts, sets, 6, batch_size=8)
-    texts = []
-    for heads, got, lp in zip(sets, answers, logps):
-        ref = answer_prompts(smollm2, prompts, 6, ablate=ablate_map(heads) or None)
-        ref_lp = [gold_logprob(smollm2.model, smollm2.tokenizer, p, ablate_map(heads) or None) for p in prompts]
-        assert [a.text for a in got] == [a.text for a in ref] and [a.ids for a in got] == [a.ids for a in ref]
-        assert max(abs(x - y) for x, y in zip(lp, ref_lp)) <= 1e-5
-        texts.append(tuple(a.text for a in ref))
-    assert len(set(texts)) >= 3 and len({round(x, 3) for lp in logps for x in lp}) == len(sets) * len(prompts)
+    prompts = [g["inc_state"] for g in build_prompts(smollm2, ["inc_state"], 256, 2, 0.5, 0)]
+    sets = [[], top_heads(rec, 10), matched_heads(rec, 10, 0)[0], random_heads(rec, 10, 1)]
+    base = answer_prompts(smollm2, prompts, 8)
+    leads = leadins(smollm2.tokenizer, prompts, base)
+    ref = measure_sequential(smollm2, prompts, sets, 8, leads)
+    got = measure_shared(smollm2, prompts, sets, 8, leads, batch_size=3)
+    for c in range(len(sets)):
+        assert [a.ids for a in got.answers[c]] == [a.ids for a in ref.answers[c]]
+        for what in ("logprob", "leadin_logprob"):
+            assert max(abs(x - y) for x, y in zip(getattr(got, what)[c], getattr(ref, what)[c])) <= 1e-5
+    assert [a.text for a in ref.answers[0]] == [a.text for a in base]
+    assert len({tuple(a.text for a in ans) for ans in ref.answers}) >= 2
+    assert len({round(x, 3) for lp in ref.logprob for x in lp}) == len(sets) * len(prompts)
+    assert any(le.ids for le in leads)  # the model's own lead-in ("The company ...") is used
 
 
 def test_ablate_checks_everything_before_loading_a_model():
@@ -193,7 +203,8 @@ def test_ablate_checks_everything_before_loading_a_model():
     for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
                     ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
                     ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
-                    ({"random_seeds": -1}, "--random-seeds must lie in \\[0, 1000\\], got -1")]:
+                    ({"random_seeds": -1}, "--draws must lie in \\[0, 1000\\], got -1"),
+                    ({"controls": ("matched", "x")}, "--controls: unknown control 'x'")]:
         with pytest.raises(UserError, match=msg):
             ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
     with pytest.raises(UserError, match="checksum"):
@@ -233,6 +244,7 @@ def test_cli_ablate_end_to_end(tmp_path):
     (["--k", "300"], "--k 300 is outside 0..270"),
     (["--k", "200"], "only 70 heads lie outside the top 200"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--controls", "matched,foo"], "--controls: unknown control 'foo' (choose from matched, random)"),
 ])
 @pytest.mark.slow
 def test_cli_ablate_bad_input(tmp_path, args, msg):

@@ -163,3 +163,20 @@ def test_version(capfd):
 
     rc, out, err = cli(capfd, "--version")
     assert (rc, out, err) == (0, f"retrieval-heads {__version__}\n", "")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["detect", "--model", "SmolLM2"], ("error: unknown model key 'SmolLM2' (did you mean 'smollm2'?); choose from: "
+                                        "smollm2, instruct, base")),
+    (["detect", "--question", "Inc_State"], ("error: unknown question 'Inc_State' (did you mean 'inc_state'?); "
+                                             "choose from: inc_state, inc_year, employee_count, hq_state")),
+    (["sweep", "--models", "SMOLLM2"], ("error: unknown model key 'SMOLLM2' (did you mean 'smollm2'?); choose from: "
+                                        "smollm2, instruct, base")),
+    (["sweep", "--questions", "HQ_STATE"], ("error: unknown question 'HQ_STATE' (did you mean 'hq_state'?); "
+                                            "choose from: inc_state, inc_year, employee_count, hq_state")),
+    (["detect", "--method", "QRHead"], "did you mean 'qrhead'?"),
+])
+def test_a_name_in_the_wrong_case_gets_a_did_you_mean(capfd, tmp_path, argv, msg):
+    rc, out, err = cli(capfd, *argv, "--output-dir", str(tmp_path / "out"))
+    assert msg in one_line(rc, err) and out == ""
+    assert not (tmp_path / "out").exists()

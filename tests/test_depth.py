@@ -70,7 +70,7 @@ def test_grid_depths(tmp_path):
     assert make_grid(needle_positions=1).needle_positions == (1.0,)
     assert make_grid(needle_position=0.3).needle_positions == (0.3,)  # one depth, as before
     assert make_grid(needle_position="0.3").needle_position == 0.3
-    assert make_grid().needle_positions == (0.5,) and make_grid().size == 32
+    assert make_grid().needle_positions == (0.5,) and make_grid().size == 16  # smollm2 x 4 questions x 4 lengths
     j = tmp_path / "g.json"
     j.write_text(json.dumps({"models": ["smollm2"], "needle_positions": [0.1, 0.3, 0.5]}))
     assert make_grid(**load_grid_file(j)).needle_positions == (0.1, 0.3, 0.5)

@@ -331,3 +331,72 @@ def test_explorer_on_a_depth_sweep_of_the_embedded_model(smollm2, tmp_path):
         page.screenshot(path=str(shot))  # an artifact to look at; the assertions above are the check
         assert errors == []
         browser.close()
+    assert shot.stat().st_size > 10_000
+
+
+@needs_browser
+@pytest.mark.slow
+def test_explorer_hover_axes_drop_down_and_legend(results, tmp_path):
+    """Hovering a token gives the attention on it; the line plot has a y scale (0 to the shading's top) and
+    token-position ticks; the experiment drop-down shows the depth in full; a head whose rows were not saved
+    leaves no earlier head's range in the colour legend."""
+    import math
+
+    root, runs = results
+    out = tmp_path / "rep"
+    assert main(["report", str(root), "--resamples", "10", "--out", str(out)]) == 0
+    path = out / "report.html"
+    data = page_data(path.read_text())
+    exp = next(i for i, e in enumerate(data["experiments"]) if e["question"] == "hq_state" and e["tokens"] == 300)
+    e = data["experiments"][exp]
+    smp = e["saved"]["samples"][0]
+    n = len(runs[("hq_state", 300)].prompts[0].input_ids)
+    with sync_playwright() as p:
+        browser, page, errors = open_page(p, path)
+        top = e["saved"]["heads"][0]
+        click_head(page, exp, top)
+        page.wait_for_selector('#rh-explorer[data-state="shown"]')
+        for pos in (smp["needle"][0], smp["needle"][0] + 3, 5):
+            tok = page.locator(f'#rh-text .rh-t[data-pos="{pos}"]')
+            tok.scroll_into_view_if_needed()
+            tok.hover()
+            title = tok.get_attribute("title")
+            m = re.fullmatch(rf"position {pos} · attention (\S+) \({top}\)", title)
+            assert m, title
+            want = float(np.float32(decode(smp["rows"][0], np.uint8)[pos]) * np.float32(smp["scale"][0]))
+            assert float(m.group(1)) == pytest.approx(want, rel=5e-3, abs=1e-12)
+        # the plot's axes: the y scale's top is the legend's, ticks at 0, 1/4 ... n-1 positions
+        assert page.inner_text("#rh-ymax") == page.inner_text("#rh-max") != ""
+        assert float(page.inner_text("#rh-ymax")) > 0
+        ticks = page.locator("#rh-xaxis .rh-xtick").all_inner_texts()
+        assert ticks == [str(math.floor(q / 4 * (n - 1) + 0.5)) for q in range(5)]
+        assert page.inner_text("#rh-xaxis .rh-xname") == "token position"
+        assert page.locator("#rh-plot line.rh-grid").count() == 2
+        # the drop-down: the depth is in every option and the widest option fits the select
+        options = page.locator("#rh-exp option").all_inner_texts()
+        assert all(f"depth {x['depth']:g}" in o for o, x in zip(options, data["experiments"]))
+        assert options[exp].startswith("hq_state · 300 tokens · depth 0.5 · ")
+        fits = page.evaluate("""() => {
+            const sel = document.getElementById('rh-exp'), ctx = document.createElement('canvas').getContext('2d');
+            ctx.font = getComputedStyle(sel).font;
+            const widest = Math.max(...Array.from(sel.options).map(o => ctx.measureText(o.text).width));
+            const shown = sel.clientWidth;
+            sel.style.maxWidth = 'none';  // the width it would take unclipped
+            const free = sel.clientWidth;
+            sel.style.maxWidth = '';
+            return [widest, shown, free];
+        }""")
+        assert fits[0] < fits[1] == fits[2], fits  # the page's max-width does not clip the widest option
+        # a head without rows: no range left over from the previous head
+        other = next(f"L{l}H{h}" for l in range(e["layers"]) for h in range(e["heads"])
+                     if f"L{l}H{h}" not in e["saved"]["heads"])
+        click_head(page, exp, other)
+        page.wait_for_selector('#rh-explorer[data-state="unsaved"]')
+        assert page.inner_text("#rh-max") == "—" and page.inner_text("#rh-ymax") == ""
+        assert page.locator("#rh-xaxis .rh-xtick").count() == 0 and page.locator("#rh-plot polyline").count() == 0
+        tok = page.locator(f'#rh-text .rh-t[data-pos="{smp["needle"][0]}"]')
+        tok.scroll_into_view_if_needed()
+        tok.hover()
+        assert tok.get_attribute("title") == f"position {smp['needle'][0]}"  # no value for a head without rows
+        assert errors == []
+        browser.close()

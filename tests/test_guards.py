@@ -443,8 +443,8 @@ def test_sizes_seeds_and_depths_are_refused_before_any_work(tmp_path, capfd):
              (["detect", "--needle-position", "1e-300"], "needle_position: 1e-300 has no short decimal form"),
              (["sweep", "--models", "smollm2", "--samples", 2 ** 63], "--samples must be at most 100000"),
              (["sweep", "--models", "smollm2", "--seed", -1], "--seed must be >= 0, got -1"),
-             (["ablate", path, "--k", 0, 2, "--random-seeds", 2 ** 63],
-              "--random-seeds must lie in [0, 1000], got 9223372036854775808"),
+             (["ablate", path, "--k", 0, 2, "--draws", 2 ** 63],
+              "--draws must lie in [0, 1000], got 9223372036854775808"),
              (["ablate", path, "--k", 0, 2, "--samples", 2 ** 63], "--samples must be at most 100000"),
              (["ablate", path, "--k", 0, 2, "--seed", -1], "--seed must be >= 0, got -1")]
     for argv, msg in cases:

@@ -1,9 +1,9 @@
 """The package's modules form layers that point one way: a module imports only modules of its own layer or of
 layers before it, and no two modules import each other, even through imports inside functions.
 
-The layers, bottom first: helpers (errors, registry, io, hf, leftovers, modelcache) < data < models (and
-families) < capture < methods (the scoring methods, greedy generation, chance baselines, statistics, attention
-rows) < experiments (results, the results-dir lock, detect) <
+The layers, bottom first: helpers (errors, registry, io, hf, leftovers, modelcache, console, defaults) < data <
+models (and families) < capture < methods (the scoring methods, greedy generation, chance baselines, statistics,
+attention rows) < experiments (results, the results-dir lock, detect) <
 sweep and engines (prefill, sweep, ray_engine, ablation, export) < report < commands and the CLI < the
 package's own ``__init__``.
 """
@@ -18,7 +18,7 @@ PACKAGE = "retrieval_heads"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache"}),
+    ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache", "console", "defaults"}),
     ("data", {"data"}),
     ("models", {"models", "families"}),
     ("capture", {"capture", "eager_rows"}),

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from retrieval_heads import experiments
 from retrieval_heads.data.prompt import PromptFormat, PromptSample
 from retrieval_heads.data.samples import synthetic_samples
@@ -277,9 +277,16 @@ class CharTok:
         return "".join(chr(i) for i in ids)
 
 
-def qrhead_reference(model, tokenizer, p: PromptSample, drop_outliers: bool = True) -> torch.Tensor:
+def ends_at_assistant(tokenizer, ids) -> int:
+    """The length of the shortest prefix of ``ids`` whose text ends with "assistant" (QRHead's query end)."""
+    return next(i for i in range(len(ids), 0, -1) if not tokenizer.decode(ids[:i]).endswith("assistant\n")
+                and tokenizer.decode(ids[:i]).endswith("assistant"))
+
+
+def qrhead_reference(model, tokenizer, p: PromptSample, drop_outliers: bool = True, exact: bool = False) -> torch.Tensor:
     """QRHead's recipe written out plainly, one prompt at a time: eager attention with output_attentions (full
-    N x N matrices); query rows = the suffix after its blank line ("\n\n"), to the last token; the same with
+    N x N matrices); query rows = the suffix after its blank line ("\n\n"), to the last token (``exact``: to
+    the token that ends "assistant", as QRHead's query); the same with
     the question replaced by "N/A" in the suffix's text; per needle token the difference of the mean rows;
     per head, drop tokens at or below mean - 2 std (torch's std) and sum the rest. (L, H)."""
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -297,7 +304,8 @@ def qrhead_reference(model, tokenizer, p: PromptSample, drop_outliers: bool = Tr
                 out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
         finally:
             model.set_attn_implementation(previous)
-        return [a[0, :, start:, :].float().mean(1) for a in out.attentions]  # L x (H, N)
+        end = ends_at_assistant(tokenizer, ids) if exact else len(ids)
+        return [a[0, :, start:end, :].float().mean(1) for a in out.attentions]  # L x (H, N)
 
     real, null = mean_rows(p.input_ids), mean_rows(null_ids)
     scores = torch.zeros(len(real), real[0].shape[0])
@@ -338,6 +346,45 @@ def test_qrhead_equals_plain_reference(family):
     assert fast.shape == (2, 3, 4)
     for i, p in enumerate(batch):
         assert torch.allclose(fast[i], qrhead_reference(model, tok, p), atol=1e-5), f"{family} sample {i}"
+
+
+def test_qrhead_exact_ends_its_query_at_assistant(smol_tok):
+    """On a chat template, qrhead_exact's query rows stop after "assistant" (the "\\n" after it dropped) and
+    equal the plain reference, by score_batch and by the shared pass; qrhead keeps the "\\n" row and differs.
+    Without a chat template the two are one method."""
+    from transformers import AutoModelForCausalLM
+
+    from retrieval_heads.methods.qrhead import query_end, query_start
+    from retrieval_heads.models import LoadedModel
+    from retrieval_heads.onepass import score_groups
+
+    fmt = PromptFormat(smol_tok)
+    groups = synthetic_samples(fmt, ["hq_state"], 260, 2, 0.5, 0)
+    batch = [g["hq_state"] for g in groups]
+    for p in batch:
+        end = query_end(fmt, p)
+        assert end == len(p.input_ids) - 1 == ends_at_assistant(smol_tok, p.input_ids)
+        assert smol_tok.decode(p.input_ids[end:]) == "\n" and query_start(fmt, p) < end
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(smol_tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ctx = MethodContext(prompt_format=fmt)
+    exact = METHODS.get("qrhead_exact").score_batch(model, batch, ctx)  # (B, L, H)
+    plain = METHODS.get("qrhead").score_batch(model, batch, ctx)  # (B, L, H)
+    for i, p in enumerate(batch):
+        torch.testing.assert_close(exact[i], qrhead_reference(model, smol_tok, p, exact=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain[i], qrhead_reference(model, smol_tok, p), atol=1e-5, rtol=0)
+    assert (exact - plain).abs().max() > 1e-5
+    shared = score_groups(LoadedModel(model, smol_tok, "llama", "llama"), groups, ["hq_state"],
+                          ["qrhead", "qrhead_exact"])["hq_state"].scores
+    torch.testing.assert_close(shared["qrhead_exact"], exact, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared["qrhead"], plain, atol=1e-5, rtol=0)
+    tok, plain_batch = tiny_qr_batch()  # no chat template: nothing to drop
+    no_chat = MethodContext(prompt_format=PromptFormat(tok))
+    m = tiny_model("llama")
+    assert torch.equal(METHODS.get("qrhead_exact").score_batch(m, plain_batch, no_chat),
+                       METHODS.get("qrhead").score_batch(m, plain_batch, no_chat))
 
 
 # --- SmolLM2 --------------------------------------------------------------------------------------------
@@ -519,3 +566,29 @@ def test_cli_repeated_and_comma_methods(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query_focused", "summed_attention"]
     r = run_cli("detect", "--method", "summed_attention,retrieval_scor", "--output-dir", str(tmp_path / "x"))
     assert r.returncode == 2 and "did you mean 'retrieval_score'" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_gold_span_is_the_asked_fact_when_the_answer_appears_twice(smol_tok):
+    """Sample 1 (seed 0) is headquartered and incorporated in Oregon, the headquarters sentence first: the
+    gold span of inc_state is the incorporation fact's tokens (the span summed_attention+answer reads), not
+    the first mention; a head copying "Oregon" from the headquarters sentence gets no credit."""
+    from retrieval_heads.data.prompt import PromptFormat
+    from retrieval_heads.data.samples import synthetic_samples
+    from retrieval_heads.data.spans import answer_span, prompt_answer_span
+
+    group = synthetic_samples(PromptFormat(smol_tok), ["inc_state", "hq_state"], 256, 2, 0.5, 0)[1]
+    inc, hq = group["inc_state"], group["hq_state"]
+    assert inc.answer == hq.answer == "Oregon"
+    first = answer_span(smol_tok, inc.input_ids[inc.needle_start : inc.needle_end], "Oregon")
+    first = (inc.needle_start + first[0], inc.needle_start + first[1])
+    assert first == hq.fact_spans["hq_state"] != inc.fact_spans["inc_state"]  # the HQ mention comes first
+    assert gold_span(smol_tok, inc) == inc.fact_spans["inc_state"] == prompt_answer_span(smol_tok, inc)
+    assert gold_span(smol_tok, hq) == hq.fact_spans["hq_state"]
+    a, b = gold_span(smol_tok, inc)
+    answer = inc.input_ids[a:b]
+    L, H = 1, 2
+    argmax = torch.zeros(len(answer), L, H, dtype=torch.long)  # (T, L, H)
+    argmax[:, 0, 0] = torch.arange(a, b)  # head 0 copies the incorporation fact
+    argmax[:, 0, 1] = torch.arange(first[0], first[1])  # head 1 copies the headquarters mention
+    hits = retrieval_hits(torch.tensor(inc.input_ids), gold_span(smol_tok, inc), answer, argmax)
+    assert hits.tolist() == [[b - a, 0]]

@@ -60,3 +60,23 @@ def test_malformed_lift_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "lift is not 2 x 3 finite numbers" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_head_beating_the_control_gives_the_results_own_reason(tmp_path, capsys):
+    """A result whose samples have no control span (none fits at this length) was shown as "none (too few
+    samples)": the table now says why, from the significance block's counts."""
+    from retrieval_heads import stats
+
+    none_fits = stats.significance(np.zeros((0, 2, 3)), np.zeros((0, 2, 3)))
+    none_fits.update(samples_left_out=8)
+    none_fits["note"] += "; 8 sample(s) without a span or control span left out"
+    assert none_fits["note"].startswith("too few samples: with 0 sample(s)")  # what the table used to read
+    put(tmp_path, tokens=256, lift=[[1.0, 2.0, 0.5], [0.9, 1.1, 1.2]], sig=none_fits)
+    few = stats.significance(np.arange(1.0, 5.0)[:, None, None] * np.ones((4, 2, 3)), np.zeros((4, 2, 3)))
+    assert few["heads"] == [] and few["note"].startswith("too few samples")
+    few.update(samples_left_out=0)
+    put(tmp_path, tokens=512, lift=[[1.0, 2.0, 0.5], [0.9, 1.1, 1.2]], sig=few)
+    assert main(["report", str(tmp_path)]) == 0, capsys.readouterr().err
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| 256 | 8 | — | 2.0x (L0H1) | none (no test: no sample has both the span and a control span; 8 left out) |" in md
+    assert "| 512 | 8 | — | 2.0x (L0H1) | none (too few samples: 4 tested, alpha 0.05 needs at least 5) |" in md

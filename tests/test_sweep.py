@@ -45,13 +45,70 @@ def one_error_line(proc):
 # --- the grid (nothing loaded) --------------------------------------------------------------------------
 
 
-def test_default_grid_is_the_seeds():
+def test_default_grid_is_the_seeds_on_detects_model():
+    """The original study's questions and lengths, on detect's default model (its gated Llama-3-8B pair is
+    --models instruct base)."""
+    from retrieval_heads.cli import parse
+
     g = make_grid()
-    assert g.models == ("instruct", "base") and g.questions == tuple(ALL) and g.tokens == DEFAULT_TOKENS
-    assert g.size == 32 and g.samples > 0
+    assert g.models == ("smollm2",) and g.questions == tuple(ALL) and g.tokens == DEFAULT_TOKENS
+    assert parse(["detect"]).model == "smollm2"
+    assert g.size == 16 and g.samples > 0 and g.max_new_tokens == 12
     units = plan(g)
-    assert len(units) == 8 and units[0] == Unit("instruct", 2048, tuple(ALL))
+    assert len(units) == 4 and units[0] == Unit("smollm2", 2048, tuple(ALL))
+    units = plan(make_grid(models=["instruct", "base"]))
     assert [u.model for u in units] == ["instruct"] * 4 + ["base"] * 4  # model by model: one load each
+
+
+def test_max_new_tokens_is_a_grid_setting(tmp_path):
+    """--max-new-tokens from the flag or the grid file; checked up front; a result whose answers were decoded
+    with another limit is not taken as done by a sweep that decodes answers."""
+    from retrieval_heads.commands.sweep import grid_settings
+    from retrieval_heads.cli import parse
+    from retrieval_heads.sweep import _settings_mismatch
+
+    assert make_grid(max_new_tokens="50").max_new_tokens == 50
+    j = tmp_path / "grid.json"
+    j.write_text(json.dumps({"models": "smollm2", "max_new_tokens": 30}))
+    assert make_grid(**load_grid_file(j)).max_new_tokens == 30
+    args = parse(["sweep", "--config", str(j), "--max-new-tokens", "40"])
+    assert make_grid(**grid_settings(args)).max_new_tokens == 40  # the flag wins
+    for bad, msg in [(0, "--max-new-tokens must be positive"), (True, "max_new_tokens: expected a whole number")]:
+        with pytest.raises(UserError, match=msg):
+            make_grid(max_new_tokens=bad)
+    record = {"samples_processed": 6, "needle_position": 0.5, "seed": 0, "dtype": "float32", "rank_by": "score",
+              "extra": {"accuracy": 0.5, "max_new_tokens": 12}}
+    assert _settings_mismatch(record, make_grid(answers=True)) is None
+    assert _settings_mismatch(record, make_grid(answers=True, max_new_tokens=50)) == \
+        "max_new_tokens 12 (this sweep: 50)"
+    assert _settings_mismatch(record, make_grid(method="retrieval_score", max_new_tokens=50)) is not None
+    assert _settings_mismatch(record, make_grid(max_new_tokens=50)) is None  # no answers decoded: no matter
+
+
+def test_preflight_does_not_wait_on_an_unreachable_hub(tmp_path, monkeypatch):
+    """A hub id not in the cache while the hub does not answer: one line within the probe's 3 s, not
+    minutes of retries (the original study's gated pair used to be the default)."""
+    import socket
+    import time as clock
+
+    from huggingface_hub import constants
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (imported before the clock starts)
+
+    from retrieval_heads.sweep import preflight
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    grid = make_grid(models=["someorg/not-cached"], tokens=[256])
+    t = clock.monotonic()
+    with pytest.raises(UserError, match=f"cannot load model 'someorg/not-cached': it is not in the local hub cache "
+                                        f"and the hub \\(http://127.0.0.1:{port}\\) cannot be reached"):
+        preflight(grid)
+    assert clock.monotonic() - t < 3.5
 
 
 def test_grid_lists_and_checks():

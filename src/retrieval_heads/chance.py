@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import stats
+from .console import bar_disabled
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.spans import prompt_answer_span, whole_word_spans
@@ -171,7 +172,7 @@ def probe_prompts(lm, prompts: Sequence[PromptSample], batch_size: int = 1, prog
     S, L, H = len(prompts), lm.num_layers, lm.num_heads
     mass = torch.zeros(S, L, H, len(names), device=lm.device)  # (S, L, H, M)
     base = torch.zeros(S, L, H, len(names), device=lm.device)  # (S, L, H, M)
-    with tqdm(total=S, desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=S, desc=desc, unit="sample", disable=bar_disabled(progress), file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
             ids = stack_ids([prompts[i] for i in idx], device)  # (B, N)
             masks = span_masks([spans[i] for i in idx], names, ids.shape[1], device)  # (B, M, N)

@@ -9,6 +9,10 @@ not given, per question.
   tokens, 16 samples, the ``needle`` span, answers only when asked for (the filing rule of the same page).
 - Another long-context task: the passkey default's length, samples, span and answers.
 
+Importable without torch (the CLI reads these to build its help before anything heavy is loaded).
+
+>>> DEFAULT_MAX_NEW_TOKENS
+12
 >>> settings_for("inc_state", dataset=False)
 Settings(tokens=512, samples=16, span='needle', answers=False)
 >>> settings_for(DEFAULT_QUESTION, dataset=False).span
@@ -18,6 +22,12 @@ Settings(tokens=512, samples=16, span='needle', answers=False)
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Longest greedy answer, in tokens, of a filing question or a dataset: detect --answers, retrieval_score, sweep,
+# ablate. The built-in answers are a state, a year or a count (at most 5 tokens on SmolLM2's tokenizer); Wu et
+# al.'s code decodes up to 50. bench/peers.py measures what 50 would change. A long-context task decodes its
+# own budget (retrieval_heads.data.tasks.decode_budget).
+DEFAULT_MAX_NEW_TOKENS = 12
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from .console import bar_disabled, phase, plural
 from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
@@ -328,8 +329,11 @@ def detect(
         for n in names:  # no method folder is a link to elsewhere (checked again when writing)
             for rname in METHODS.get(n).result_names(spans, success_only):
                 check_result_folder(Path(output_dir) / rname)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
-                                                                  trust_remote_code=trust_remote_code)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        with phase(f"loading model {model} ...", progress):
+            lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if eager_attentions:
         eager_rows.enable(lm.model)
     prompts = experiment_prompts(lm, question, tokens, samples, needle_position, seed, records)
@@ -346,7 +350,7 @@ def detect(
 
         from .onepass import score_groups
 
-        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=not progress, file=sys.stderr,
+        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=bar_disabled(progress), file=sys.stderr,
                   leave=False) as bar:
             shared = score_groups(lm, [{qkey: p} for p in prompts], [qkey], names, want_answers, max_new_tokens,
                                   batch_size, on_batch=bar.update)[qkey]
@@ -385,7 +389,9 @@ def detect(
     if save_attention:  # the rankings are final: one more probed pass for every method's top heads
         from .attention_capture import for_results
 
-        files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
+        with phase(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
+                   progress):
+            files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
         for r, data in zip(out.values(), files):
             r.attention = data
     for r in out.values() if output_dir else ():  # written once every result (and its attention) is complete

@@ -27,12 +27,12 @@ from typing import Callable, Sequence
 import torch
 
 from .capture import attention_probe
+from .console import bar_disabled
 from .data.prompt import PromptSample
 from .data.questions import answer_matches
+from .defaults import DEFAULT_MAX_NEW_TOKENS  # noqa: F401  (also read from here)
 from .hf import cache_kwarg, input_device, returned_cache  # noqa: F401  (cache_kwarg, returned_cache: also read from here)
 from .methods.base import batches, stack_ids
-
-DEFAULT_MAX_NEW_TOKENS = 12
 
 Stop = Callable[[list, int], bool]  # (answer ids so far, next token) -> stop before that token?
 
@@ -151,7 +151,7 @@ def answer_prompts(
     from tqdm.auto import tqdm
 
     out: list[Answer | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=bar_disabled(progress), file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
             got = answer_batch(lm.model, lm.tokenizer, [prompts[i] for i in idx], max_new_tokens, track_argmax, ablate)
             for i, a in zip(idx, got):

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .chance import SpanMasses, probe_prompts, prompt_spans, span_masks, union_names
+from .console import bar_disabled
 from .data.prompt import PromptFormat, PromptSample
+from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .generation import Answer, answer_batch, answer_prompts
 from .hf import input_device
 from .methods import METHODS
@@ -67,7 +69,7 @@ class Scored:
 @torch.no_grad()
 def score_groups(
     lm, groups: Sequence[Mapping[str, PromptSample]], questions: Sequence[str], methods: Sequence[str],
-    answers: bool = False, max_new_tokens: int = 12, batch_size: int = 1,
+    answers: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Scored]:
     """Score ``methods`` on every question of every sample, one context pass per sample (batch of samples).
@@ -236,7 +238,7 @@ def score_prompts(
         return replace(ctx, answers=[answers[i] for i in idx]) if "answers" in m.needs else ctx
 
     out = torch.zeros(len(prompts), lm.num_layers, lm.num_heads, device=lm.device)  # (S, L, H)
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=bar_disabled(progress), file=sys.stderr, leave=False) as bar:
         for idx in batches(prompts, batch_size):
             out[idx] = m.score_batch(lm.model, [prompts[i] for i in idx], context(idx)).to(out.device, out.dtype)
             bar.update(len(idx))

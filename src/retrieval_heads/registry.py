@@ -8,6 +8,10 @@
 Traceback (most recent call last):
 ...
 retrieval_heads.errors.UserError: unknown colour 'rde' (did you mean 'red'?); choose from: red
+>>> r.get("RED")
+Traceback (most recent call last):
+...
+retrieval_heads.errors.UserError: unknown colour 'RED' (did you mean 'red'?); choose from: red
 """
 
 from __future__ import annotations
@@ -37,9 +41,20 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name in self._items:
             return self._items[name]
-        close = difflib.get_close_matches(name, list(self._items), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = self.closest(name)
+        hint = f" (did you mean {hint!r}?)" if hint else ""
         raise UserError(f"unknown {self.kind} {name!r}{hint}; choose from: {', '.join(self._items)}")
+
+    def closest(self, name: object) -> str | None:
+        """The registered name closest to ``name``: the same name in another case first ("SmolLM2" for
+        "smollm2"), else the closest spelling, case ignored; None when nothing is close."""
+        if not isinstance(name, str):
+            return None
+        folded = {n.casefold(): n for n in self._items}
+        if name.casefold() in folded:
+            return folded[name.casefold()]
+        close = difflib.get_close_matches(name.casefold(), list(folded), n=1)
+        return folded[close[0]] if close else None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -40,6 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -48,18 +49,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import eager_rows
 from .attention import attention_path
+from .console import bar_disabled, phase, plural
 from .data.questions import QUESTIONS
 from .data.tasks import check_question, context_families, decode_budget
+from .defaults import DEFAULT_MAX_NEW_TOKENS
 from .errors import UserError, first_line
 from .experiments import DetectResult, check_args, write_result
 from .hf import check_tokenizer
 from .lock import results_lock
-from .models import DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, model_identity, resolve
+from .models import (DTYPES, MODELS, LoadedModel, check_causal_lm, check_device, hub_access, model_identity,
+                     resolve)
 from .registry import Registry
 from .results import (MisnamedResult, depth_text, identity_of, load_result, result_path,
                       samples_path, samples_problem)
 
-DEFAULT_MODELS = ("instruct", "base")
+DEFAULT_MODELS = ("smollm2",)  # as detect's; the original study's pair is --models instruct base
 DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
 DEFAULT_SAMPLES = 6  # per unit of a grid
 
@@ -86,6 +90,7 @@ class Grid:
     save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
     rank_by: str = "score"
     answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # longest greedy answer (answers, retrieval_score)
     span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
 
     @property
@@ -146,7 +151,7 @@ class Status:
 GRID_KEYS = Registry("grid setting")
 for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
            "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span", "eager_attentions"):
+           "span", "eager_attentions", "max_new_tokens"):
     GRID_KEYS.register(_k, _k)
 
 
@@ -245,6 +250,7 @@ class GridSettings(BaseModel):
     rank_by: Optional[str] = None
     answers: Optional[bool] = None
     span: Optional[Union[str, list[str]]] = None
+    max_new_tokens: Optional[int] = None
 
 
 EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
@@ -253,7 +259,8 @@ EXPECTED = {"models": "a name or a list of names", "questions": "a name or a lis
             "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
             "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
             "trust_remote_code": "true or false", "eager_attentions": "true or false", "save_attention": "a whole number",
-            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names"}
+            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names",
+            "max_new_tokens": "a whole number"}
 
 
 def _shown(value: Any) -> str:
@@ -294,7 +301,7 @@ def make_grid(**settings: Any) -> Grid:
         GRID_KEYS.get(k)
     if "tokens" in given:
         given["tokens"] = _ints(given["tokens"], "tokens")
-    for k in ("samples", "seed", "batch_size", "save_attention"):
+    for k in ("samples", "seed", "batch_size", "save_attention", "max_new_tokens"):
         if k in given:
             given[k] = _int(given[k], k)
     if "needle_positions" in given:
@@ -325,7 +332,7 @@ def make_grid(**settings: Any) -> Grid:
 
         values["span"] = ",".join(span_names(given["span"]))
     for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code", "eager_attentions",
-              "save_attention", "rank_by", "answers"):
+              "save_attention", "rank_by", "answers", "max_new_tokens"):
         if k in given:
             values[k] = given[k]
     if "needle_position" in given and "needle_positions" in given:
@@ -365,6 +372,8 @@ def make_grid(**settings: Any) -> Grid:
     for t in grid.tokens:
         for d in grid.needle_positions:
             check_args(None, t, grid.samples, d, grid.batch_size, grid.seed)
+    if grid.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {grid.max_new_tokens}")
     if grid.save_attention < 0:
         raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
     return grid
@@ -429,7 +438,18 @@ def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> 
     for k, v in want.items():
         if k in record and record[k] != v:
             return f"{k} {record[k]!r} (this sweep: {v!r})"
+    extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
+    if decodes(grid) and "max_new_tokens" in extra and extra["max_new_tokens"] != grid.max_new_tokens:
+        return f"max_new_tokens {extra['max_new_tokens']!r} (this sweep: {grid.max_new_tokens!r})"
     return None
+
+
+def decodes(grid: Grid) -> bool:
+    """Whether the grid's results depend on the model's greedy answers (``answers``, or a method that reads
+    them), and so on ``max_new_tokens``."""
+    from .methods import METHODS
+
+    return grid.answers or any("answers" in METHODS.get(m).needs for m in grid.methods)
 
 
 def _identity_mismatch(record: dict, identity: dict) -> str | None:
@@ -496,13 +516,15 @@ def unit_status(output_dir: str | Path, grid: Grid, unit: Unit, key: str | None 
 
 
 def compute_unit(
-    lm: LoadedModel, unit: Unit, grid: Grid, on_progress: Callable[[float], None] | None = None
+    lm: LoadedModel, unit: Unit, grid: Grid, on_progress: Callable[[float], None] | None = None,
+    on_phase: Callable[[str], Any] | None = None,
 ) -> list[DetectResult]:
     """Score every method x question of ``unit`` on ``lm``: one :class:`DetectResult` per experiment, record
     included, as :func:`~retrieval_heads.experiments.detect` would make it (equal within float tolerance:
     here every method, question and the answers share one context pass per sample,
     :mod:`retrieval_heads.onepass`). Writes nothing. ``on_progress(f)`` gets the fraction of the unit done so
-    far."""
+    far; ``on_phase(text)``, a context manager, wraps a long phase that moves no bar (saving attention rows;
+    :func:`~retrieval_heads.console.phase`)."""
     import torch
 
     from .chance import chance_fields, span_result_name, span_scores
@@ -514,6 +536,9 @@ def compute_unit(
     progress = on_progress or (lambda f: None)
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
     families = context_families(unit.questions)  # the filing questions share a context; a task has its own
+
+    def budget(q: str) -> int:  # the grid's; a task's own unless the grid sets one other than the default
+        return decode_budget(q) if grid.max_new_tokens == DEFAULT_MAX_NEW_TOKENS else grid.max_new_tokens
     done = 0
 
     def on_batch(k: int) -> None:
@@ -523,7 +548,7 @@ def compute_unit(
 
     scored = {}
     for fam in families:
-        scored.update(score_groups(lm, groups, fam, grid.methods, grid.answers, decode_budget(fam[0]),
+        scored.update(score_groups(lm, groups, fam, grid.methods, grid.answers, budget(fam[0]),
                                    grid.batch_size, on_batch))
     out = []
     spans = grid.span.split(",")
@@ -531,7 +556,7 @@ def compute_unit(
         for sp, q in ((sp, q) for sp in METHODS.get(m).result_spans(spans) for q in unit.questions):
             prompts, sc = [g[q] for g in groups], scored[q]
             got = sc.answers
-            answered = None if got is None else dict(accuracy(got), max_new_tokens=decode_budget(q))
+            answered = None if got is None else dict(accuracy(got), max_new_tokens=budget(q))
             if METHODS.get(m).measures_spans:  # every span kind from the same masses
                 ss = span_scores(sc.span_masses[m], prompts, sp)
                 scores = ss.score.to(lm.device, torch.float32)  # (S, L, H): the probe's float32 masses
@@ -547,7 +572,10 @@ def compute_unit(
     if grid.save_attention:  # rankings final: one more probed pass per question and sample, for every result
         from .attention_capture import for_unit
 
-        for_unit(lm, out, grid.save_attention, grid.batch_size)
+        text = (f"saving the top {grid.save_attention} heads' attention rows of {plural(len(out), 'result')} "
+                f"({plural(len(groups), 'sample')}) ...")
+        with on_phase(text) if on_phase is not None else nullcontext():
+            for_unit(lm, out, grid.save_attention, grid.batch_size)
     return out
 
 
@@ -590,17 +618,21 @@ def preflight(grid: Grid) -> None:
 
     for m in grid.models:
         _, name, path = resolve(m)
-        hint = " (the default grid is the original study's Llama-3-8B pair; try --models smollm2)" \
-            if m in DEFAULT_MODELS else ""
+        hub, offline_why = hub_access(path)  # the hub only if it answers within HUB_PROBE_S: no minutes of retries
+        hint = " (the original study's Llama-3-8B models are gated on the hub: log in with `hf auth login`, or " \
+               "try --models smollm2)" if m in ("instruct", "base") else ""
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
             check_causal_lm(m, config)
             text = config.get_text_config()
             limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
             if limit is not None and max(grid.tokens) > limit:
                 raise UserError(f"--tokens {max(grid.tokens)} exceeds the {limit} positions of {name}")
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
         except (OSError, ValueError) as e:
+            if offline_why and isinstance(e, OSError):
+                raise UserError(f"cannot load model {m!r}: it is not in the local hub cache and {offline_why}"
+                                f"{hint}") from None
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
         check_tokenizer(m, tokenizer)
         for depth in grid.needle_positions:
@@ -693,17 +725,19 @@ def run_sweep(
                 if lm is None or lm.key != st.model_key:
                     lm = None  # the previous model goes before the next one comes
                     _release_memory()
-                    lm = load(unit.model, dtype=grid.dtype, device=grid.device,
-                              trust_remote_code=grid.trust_remote_code)
+                    with phase(f"loading model {unit.model} ...", progress, bar):
+                        lm = load(unit.model, dtype=grid.dtype, device=grid.device,
+                                  trust_remote_code=grid.trust_remote_code)
                     if grid.eager_attentions:
                         eager_rows.enable(lm.model)
                 if bar is None:
                     bar = tqdm(total=grid.size, initial=already, unit="exp", desc="sweep", file=sys.stderr,
-                               disable=not progress, dynamic_ncols=True,
+                               disable=bar_disabled(progress), dynamic_ncols=True,
                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} experiments "
                                           "[{elapsed}<{remaining}]")
                 start, base = time.perf_counter(), bar.n
-                results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)))
+                results = compute_unit(lm, unit, grid, _advance(bar, base, len(todo)),
+                                       lambda text, bar=bar: phase(text, progress, bar))
                 seconds = time.perf_counter() - start
                 for res in results:
                     e = (res.record["method"], res.record["question"])
@@ -722,7 +756,7 @@ def run_sweep(
 
 def outcome_line(st: Status, e: Experiment, unit: Unit, grid: Grid, record: dict, seconds: float) -> str:
     """The line printed for experiment ``e`` of ``unit`` once written (done, or recomputed with the reason)."""
-    what = f"{len(unit.questions)} questions" + (f" x {len(grid.results)} results" if len(grid.results) > 1 else "")
+    what = plural(len(unit.questions), "question") + (f" x {len(grid.results)} results" if len(grid.results) > 1 else "")
     timing = f"{seconds:.1f} s (unit of {what}, one prefill per sample)"
     if st.state[e] == "corrupt":
         return result_line("recomputed", st.model_key, e[1], unit.tokens, record, f"{timing}  (was: {st.reason[e]})",

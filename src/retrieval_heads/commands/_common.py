@@ -41,12 +41,27 @@ def groups(parser: argparse.ArgumentParser, *titles: str) -> list:
 
 
 def print_top(rows: list[tuple], title: str) -> None:
-    """rows: (head, score) or (head, score, lift or None); a lift column is shown when any row has one."""
+    """rows: (head, score) or (head, score, lift or None); a lift column is shown when any row has one. The
+    title is one line above the rows (never wrapped to the table's width); on a terminal the rows are a drawn
+    table, otherwise (a file, a pipe) plain aligned lines, no box characters."""
+    import sys
+
+    from ..console import is_terminal
+
+    with_lift = any(len(r) > 2 and r[2] is not None for r in rows)
+    if not is_terminal(sys.stdout):
+        print(title)
+        head = ["rank", "head", "score"] + (["lift"] if with_lift else [])
+        body = [[str(i), r[0], f"{r[1]:.4f}"] + ([("—" if r[2] is None else f"{r[2]:.2f}x")] if with_lift else [])
+                for i, r in enumerate(rows, 1)]
+        widths = [max(len(x[c]) for x in [head] + body) for c in range(len(head))]
+        for line in [head] + body:
+            print("  ".join(x.rjust(w) if c != 1 else x.ljust(w) for c, (x, w) in enumerate(zip(line, widths))).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
-    with_lift = any(len(r) > 2 and r[2] is not None for r in rows)
-    table = Table(title=title)
+    table = Table()  # the title goes above it, whole: as a table title it wraps to the table's width
     table.add_column("rank", justify="right")
     table.add_column("head")
     table.add_column("score", justify="right")
@@ -57,7 +72,9 @@ def print_top(rows: list[tuple], title: str) -> None:
         if with_lift:
             cells.append("—" if r[2] is None else f"{r[2]:.2f}x")
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    console.print(title, style="italic", highlight=False)
+    console.print(table)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..errors import UserError
 from ._common import allow, flag, groups, quiet_transformers, values
 
-SUMMARY = "Remove the top-k heads of a result and k random others; write accuracy and log-prob vs k (JSON + PNG)."
+SUMMARY = ("Remove the top-k heads of a result and, as controls, random heads of the same layers and of any "
+           "layer; write accuracy and log-probs vs k, a paired test and a conclusion (JSON + PNG).")
 DEFAULT_KS = (0, 5, 10, 20, 50)
 
 
@@ -30,7 +32,7 @@ def parse_ks(given: list[str] | None) -> list[int]:
 
 EXAMPLES = """examples:
   retrieval-heads ablate results/summed_attention/smollm2_inc_state_512.json
-  retrieval-heads ablate RESULT --k 0 5 10 --random-seeds 5 --samples 32
+  retrieval-heads ablate RESULT --k 0 5 10 --draws 5 --controls matched --samples 32
   retrieval-heads ablate RESULT --dataset my_samples.jsonl      a result made from a dataset needs it again"""
 
 
@@ -40,15 +42,21 @@ def register(commands) -> None:
     exp, out, eng = groups(p, "experiment", "output", "engine")
     values(exp, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
                             f"[default: {' '.join(map(str, DEFAULT_KS))}].")
-    exp.add_argument("--random-seeds", type=int, default=3,
-                     help="Random controls per k (k heads drawn from outside the top k).")
+    exp.add_argument("--draws", "--random-seeds", dest="random_seeds", metavar="N", type=int, default=5,
+                     help="Random draws per k of each control [default: 5].")
+    exp.add_argument("--controls", default="matched,random",
+                     help="Controls, comma-separated: 'matched' (layer-matched: each top head replaced by a random "
+                          "head of its own layer, outside the top k; borrowed from the nearest layer where its own "
+                          "has too few) and 'random' (k heads from any layer outside the top k) [default: both]. "
+                          "The paired test compares top-k with the mean of the matched draws.")
     exp.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
     exp.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
     exp.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the "
                                               "samples the heads were found on).")
     exp.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
     exp.add_argument("--model", help="Model (default: the result's model_key).")
-    exp.add_argument("--max-new-tokens", type=int, default=12, help="Longest greedy answer, in tokens.")
+    exp.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
     out.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); "
                                    "the plot goes next to it as .png.")
     allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype."), "retrieval_heads.models:DTYPES")
@@ -72,6 +80,7 @@ def ablate(args: argparse.Namespace) -> None:
     result = given_path(args.result, "RESULT")
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     ks = parse_ks(args.k)
+    controls = [c.strip() for c in str(args.controls).split(",") if c.strip()]
     out = None if args.out is None else given_path(args.out, "--out")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":
@@ -83,12 +92,10 @@ def ablate(args: argparse.Namespace) -> None:
         remove_stale_temps([out, out.with_suffix(".png")])  # what a killed ablate to the same files left
         res = run_ablation(result, args.model, ks, args.random_seeds, args.samples, args.tokens, args.seed, dataset,
                            args.max_new_tokens, args.batch_size, args.dtype, args.device, args.trust_remote_code,
-                           progress=True)
+                           progress=True, controls=controls)
         res.write(out)
-    report = res.record
-    for row in report["summary"]:
-        rnd = f"  random {row['random_accuracy_mean']:.2f} [{row['random_accuracy_min']:.2f}, " \
-              f"{row['random_accuracy_max']:.2f}]" if "random_accuracy_mean" in row else ""
-        print(f"k={row['k']:>3}  top: accuracy {row['top_accuracy']:.2f}  logprob {row['top_logprob']:.3f}{rnd}")
+    from ..ablation_stats import summary_lines
+
+    print("\n".join(summary_lines(res.record)))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ._common import allow, flag, groups, quiet_transformers, values
 
 SUMMARY = "Run every model x question x length x depth experiment not already done; resumable, one model load each."
@@ -16,7 +17,7 @@ SUMMARY = "Run every model x question x length x depth experiment not already do
 ENGINES = ("local", "ray")
 GRID_FLAGS = ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
               "dtype", "device", "batch_size", "save_samples", "save_attention", "trust_remote_code", "eager_attentions",
-              "rank_by", "answers", "span")
+              "rank_by", "answers", "span", "max_new_tokens")
 
 
 EXAMPLES = """examples:
@@ -31,8 +32,8 @@ Run the same command again to resume: finished experiments are kept, missing or 
 def register(commands) -> None:
     p = commands.add_parser("sweep", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     exp, meth, out, eng = groups(p, "experiment", "methods", "output", "engine")
-    values(exp, "--models", "MODEL", "Model keys, local paths or hub ids [default: instruct base, the original "
-                                     "study's Llama-3-8B pair].")
+    values(exp, "--models", "MODEL", "Model keys, local paths or hub ids [default: smollm2, as detect; the original "
+                                     "study's Llama-3-8B pair: instruct base].")
     values(exp, "--questions", "QUESTION", "Question keys (filing questions or long-context tasks, docs/tasks.md), "
                                            "or 'all' for the four filing questions [default: all four].",
            "retrieval_heads.data.tasks:QUESTION_KEYS")
@@ -51,6 +52,8 @@ def register(commands) -> None:
     allow(meth.add_argument("--rank-by", help="Rank those results' heads by score or lift [default: score]."),
           "retrieval_heads.chance:RANK_BY")
     flag(meth, "--answers", None, "Also decode the model's greedy answers (accuracy in each result) [default: off].")
+    meth.add_argument("--max-new-tokens", type=int, help="Longest greedy answer, in tokens (--answers, "
+                                                         f"retrieval_score) [default: {DEFAULT_MAX_NEW_TOKENS}].")
     out.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
                                                             "(_dDEPTH before .json at a depth other than 0.5).")
     flag(out, "--save-samples", None, "Also write the per-sample audit files [default: off].")

@@ -78,11 +78,13 @@ def answer_span(tokenizer, ids: Sequence[int], answer: str) -> tuple[int, int] |
 
 
 def gold_span(tokenizer, prompt) -> tuple[int, int] | None:
-    """Prompt positions [start, end) of the needle tokens that overlap the gold answer's first whole-word
-    occurrence in the needle (case-insensitive, see :func:`whole_word_spans`), or None when the needle holds
-    the answer only inside longer words ("Kansas" only as part of "Arkansas") or not at all."""
-    span = answer_span(tokenizer, prompt.input_ids[prompt.needle_start : prompt.needle_end], prompt.answer)
-    return None if span is None else (prompt.needle_start + span[0], prompt.needle_start + span[1])
+    """Prompt positions [start, end) of the gold answer's tokens in the needle (``retrieval_score``'s gold
+    span, the explorer's answer span): the asked fact's span on a synthetic sample (even when another fact
+    has the same text), else the tokens that overlap the answer's first whole-word occurrence in the needle
+    (case-insensitive, see :func:`whole_word_spans`); None when the needle holds the answer only inside longer
+    words ("Kansas" only as part of "Arkansas") or not at all. The one span every method calls "the answer"
+    (:func:`prompt_answer_span`, which ``summed_attention+answer`` reads)."""
+    return prompt_answer_span(tokenizer, prompt)
 
 
 def char_spans_to_tokens(tokenizer, text: str, ids: Sequence[int],

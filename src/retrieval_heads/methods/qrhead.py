@@ -25,6 +25,12 @@ calibration and no filter) and subtracts the content-free question's mass afterw
 
 :func:`needle_key_attention` reads the rows of ``Q`` through the attention probe (memory O(B x L x H x
 needle), never the N x N matrices).
+
+``qrhead`` keeps the chat template's whole assistant header in ``Q``, the "\\n" after "assistant" included
+(the last prompt token, the row the model answers from). QRHead's own query ends at "assistant": method
+``qrhead_exact`` drops the whitespace-only tokens that end the prompt after a chat template's assistant
+header (:func:`query_end`); everything else is the same. On a prompt without a chat template nothing is
+dropped and the two agree. ``bench/qrhead_exact.py`` measures how far apart they are (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -45,15 +51,30 @@ def query_start(fmt: PromptFormat, p: PromptSample) -> int:
     return p.context_end + (len(sep) if suffix[: len(sep)] == sep else 0)
 
 
+def query_end(fmt: PromptFormat, p: PromptSample) -> int:
+    """End (exclusive) of QRHead's own query in ``p``: the prompt's end, less the whitespace-only tokens
+    ("\\n") that follow a chat template's assistant header; the prompt's end without a chat template. At
+    least one row is kept."""
+    end = len(p.input_ids)
+    if not fmt.chat:
+        return end
+    start = query_start(fmt, p)
+    while end - 1 > start and not fmt.tokenizer.decode([p.input_ids[end - 1]]).strip():
+        end -= 1
+    return end
+
+
 def needle_tokens(batch: Sequence[PromptSample], width: int) -> torch.Tensor:
     """(B, width) bool: True where j < the prompt's needle length (needle token j is key needle_start + j)."""
     return torch.arange(width)[None, :] < torch.tensor([p.needle_end - p.needle_start for p in batch])[:, None]
 
 
 @torch.no_grad()
-def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[int], width: int) -> torch.Tensor:
+def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[int], width: int,
+                         ends: Sequence[int] | None = None) -> torch.Tensor:
     """(B, L, H, width): per needle token k (k = needle_start + j, j < width), the mean over each prompt's query
-    rows ``starts[b] .. N-1`` of the attention on key k; 0 where j >= the prompt's needle length."""
+    rows ``starts[b] .. ends[b] - 1`` (default: to the last, N-1) of the attention on key k; 0 where j >= the
+    prompt's needle length."""
     from ..models import input_device
 
     device = input_device(model)
@@ -65,7 +86,8 @@ def needle_key_attention(model, batch: Sequence[PromptSample], starts: Sequence[
     positions = torch.arange(lo, N, device=device)  # (S,)
     w = torch.zeros(B, N - lo)  # (B, S): 1/|Q| on each prompt's own query rows
     for i, s in enumerate(starts):
-        w[i, s - lo :] = 1.0 / (N - s)
+        e = N if ends is None else ends[i]
+        w[i, s - lo : e - lo] = 1.0 / (e - s)
     keys = (torch.tensor([p.needle_start for p in batch])[:, None] + torch.arange(width)).clamp(max=N - 1)  # (B, P)
     valid = needle_tokens(batch, width)  # (B, P)
     out = torch.zeros(B, L, H, width, device=device)  # (B, L, H, P)
@@ -102,7 +124,10 @@ class QRHead(Method):
     reads_needle_keys = True
 
     def row_span(self, fmt, p: PromptSample) -> tuple[int, int]:
-        return query_start(fmt, p), len(p.input_ids)
+        return query_start(fmt, p), self.query_end(fmt, p)
+
+    def query_end(self, fmt: PromptFormat, p: PromptSample) -> int:
+        return len(p.input_ids)
 
     def from_reads(self, model, real, null, batch, ctx) -> torch.Tensor:
         valid = needle_tokens(batch, real.keys.shape[-1])  # (B, P)
@@ -112,13 +137,25 @@ class QRHead(Method):
         """Per-sample scores (B, L, H), see the module's docstring."""
         fmt = self.check_context(ctx).prompt_format
         width = max(p.needle_end - p.needle_start for p in batch)
-        real = needle_key_attention(model, batch, [query_start(fmt, p) for p in batch], width)  # (B, L, H, P)
+        real = needle_key_attention(model, batch, [query_start(fmt, p) for p in batch], width,
+                                    [self.query_end(fmt, p) for p in batch])  # (B, L, H, P)
         null = [null_prompt(fmt, p) for p in batch]
         calib = torch.zeros_like(real)  # (B, L, H, P)
         for idx in batches(null, len(null)):  # null prompts of one batch differ in length only if their contexts do
             group = [null[i] for i in idx]
-            calib[idx] = needle_key_attention(model, group, [query_start(fmt, p) for p in group], width).to(calib.dtype)
+            calib[idx] = needle_key_attention(model, group, [query_start(fmt, p) for p in group], width,
+                                              [self.query_end(fmt, p) for p in group]).to(calib.dtype)
         return filtered_sum(real - calib, needle_tokens(batch, width).to(real.device))  # (B, L, H)
 
 
+class QRHeadExact(QRHead):
+    """QRHead's query exactly: it ends at "assistant" (see :func:`query_end`)."""
+
+    name = "qrhead_exact"
+
+    def query_end(self, fmt: PromptFormat, p: PromptSample) -> int:
+        return query_end(fmt, p)
+
+
 register(QRHead())
+register(QRHeadExact())

@@ -5,8 +5,11 @@ attended key in every pass) a head *copies* on an answer token when, in the pass
 the key it attends most (argmax of its row over all keys: prompt and answer so far) holds the very token
 just generated and lies on the gold answer inside the needle. Wu et al.'s needle *is* the answer; here the
 needle is a whole Section 1, so the keys that count are the needle tokens that spell the gold answer
-(its first whole-word occurrence there, case-insensitive; see :func:`gold_span`): copying "company" from the
-needle is not retrieving the fact. As in the paper, ``R = |g ∩ k| / |k|`` per sample, with ``k`` those gold-answer tokens and ``g``
+(see :func:`gold_span`): on synthetic samples the span of the very fact the question asks for, the same
+span ``summed_attention+answer`` reads (:func:`~retrieval_heads.data.spans.prompt_answer_span`), so that
+a head copying "Oregon" from the headquarters sentence is not credited for the incorporation state; on a
+user's dataset, the answer's first whole-word occurrence in the needle (case-insensitive). Copying "company"
+from the needle is not retrieving the fact. As in the paper, ``R = |g ∩ k| / |k|`` per sample, with ``k`` those gold-answer tokens and ``g``
 the ones the head copied (each counted once)::
 
     score(l, h) = (#gold-answer tokens in the needle that head (l, h) copied) / (#gold-answer tokens in the needle)

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import atomic_write_bytes, given_path, json_bytes
 from ..results import check_name, file_name
-from . import depth, explorer, figures, html, markdown, stability, tables
+from . import depth, explorer, figures, html, markdown, properties, stability, tables
 from .collect import Collection, collect, load_sample_scores
 from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
 
@@ -217,10 +217,11 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     b_move, d_move = _movement(col)
     b_stab, d_stab, n_stab = _stability(col)
     b_boot, d_boot, n_boot = _bootstrap(col, resamples, seed, top)
+    b_prop, d_prop = properties.section(col)
     b_fig, paths = _figures(col)
     b_exp, panel, d_exp, n_exp = _explorer(col)
     notes = n_stab + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
-    blocks += b_ret + b_depth + b_top + _overview(col) + b_exp + b_move + b_stab + b_boot + b_fig
+    blocks += b_ret + b_depth + b_top + _overview(col) + b_exp + b_move + b_stab + b_prop + b_boot + b_fig
     blocks += [Heading("Results read"), Table(
         ["Method", "Model", "Question", "Tokens", "Samples", "Top head", "File"],
         [[e.method, e.model, e.question, str(e.tokens), str(e.record["samples_processed"]), tables.top_head_cell(e),
@@ -237,6 +238,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
                          "top_score": e.record["head_rankings"][0]["score"], "figure": p}
                         for e, p in zip(col.experiments, paths)],
         "retrieval": d_ret, "depth_grid": d_depth, "top_head_table": d_top, **d_move, **d_stab, "bootstrap": d_boot, "attention": d_exp,
+        "properties": d_prop,
         "notes": notes,
     }
     return Report(blocks, data, col)

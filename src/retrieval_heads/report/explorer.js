@@ -10,6 +10,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var panel = $("rh-explorer"), selExp = $("rh-exp"), selHead = $("rh-head"), selSample = $("rh-sample");
   var text = $("rh-text"), plot = $("rh-plot"), msg = $("rh-msg"), maxLabel = $("rh-max"), sink = $("rh-sink");
+  var yMax = $("rh-ymax"), xAxis = $("rh-xaxis");
   var SVG = plot.namespaceURI;  // the SVG namespace, from the page's own <svg>
   var state = { exp: -1, head: null, sample: 0 };
   var built = { prompt: -1, spans: [], needle: null, answer: null };
@@ -54,7 +55,8 @@
   }
 
   // --- selects ------------------------------------------------------------------------------------------
-  D.experiments.forEach(function (e, i) { option(selExp, i, e.label + (e.saved ? "" : " (no rows)")); });
+  // the options name what tells experiments apart first (question, length, depth), the model and method after
+  D.experiments.forEach(function (e, i) { option(selExp, i, (e.option || e.label) + (e.saved ? "" : " (no rows)")); });
 
   function fillHeads() {
     var e = D.experiments[state.exp];
@@ -104,7 +106,7 @@
         box.appendChild(atag); cur.appendChild(box); cur = box;
       }
       var t = document.createElement("span");
-      t.className = "rh-t"; t.textContent = D.strings[toks[i]]; t.title = "position " + i;
+      t.className = "rh-t"; t.textContent = D.strings[toks[i]]; t.title = "position " + i; t.dataset.pos = i;
       cur.appendChild(t); spans[i] = t;
       if (i + 1 === ae) cur = needleBox || root;
       if (i + 1 === ne) cur = root;
@@ -125,10 +127,21 @@
       spans[i].style.backgroundColor = a > 0.004 ? "rgba(9,105,218," + a.toFixed(3) + ")" : "";
       spans[i].style.color = a > 0.6 ? "#fff" : "";
     }
+    text.dataset.head = state.head;
   }
   function clearShade() {
     for (var i = 0; i < built.spans.length; i++) { built.spans[i].style.backgroundColor = ""; built.spans[i].style.color = ""; }
+    text.dataset.head = "";
   }
+  // hover: a token's tooltip gives its position and the attention the shown head puts on it (set when
+  // hovered, so that a head change restyles the spans only)
+  text.addEventListener("mouseover", function (ev) {
+    var t = ev.target;
+    if (!t.classList || !t.classList.contains("rh-t")) return;
+    var e = D.experiments[state.exp], k = e && e.saved ? e.saved.heads.indexOf(state.head) : -1, i = +t.dataset.pos;
+    t.title = "position " + i + (k >= 0 && text.dataset.head ? " · attention " + fmt(row(state.exp, state.sample, k)[i])
+      + " (" + state.head + ")" : "");
+  });
   function massCentre(r) {  // start of the 32-token window with the most attention, past the first token
     var w = Math.min(32, r.length - 1), sum = 0, best = -1, at = 1;
     if (w <= 0) return 0;
@@ -150,9 +163,30 @@
   }
 
   // --- the line plot ---------------------------------------------------------------------------------------
+  function clearPlot() {
+    plot.textContent = ""; yMax.textContent = ""; xAxis.textContent = ""; maxLabel.textContent = "—";
+  }
+  function drawAxes(n, vmax) {  // y: 0 to the scale's top; x: token positions, five ticks
+    yMax.textContent = fmt(vmax);
+    xAxis.textContent = "";
+    for (var q = 0; q <= 4; q++) {
+      var pos = Math.round(q / 4 * (n - 1)), tick = document.createElement("span");
+      tick.className = "rh-xtick"; tick.style.left = (q / 4 * 100) + "%"; tick.textContent = String(pos);
+      xAxis.appendChild(tick);
+    }
+    var name = document.createElement("span");
+    name.className = "rh-xname"; name.textContent = "token position"; xAxis.appendChild(name);
+  }
   function drawPlot(r, vmax, smp) {
     plot.textContent = "";
     var n = r.length, W = 1000, H = 80;
+    [0.5, 1].forEach(function (f) {  // grid lines at half and full scale
+      var g = document.createElementNS(SVG, "line"), y = (H - 2 - f * (H - 6)).toFixed(1);
+      g.setAttribute("x1", 0); g.setAttribute("x2", W); g.setAttribute("y1", y); g.setAttribute("y2", y);
+      g.setAttribute("stroke", "#d0d7de"); g.setAttribute("stroke-dasharray", "4 4");
+      g.setAttribute("vector-effect", "non-scaling-stroke"); g.setAttribute("class", "rh-grid");
+      plot.appendChild(g);
+    });
     function band(span, colour, label) {
       if (!span) return;
       var x0 = span[0] / n * W, x1 = Math.max(span[1] / n * W, x0 + 2);
@@ -176,6 +210,7 @@
     line.setAttribute("vector-effect", "non-scaling-stroke");
     plot.appendChild(line);
     plot.dataset.n = n;
+    drawAxes(n, vmax);
   }
   plot.addEventListener("click", function (ev) {
     var n = +plot.dataset.n || 0, box = plot.getBoundingClientRect();
@@ -188,14 +223,14 @@
     markSelected();
     if (!e.saved) {
       msg.textContent = e.label + ": " + e.why + ".";
-      msg.className = "rh-none"; text.textContent = ""; plot.textContent = ""; built.prompt = -1; built.spans = [];
+      msg.className = "rh-none"; text.textContent = ""; clearPlot(); built.prompt = -1; built.spans = [];
       panel.dataset.state = "none";
       return;
     }
     buildText(state.exp, state.sample);
     var k = e.saved.heads.indexOf(h), f = headIndex(state.exp, h);
     if (k < 0) {
-      clearShade(); plot.textContent = "";
+      clearShade(); clearPlot();  // the legend shows no range for a head without rows
       msg.className = "rh-none";
       msg.textContent = h + " (rank " + rankOf(state.exp, h) + ", score " + fmt(e.scores[f]) + "): its attention rows "
         + "were not saved; only the top " + e.saved.heads.length + " heads' were (" + e.saved.heads.join(", ") + ").";
@@ -221,7 +256,7 @@
     state.sample = sample || 0;
     panel.hidden = false;
     document.body.style.paddingBottom = "58vh";
-    selExp.value = String(exp);
+    selExp.value = String(exp); selExp.title = e.label;
     fillHeads(); fillSamples();
     render(true);
     panel.dataset.ms = (performance.now() - t0).toFixed(1);  // time to build and style the view

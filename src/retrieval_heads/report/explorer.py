@@ -55,6 +55,12 @@ def label(e: Experiment) -> str:
     return f"{e.method} · {e.model} · {e.question} · {e.tokens} tokens · depth {e.depth:g}"
 
 
+def option_label(e: Experiment) -> str:
+    """The experiment drop-down's text: what tells the experiments apart first (question, length, depth),
+    so that a narrow select cuts off the model and method, never the depth."""
+    return f"{e.question} · {e.tokens} tokens · depth {e.depth:g} · {e.model} · {e.method}"
+
+
 def payload(col: Collection) -> tuple[dict, list[dict], list[str]]:
     """(the embedded data, one summary entry per experiment for report.json, notes)."""
     strings: dict[str, int] = {}
@@ -63,7 +69,7 @@ def payload(col: Collection) -> tuple[dict, list[dict], list[str]]:
     exps, summary, notes = [], [], []
     for i, e in enumerate(col.experiments):
         L, H = e.shape
-        entry: dict = {"label": label(e), "method": e.method, "model": e.model, "question": e.question,
+        entry: dict = {"label": label(e), "option": option_label(e), "method": e.method, "model": e.model, "question": e.question,
                        "tokens": e.tokens, "depth": e.record["needle_position"], "layers": L, "heads": H,
                        "scores": [_sig(float(x)) for x in e.scores.ravel()], "ranked": e.ranked[:20],
                        "rank": _ranks(e),
@@ -134,7 +140,9 @@ PANEL = """
   <button type="button" id="rh-close" title="close">&#x2715;</button>
  </div>
  <div class="rh-info"><span id="rh-msg"></span><span class="rh-legend"><span>0</span><span class="rh-ramp"></span><span id="rh-max"></span><span class="rh-key rh-needle">needle</span><span class="rh-key rh-answer">answer</span></span></div>
- <svg id="rh-plot" viewBox="0 0 1000 80" preserveAspectRatio="none" aria-label="attention over position"></svg>
+ <div class="rh-plotbox"><div class="rh-yaxis" title="attention of the last prompt token"><span id="rh-ymax"></span><span class="rh-yname">attention</span><span>0</span></div>
+ <svg id="rh-plot" viewBox="0 0 1000 80" preserveAspectRatio="none" aria-label="attention over position"></svg></div>
+ <div id="rh-xaxis" class="rh-xaxis"></div>
  <div id="rh-text" class="rh-text"></div>
 </div>
 """
@@ -150,14 +158,24 @@ CSS = """
 .rh-panel[hidden] { display: none; }
 .rh-bar { display: flex; flex-wrap: wrap; gap: 6px 14px; align-items: center; padding: 6px 12px;
           background: #f6f8fa; border-bottom: 1px solid #d0d7de; }
-.rh-bar select { max-width: 340px; }
+.rh-bar select { max-width: min(620px, 92vw); }
 #rh-close { margin-left: auto; }
 .rh-info { padding: 3px 12px; display: flex; justify-content: space-between; gap: 12px; color: #1f2328; }
 .rh-legend { display: inline-flex; align-items: center; gap: 5px; white-space: nowrap; }
 .rh-ramp { display: inline-block; width: 120px; height: 10px; border: 1px solid #999;
            background: linear-gradient(to right, rgba(9,105,218,0), rgba(9,105,218,1)); }
 .rh-key { padding: 0 4px; margin-left: 8px; }
-#rh-plot { width: 100%; height: 64px; flex: none; border-bottom: 1px solid #d0d7de; cursor: pointer; }
+.rh-plotbox { display: flex; flex: none; padding: 0 12px 0 0; }
+.rh-yaxis { width: 64px; height: 64px; display: flex; flex-direction: column; justify-content: space-between;
+            align-items: flex-end; padding-right: 4px; font-size: 11px; color: #57606a; box-sizing: border-box; }
+.rh-yname { font-style: italic; }
+#rh-plot { flex: 1; min-width: 0; height: 64px; border-left: 1px solid #57606a; border-bottom: 1px solid #57606a;
+           cursor: pointer; }
+.rh-xaxis { position: relative; height: 16px; flex: none; margin: 0 12px 0 64px; font-size: 11px; color: #57606a; }
+.rh-xtick { position: absolute; top: 1px; transform: translateX(-50%); white-space: nowrap; }
+.rh-xtick:first-child { transform: none; }
+.rh-xtick:nth-last-child(2) { transform: translateX(-100%); }
+.rh-xname { position: absolute; top: 1px; left: 62%; font-style: italic; }
 .rh-text { flex: 1; overflow-y: auto; padding: 8px 12px; white-space: pre-wrap; word-break: break-word;
            font: 13px/1.7 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; position: relative; }
 .rh-needle { outline: 2px solid #f08c00; background-clip: padding-box; }

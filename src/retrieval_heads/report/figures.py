@@ -2,6 +2,12 @@
 
 Drawn on matplotlib ``Figure`` objects (Agg canvas, no pyplot, no display needed). Layers run down the
 y axis from layer 0 at the top, heads along x; the top five heads are numbered in their cells.
+
+Legibility: every text of the all-experiments grid and of the depth figures is at least :data:`MIN_PX`
+pixels tall in the PNG (font size in points x dpi / 72), every panel has layer and head ticks and a colour bar
+with several labelled ticks, and text on a coloured cell is black or white, whichever contrasts more with
+that cell's colour (:func:`text_colour`). The lift panel's colour scale is fixed, logarithmic from 1x
+(chance) to 100x, so a 1.5x lift looks dim whatever else the figure holds.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
@@ -24,6 +31,29 @@ from .tables import score_text
 
 CMAP = "viridis"
 MARK = 5  # numbered top heads
+MIN_PX = 10  # the smallest text height, in pixels, in the grid and depth figures
+LIFT_RANGE = (1.0, 100.0)  # the lift colour scale: chance (1x) to 100x, logarithmic; beyond it, the end colours
+LIFT_TICKS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def points(dpi: float, px: float = MIN_PX) -> float:
+    """The font size in points that is ``px`` pixels tall at ``dpi`` (a point is 1/72 inch)."""
+    return px * 72 / dpi
+
+
+def text_colour(rgba) -> str:
+    """"black" or "white", whichever has the higher contrast ratio (WCAG relative luminance) with ``rgba``."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b, _ = to_rgba(rgba)
+    lum = 0.2126 * linear(r) + 0.7152 * linear(g) + 0.0722 * linear(b)
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
+def head_ticks(n: int, most: int) -> list[int]:
+    """At most ``most`` evenly spaced tick positions over 0..n-1, 0 included."""
+    return list(range(0, n, max(1, math.ceil(n / most))))
 
 
 def _png(fig: Figure, dpi: int) -> bytes:
@@ -48,12 +78,10 @@ def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = Tru
     if layers is not None:  # a hybrid: the layers without attention stay blank
         grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
-    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
-        light = hi > lo and (grid[layer, head] - lo) / (hi - lo) < 0.6
         ax.text(head, layer, str(rank), ha="center", va="center", fontsize=fontsize,
-                color="white" if light else "black", fontweight="bold")
+                color=text_colour(image.cmap(image.norm(grid[layer, head]))), fontweight="bold")
     top_l, top_h = parse_head(exp.ranked[0])
     ax.add_patch(Rectangle((top_h - 0.5, top_l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     if ticks:
@@ -75,12 +103,17 @@ def region(ax, rows: int, cols: int, **extra) -> dict:
 def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> bytes:
     """One experiment's (L, H) score grid with a colorbar; title: model, question, tokens, method. With
     ``regions``, the heatmap's place in the picture is appended to it (:func:`region`)."""
+    return _png(heatmap_figure(exp, dpi, regions), dpi)
+
+
+def heatmap_figure(exp: Experiment, dpi: int = 90, regions: list | None = None) -> Figure:
+    """The figure of :func:`heatmap`, drawn for ``dpi``."""
     L, H = exp.shape
     w, h = min(12.0, max(5.0, 1.8 + 0.3 * H)), min(12.0, max(4.5, 1.4 + 0.17 * L))
     fig = Figure(figsize=(w, h))
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
     ax = fig.add_subplot()
-    image = _draw(ax, exp, fontsize=8 if H <= 16 else 6, ticks=True)
+    image = _draw(ax, exp, fontsize=max(8.0, points(dpi)), ticks=True)  # the numbered heads: >= 10 px
     bar = fig.colorbar(image, ax=ax, label="score")
     f = drawn_scale(exp.scores)
     if f != 1.0:
@@ -93,20 +126,30 @@ def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> byte
                  f"({score_text(top['score'])})", fontsize=10)
     if regions is not None:
         regions.append(region(ax, L, H))
-    return _png(fig, dpi)
+    return fig
 
 
 def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
     """All experiments: a row per (method, model, question), a column per length; colours per panel, each
-    panel with its colour scale (min and max ticks). With ``regions``, each panel's place is appended to it,
-    ``exp`` being the experiment's index in ``exps``."""
+    panel with its colour scale (a bar with labelled ticks), layer and head ticks. With ``regions``, each
+    panel's place is appended to it, ``exp`` being the experiment's index in ``exps``."""
+    fig, dpi = grid_figure(exps, regions)
+    return _png(fig, dpi)
+
+
+def grid_figure(exps: list[Experiment], regions: list | None = None) -> tuple[Figure, int]:
+    """The figure of :func:`grid` and the dpi it is saved at."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
     for e in exps:
         rows[(e.method, e.model, e.question_label)][e.tokens] = e
     lengths = sorted({e.tokens for e in exps})
     several = len({e.method for e in exps}) > 1
     nr, nc = len(rows), len(lengths)
-    fig = Figure(figsize=(1.2 + 2.3 * nc, 0.6 + 2.5 * nr))
+    dpi = 80 if nr * nc <= 48 else 64
+    pt = points(dpi)
+    fig = Figure(figsize=(1.8 + 4.4 * nc, 1.1 + 4.2 * nr))
     axes = fig.subplots(nr, nc, squeeze=False)
     for i, ((method, model, question), by_len) in enumerate(rows.items()):
         for j, t in enumerate(lengths):
@@ -116,79 +159,101 @@ def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
                 ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#888")
             else:
                 e = by_len[t]
-                image = _draw(ax, e, fontsize=6, ticks=False, numbers=False)
-                ax.set_title(f"{t} tok · {e.ranked[0]}", fontsize=8)
+                image = _draw(ax, e, fontsize=pt, ticks=False, numbers=False)
+                L, H = e.shape
+                ax.set_xticks(head_ticks(H, 5))
+                ax.set_yticks(head_ticks(L, 6))
+                ax.tick_params(labelsize=pt, length=2, pad=1)
+                ax.set_title(f"{t} tok · {e.ranked[0]}", fontsize=pt)
+                ax.set_xlabel("head", fontsize=pt, labelpad=1)
                 lo, hi = float(e.scores.min()), float(e.scores.max())
                 bar = fig.colorbar(image, ax=ax, fraction=0.1, pad=0.03, aspect=25)
                 f = drawn_scale(e.scores)
-                bar.set_ticks([lo * f, hi * f] if hi > lo else [lo * f])
-                bar.set_ticklabels([score_text(lo), score_text(hi)] if hi > lo else [score_text(lo)])
-                bar.ax.tick_params(labelsize=6, length=2, pad=1)
+                if hi > lo:
+                    bar.locator = MaxNLocator(nbins=4)
+                    bar.formatter = FuncFormatter(lambda v, pos, f=f: f"{float(v) / f:.3g}")
+                    bar.update_ticks()
+                else:
+                    bar.set_ticks([lo * f], labels=[score_text(lo)])
+                bar.ax.tick_params(labelsize=pt, length=2, pad=1)
             if j == 0:
-                label = f"{model}\n{question}" + (f"\n{method}" if several else "")
+                label = f"{model}\n{question}" + (f"\n{method}" if several else "") + "\nlayer"
                 if t not in by_len:  # keep the row's label visible on an empty panel
                     ax.axis("on")
                     ax.set_xticks([])
                     ax.set_yticks([])
                     for spine in ax.spines.values():
                         spine.set_visible(False)
-                ax.set_ylabel(label, fontsize=8)
+                ax.set_ylabel(label, fontsize=pt)
     w, h = fig.get_size_inches()
     title = textwrap.wrap("Layer (down) x head (across) per experiment; colours scaled per panel (its bar: "
-                          "lowest and highest score), top head boxed",
-                          width=int(w * 11))
-    fig.suptitle("\n".join(title), fontsize=9, y=1 - 0.12 / h, va="top")
-    fig.subplots_adjust(left=0.75 / w, right=1 - 0.45 / w, bottom=0.1 / h, top=1 - (0.55 + 0.15 * len(title)) / h,
-                        wspace=0.3, hspace=0.28)
+                          "the score), top head boxed", width=int(w * 8.5))
+    fig.suptitle("\n".join(title), fontsize=pt, y=1 - 0.12 / h, va="top")
+    fig.subplots_adjust(left=1.3 / w, right=1 - 0.75 / w, bottom=0.55 / h, top=1 - (0.6 + 0.2 * len(title)) / h,
+                        wspace=0.4, hspace=0.45)
     if regions is not None:
         for i, (_, by_len) in enumerate(rows.items()):
             for j, t in enumerate(lengths):
                 if t in by_len:
                     e = by_len[t]
                     regions.append(region(axes[i, j], *e.shape, exp=exps.index(e)))
-    return _png(fig, dpi=72 if nr * nc <= 48 else 56)
+    return fig, dpi
 
 
-def depth_grid(group: dict, dpi: int = 80) -> bytes:
+
+def depth_grid(group: dict, dpi: int = 100) -> bytes:
     """The needle-in-a-haystack picture of one (method, model, question) (see :mod:`.depth`): needle depth
     down (shallow at the top), length across; the accuracy (fixed 0..1 scale) where answers were recorded, and
-    beside it the top head's lift over chance (its scale from 1.0x, chance, or lower), each cell naming its top
-    head; each panel with its colour bar.
+    beside it the top head's lift over chance (fixed logarithmic scale, 1x to 100x: :data:`LIFT_RANGE`), each
+    cell naming its top head; each panel with its colour bar.
     A cell without a result is grey and marked "—"."""
+    return _png(depth_figure(group, dpi), dpi)
+
+
+def depth_figure(group: dict, dpi: int = 100) -> Figure:
+    """The figure of :func:`depth_grid`, drawn for ``dpi`` (its text at least :data:`MIN_PX` pixels tall)."""
     import numpy as np
 
     depths, lengths = group["depths"], group["tokens"]
-    panels = [("accuracy", "accuracy", "RdYlGn", (0.0, 1.0))] if group["answers_recorded"] else []
-    lift = np.array([[np.nan if x is None else x for x in row] for row in group["top_lift"]], dtype=np.float64)
-    finite = lift[np.isfinite(lift)]
-    lo, hi = (min(1.0, float(finite.min())), float(finite.max())) if finite.size else (0.0, 1.0)  # 1.0x: chance
-    panels.append(("top_lift", "top head's lift (x chance)", CMAP, (lo, hi if hi > lo else lo + 1e-9)))
+    from matplotlib.colors import Normalize
+
+    pt = points(dpi)
+    acc_cmap = colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+    lift_cmap = colormaps[CMAP]
+    lift_cmap = lift_cmap.with_extremes(bad="#dddddd", under=lift_cmap(0.0), over=lift_cmap(1.0))
+    panels = [("accuracy", "accuracy", acc_cmap, Normalize(0.0, 1.0))] if group["answers_recorded"] else []
+    panels.append(("top_lift", "top head's lift (x chance)", lift_cmap, LogNorm(*LIFT_RANGE)))
     nd, nt = len(depths), len(lengths)
-    pw, ph = 1.2 + 1.05 * nt, 0.9 + 0.42 * nd
-    fig = Figure(figsize=(0.3 + len(panels) * (pw + 0.9), ph + 0.5))
+    pw, ph = 1.6 + 1.45 * nt, 1.0 + 0.62 * nd
+    fig = Figure(figsize=(0.4 + len(panels) * (pw + 1.3), ph + 0.9))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (field, label, cmap, (vmin, vmax)) in zip(axes, panels):
+    for ax, (field, label, cmap, norm) in zip(axes, panels):
         grid = np.array([[np.nan if x is None else x for x in row] for row in group[field]], dtype=np.float64)
-        image = ax.imshow(np.ma.masked_invalid(grid), cmap=colormaps[cmap].with_extremes(bad="#dddddd"),
-                          vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest", origin="upper")
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest",
+                          origin="upper")
         for i in range(nd):
             for j in range(nt):
                 v = grid[i, j]
                 if not np.isfinite(v):
-                    text, dark = "—", True
+                    text, colour = "—", "black"  # on the grey of a missing cell
                 else:
-                    frac = (v - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-                    dark = field == "accuracy" or frac > 0.6  # light cells get black text
+                    colour = text_colour(cmap(norm(v)) if field == "accuracy" or v > 0 else cmap.get_under())
                     text = f"{v:.2f}" if field == "accuracy" else f"{group['top_head'][i][j]}\n{v:.1f}x"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if dark else "white")
-        ax.set_xticks(range(nt), [str(t) for t in lengths], fontsize=7)
-        ax.set_yticks(range(nd), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set_xlabel("tokens", fontsize=8)
-        ax.set_ylabel("needle depth", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.04)
-        bar.ax.tick_params(labelsize=6)
-        bar.set_label(label, fontsize=7)
-    fig.suptitle(f"{group['model']} · {group['question']} · {group['method']}", fontsize=9)
-    fig.subplots_adjust(left=0.12, right=0.95, bottom=0.18, top=0.8, wspace=0.45)
-    return _png(fig, dpi)
+                ax.text(j, i, text, ha="center", va="center", fontsize=pt, color=colour)
+        ax.set_xticks(range(nt), [str(t) for t in lengths], fontsize=pt)
+        ax.set_yticks(range(nd), [f"{d:g}" for d in depths], fontsize=pt)
+        ax.set_xlabel("tokens", fontsize=pt)
+        ax.set_ylabel("needle depth", fontsize=pt)
+        ax.set_title(label, fontsize=pt * 1.1)
+        if field == "top_lift":
+            bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.04, extend="both")
+            bar.set_ticks(LIFT_TICKS, labels=[f"{t:g}x" for t in LIFT_TICKS])
+            bar.minorticks_off()
+        else:
+            bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.04)
+        bar.ax.tick_params(labelsize=pt)
+        bar.set_label(label, fontsize=pt)
+    fig.suptitle(f"{group['model']} · {group['question']} · {group['method']}", fontsize=pt * 1.1)
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=1.0 / w, right=1 - 0.3 / w, bottom=0.75 / h, top=1 - 0.65 / h, wspace=0.35)
+    return fig

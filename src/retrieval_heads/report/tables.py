@@ -125,6 +125,7 @@ def retrieval_row(e: Experiment) -> dict:
            "samples": e.record["samples_processed"], "n_correct": _count(e, extra, "n_correct"),
            "n_answered": _count(e, extra, "n_answered"), "top_lift": None, "top_lift_head": None,
            "significant": [], "alpha": sig.get("alpha"), "note": str(sig.get("note", "")),
+           "tested": _sample_count(sig.get("samples")), "left_out": _sample_count(sig.get("samples_left_out")),
            "verdict": str(e.record.get("verdict", ""))}
     if lift is not None:
         k = int(np.argmax(lift.reshape(-1)))
@@ -156,6 +157,35 @@ def _head(e: Experiment, name) -> str:
     return name
 
 
+def _sample_count(x) -> int | None:
+    """A sample count from a result's significance block (an int >= 0), else None."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+
+def no_heads_reason(r: dict) -> str:
+    """Why no head beats the control, in the result's own terms (a row of :func:`retrieval_row`).
+
+    >>> no_heads_reason({"tested": 0, "left_out": 8, "note": "too few samples: ...", "alpha": 0.05})
+    'none (no test: no sample has both the span and a control span; 8 left out)'
+    >>> no_heads_reason({"tested": 4, "left_out": 0, "note": "too few samples: ...", "alpha": 0.05})
+    'none (too few samples: 4 tested, alpha 0.05 needs at least 5)'
+    >>> no_heads_reason({"tested": 12, "left_out": 4, "note": "no head beats ...", "alpha": 0.05})
+    'none (4 sample(s) without a span or control span left out)'
+    """
+    tested, left, note = r.get("tested"), r.get("left_out"), r.get("note", "")
+    if tested == 0 and left:
+        return f"none (no test: no sample has both the span and a control span; {left} left out)"
+    if note.startswith("too few samples"):
+        alpha = r.get("alpha")
+        if tested is not None and isinstance(alpha, (int, float)) and 0 < alpha < 1:
+            need = max(1, math.ceil(-math.log2(alpha)))
+            return f"none (too few samples: {tested} tested, alpha {alpha:g} needs at least {need})"
+        return "none (too few samples)"
+    if left:
+        return f"none ({left} sample(s) without a span or control span left out)"
+    return "none"
+
+
 def retrieval_table(rows: list[dict]) -> Table:
     """One row per experiment with chance fields: accuracy, top lift, the heads beating the control."""
     def acc(r):
@@ -166,7 +196,7 @@ def retrieval_table(rows: list[dict]) -> Table:
             shown = ", ".join(r["significant"][:5])
             more = f" (+{len(r['significant']) - 5} more)" if len(r["significant"]) > 5 else ""
             return f"{len(r['significant'])}: {shown}{more}"
-        return "none" + (" (too few samples)" if r["note"].startswith("too few samples") else "")
+        return no_heads_reason(r)
 
     body = [[r["method"], r["model"], r["question"] + ("" if r.get("depth", 0.5) == 0.5 else f" @{r['depth']:g}"),
              tokens_label(r["tokens"]), str(r["samples"]), acc(r),
