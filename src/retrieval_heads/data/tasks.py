@@ -42,7 +42,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import UserError
 from ..registry import Registry
 from .haystacks import haystack_units
 from .layout import assemble
@@ -116,12 +115,10 @@ def check_question(key: str) -> None:
     """UserError unless ``key`` is a filing question or a task (naming both lists, with a close match)."""
     if key in QUESTIONS or key in TASKS:
         return
-    import difflib
-
-    names = QUESTIONS.names() + TASKS.names()
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(f"unknown question {key!r}{hint}; choose from: {', '.join(names)}")
+    every: Registry[str] = Registry("question")  # one list, the registry's own message and close match
+    for name in QUESTIONS.names() + TASKS.names():
+        every.register(name, name)
+    every.get(key)
 
 
 def question_text(key: str) -> str:
