@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("capture", {"capture", "eager_rows"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
     ("experiments", {"results", "attention", "attention_capture", "lock", "experiments"}),
-    ("sweep and engines", {"sweep", "ray_engine", "ablation", "export"}),
+    ("sweep and engines", {"sweep", "ray_engine", "ablation", "ablation_measure", "ablation_stats", "export"}),
     ("report", {"report"}),
     ("commands", {"commands", "cli", "__main__"}),
     ("package", {""}),  # retrieval_heads/__init__.py: the public API
