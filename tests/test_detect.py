@@ -89,7 +89,8 @@ def run_cli(*args, cwd=None):
 
 @pytest.mark.slow
 def test_cli_detect_end_to_end(tmp_path):
-    r = run_cli("detect", "--tokens", "384", "--samples", "1", "--output-dir", str(tmp_path), "--top", "3")
+    r = run_cli("detect", "--question", "inc_state", "--tokens", "384", "--samples", "1", "--output-dir",
+                str(tmp_path), "--top", "3")
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "rank" in r.stdout
     rec = load_result(tmp_path / "summed_attention" / "smollm2_inc_state_384.json")

@@ -1234,7 +1234,8 @@ def test_killed_conversion_leaves_nothing_the_next_one_does_not_remove(tmp_path,
     def fake_convert(target):  # what the conversion leaves when it succeeds
         converted.append(sorted(p.name for p in cache.iterdir()))
         target.mkdir()
-        (target / "model.safetensors").write_bytes(b"weights")
+        header = b'{"w":{"dtype":"U8","shape":[7],"data_offsets":[0,7]}}'
+        (target / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"weights")
         (target / "config.json").write_text("{}")
 
     monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(cache))

@@ -560,7 +560,8 @@ def run_cli(*args):
 
 @pytest.mark.slow
 def test_cli_repeated_and_comma_methods(tmp_path):
-    r = run_cli("detect", "--tokens", "256", "--samples", "1", "--method", "summed_attention,query_focused",
+    r = run_cli("detect", "--question", "inc_state", "--tokens", "256", "--samples", "1", "--method",
+                "summed_attention,query_focused",
                 "--method", "summed_attention", "--output-dir", str(tmp_path), "--top", "2")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query_focused", "summed_attention"]
