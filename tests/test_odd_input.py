@@ -131,3 +131,11 @@ def test_an_empty_controls_list_is_refused(tmp_path, capfd):
     for value in ("", ",", " , "):
         one_line(*cli(capfd, "ablate", path, "--controls", value)[::2], "--controls names no control")
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capfd):
+    """A path holding a line break (or another control character) was printed as it was: the error took two
+    lines. Now such characters are escaped."""
+    rc, _, err = cli(capfd, "report", tmp_path / "no\nsuch\r\x1b[31m", "--out", tmp_path / "rep")
+    line = one_line(rc, err, "no\\nsuch\\r\\x1b[31m does not exist")
+    assert "\x1b" not in line and not (tmp_path / "rep").exists()
