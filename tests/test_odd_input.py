@@ -139,3 +139,23 @@ def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capfd):
     rc, _, err = cli(capfd, "report", tmp_path / "no\nsuch\r\x1b[31m", "--out", tmp_path / "rep")
     line = one_line(rc, err, "no\\nsuch\\r\\x1b[31m does not exist")
     assert "\x1b" not in line and not (tmp_path / "rep").exists()
+
+
+def test_results_of_one_key_with_other_attention_layers_are_one_line(tmp_path, capfd):
+    """A result claiming a hybrid's attention layers (layer 1 of 2) beside results of every layer under one
+    key: the report ranked heads across them as one model and stopped with a KeyError traceback."""
+    import torch
+
+    from retrieval_heads.io import atomic_write_json
+    from retrieval_heads.results import make_record, result_path
+
+    out = tmp_path / "res"
+    put(out, model="tiny", tokens=320, layers=2, heads=4)
+    rec = make_record(method="summed_attention", model_key="tiny", model_name="org/tiny", question="inc_state",
+                      question_prompt="inc_state", total_tokens=256, needle_position=0.5,
+                      scores=torch.rand(2, 4, dtype=torch.float64), samples_processed=4, seed=0, dtype="float32",
+                      attention_layers=[1])
+    atomic_write_json(result_path(out, "summed_attention", "tiny", "inc_state", 256), rec)
+    line = one_line(*cli(capfd, "report", out, "--out", tmp_path / "rep")[::2],
+                    "are both model 'tiny' but have different attention layers (1 and all)")
+    assert "tiny_inc_state_256.json" in line and not (tmp_path / "rep").exists()
