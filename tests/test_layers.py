@@ -18,8 +18,8 @@ PACKAGE = "retrieval_heads"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache", "console", "defaults"}),
-    ("data", {"data"}),
+    ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache", "console"}),
+    ("data", {"data", "defaults"}),
     ("models", {"models", "families"}),
     ("capture", {"capture", "eager_rows"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),

@@ -216,7 +216,7 @@ def verdict(significant: int, alpha: float, samples: int, top_lift: float | None
     if significant:
         heads = "head beats" if significant == 1 else "heads beat"
         tail = ""
-        if near:  # beating the control is not retrieving (README "Reading the scores")
+        if near:  # beating the control is not retrieving (docs/statistics.md)
             tail = f": {'it favours' if significant == 1 else 'they favour'} the span over the control but stay" \
                    f"{'s' if significant == 1 else ''} near chance (top lift under 2x)"
         return f"{significant} {heads} the control at alpha {alpha:g}{top}{acc}{tail}"
