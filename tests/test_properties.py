@@ -32,13 +32,15 @@ def fabricated(root):
     write(root, "retrieval_score", 256, torch.tensor([[0.0, 0.05, 0.2, 0.1], [0.3, 0.0, 0.0, 0.11],
                                                       [0.0, 0.0, 0.5, 0.0]], dtype=torch.float64))
     rows = []
-    for i in range(4):  # baseline 0.5 everywhere; lift 3 for L0H0 on samples 0, 1 and L1H2 on sample 3; else 2
-        s = torch.ones(3, 4)
+    for i in range(4):  # scores A / 4 each (they add up to the result's); lift 3 for L0H1 on samples 0, 1 and
+        s = A / 4  # L1H2 on sample 3, else 2 (0 for L0H0, whose score is 0)
+        lift = torch.full((3, 4), 2.0, dtype=torch.float64)
         if i < 2:
-            s[0, 0] = 1.5
+            lift[0, 1] = 3.0
         if i == 3:
-            s[1, 2] = 1.5
-        rows.append({"index": i, "scores": s.tolist(), "baseline": (torch.ones(3, 4) / 2).tolist()})
+            lift[1, 2] = 3.0
+        base = torch.where(s > 0, s / lift, torch.full_like(s, 0.5))
+        rows.append({"index": i, "scores": s.tolist(), "baseline": base.tolist()})
     a.with_suffix(".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     c.with_suffix(".samples.jsonl").write_text(json.dumps({"index": 0, "scores": torch.ones(3, 4).tolist()}) + "\n")
     curve = {"model_key": "tiny", "question": "inc_state", "total_tokens": 256, "samples": 4, "ks": [0, 2],
@@ -75,7 +77,7 @@ def test_properties_by_hand(tmp_path):
     assert by["span"]["jaccard_10_mean"] == 1 and by["span"]["spearman_mean"] == 1
     [act] = data["dynamic"]["results"]
     assert act["samples"] == 4 and act["heads_active_on_any"] == 2 and act["heads_active_on_half"] == 1
-    assert act["most_active"][:2] == [{"head": "L0H0", "share": 0.5}, {"head": "L1H2", "share": 0.25}]
+    assert act["most_active"][:2] == [{"head": "L0H1", "share": 0.5}, {"head": "L1H2", "share": 0.25}]
     assert act["top_heads"][0] == {"head": "L2H3", "share": 0.0}
     missing = " ".join(data["dynamic"]["missing"])
     assert "summed_attention/tiny_inc_state_512.json`: no samples file" in missing

@@ -107,6 +107,47 @@ def test_signed_rank_equals_scipy():
             assert got_p[0] == 1.0
             continue
         ties = np.unique(np.abs(kept)).size < kept.size
-        method = "exact" if kept.size <= stats.EXACT_UP_TO and not ties else "approx"
+        if ties and kept.size <= stats.EXACT_UP_TO:  # exact conditional on the ties, which scipy does not do
+            assert got_p[0] >= 2.0 ** -kept.size
+            if kept.size <= 13:
+                assert got_p[0] == pytest.approx(enumerated_p(kept), rel=1e-12), x
+            else:  # too many patterns to enumerate in a test: close to the normal approximation
+                want = wilcoxon(kept, alternative="greater", zero_method="wilcox", method="approx").pvalue
+                assert abs(got_p[0] - float(want)) < 0.03, x
+            continue
+        method = "exact" if kept.size <= stats.EXACT_UP_TO else "approx"
         want = wilcoxon(kept, alternative="greater", zero_method="wilcox", method=method).pvalue
         assert got_p[0] == pytest.approx(float(want), rel=1e-9, abs=1e-15), (x, method)
+
+
+def enumerated_p(d):
+    """P(W+ >= observed) by listing all 2**n sign patterns of the average ranks of |d| (ties share their mean
+    rank), each equally likely under the null."""
+    import itertools
+    a = np.abs(d)
+    ranks = np.array([np.sum(a < v) + (np.sum(a == v) + 1) / 2 for v in a])  # average ranks, by definition
+    observed = ranks[d > 0].sum()
+    hits = sum(sum(r for r, s in zip(ranks, signs) if s) >= observed - 1e-9
+               for signs in itertools.product([0, 1], repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+@pytest.mark.parametrize("diffs, p", [
+    ([0.5, 0.5, 0.5, 0.5], 1 / 16),  # all tied and positive: one pattern of 16, not the normal tail's 0.0228
+    ([1, 1, -2, 3], 5 / 16),         # ranks 1.5 1.5 3 4, W+ = 7: {a,b,4} {a,3,4} {b,3,4} {a,b,3,4} {3,4}
+    ([2, 2, 2, -2, 2, 2], 7 / 64),   # all rank 3.5: 5 or 6 positive of 6 -> 6 + 1 patterns
+])
+def test_signed_rank_with_ties_is_exact(diffs, p):
+    d = np.array(diffs, dtype=np.float64)[:, None]
+    got_p, used = stats.signed_rank_greater(1.0 + d, np.ones_like(d))
+    assert got_p[0] == pytest.approx(p, rel=1e-12) and got_p[0] == pytest.approx(enumerated_p(d[:, 0]), rel=1e-12)
+
+
+def test_equal_differences_on_four_samples_are_not_significant():
+    """Four samples whose differences are all equal: p = 1/16 exactly, so no head passes alpha 0.05 -- in
+    agreement with the note that 4 samples are too few."""
+    target = np.full((4, 1, 2), 1.5)
+    control = np.ones((4, 1, 2))
+    got = stats.significance(target, control, alpha=0.05)
+    assert got["heads"] == [] and got["note"].startswith("too few samples")
+    assert got["p_adjusted"] == [[pytest.approx(1 / 16), pytest.approx(1 / 16)]]

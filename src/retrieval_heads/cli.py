@@ -97,11 +97,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.run(args)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {single_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+_BREAKS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}
+
+
+def single_line(message: str) -> str:
+    """``message`` with line breaks and other control characters escaped (``\\n``), so that an error naming a
+    path with a newline in it stays one line.
+
+    >>> single_line("cannot read /tmp/a\\nb")
+    'cannot read /tmp/a\\\\nb'
+    """
+    return message.translate(_BREAKS)
 
 
 def entry() -> None:

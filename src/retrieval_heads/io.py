@@ -161,7 +161,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 def parse_json(text: str | bytes, unique_keys: bool = False) -> Any:
     """``json.loads`` for untrusted text. Raises :class:`JSONError` (a UserError) with a short reason for
     malformed JSON, nesting deeper than :data:`MAX_JSON_DEPTH`, integers too long to convert (Python's
-    digit limit), floats that overflow to inf, and the constants NaN/Infinity; with ``unique_keys``, an
+    digit limit) or beyond a float's range, floats that overflow to inf, and the constants NaN/Infinity; with ``unique_keys``, an
     object's key given twice (else the last one wins, as in ``json.loads``).
 
     >>> parse_json('{"a": [1, 2.5]}')
@@ -191,7 +191,12 @@ def _finite_float(s: str) -> float:
     return x
 
 
+_FLOAT_MAX = 1.7976931348623157e308
+
+
 def _check_depth(obj: Any) -> None:
+    """Nesting within :data:`MAX_JSON_DEPTH`, and every integer within a float's range (a larger one would
+    raise OverflowError wherever it is used as a number, e.g. ``math.isfinite(10**400)``)."""
     stack = [(obj, 1)]
     while stack:
         o, d = stack.pop()
@@ -199,6 +204,8 @@ def _check_depth(obj: Any) -> None:
             if d > MAX_JSON_DEPTH:
                 raise JSONError(f"nested deeper than {MAX_JSON_DEPTH} levels")
             stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+        elif type(o) is int and not -_FLOAT_MAX <= o <= _FLOAT_MAX:
+            raise JSONError(f"integer {str(o)[:20]}... ({len(str(abs(o)))} digits) is out of range")
 
 
 def _umask() -> int:

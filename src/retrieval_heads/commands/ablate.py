@@ -81,6 +81,9 @@ def ablate(args: argparse.Namespace) -> None:
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     ks = parse_ks(args.k)
     controls = [c.strip() for c in str(args.controls).split(",") if c.strip()]
+    if not controls:  # an empty --controls (e.g. an unset shell variable) would silently drop every control
+        raise UserError(f"--controls names no control, got {args.controls!r} (choose from matched, random; "
+                        "--draws 0 runs none)")
     out = None if args.out is None else given_path(args.out, "--out")
     out = out or result.with_name(result.stem + ".ablation.json")
     if out.suffix.lower() != ".json":

@@ -188,7 +188,7 @@ WEIGHTS = ("source", "revision", "weights_sha256")  # provenance.model's fields 
 
 def check_one_model_per_key(experiments: list[Experiment]) -> None:
     """UserError naming both files when two results share a ``model_key`` but not the model: a known weights
-    field (source, revision, sha256) that differs, or another head grid. The report compares results of one
+    field (source, revision, sha256) that differs, another head grid, or other attention layers. The report compares results of one
     key as one model (between lengths, depths, questions), so a result made by other weights under the same
     key would pass for that model's. (Unknown fields, null in older results, are not compared.)"""
     first: dict[str, Experiment] = {}
@@ -200,6 +200,11 @@ def check_one_model_per_key(experiments: list[Experiment]) -> None:
             raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but have different head grids "
                             f"({seen.shape[0]}x{seen.shape[1]} and {e.shape[0]}x{e.shape[1]} layers x heads); "
                             "report them from separate folders")
+        la, lb = seen.record.get("attention_layers"), e.record.get("attention_layers")
+        if la != lb:  # a hybrid's attention layers are its architecture's: one model has one set
+            name = lambda x: "all" if x is None else ",".join(map(str, x))  # noqa: E731
+            raise UserError(f"{seen.path} and {e.path} are both model {e.model!r} but have different attention "
+                            f"layers ({name(la)} and {name(lb)}); report them from separate folders")
         a, b = _weights(seen), _weights(e)
         differ = [k for k in WEIGHTS if a[k] is not None and b[k] is not None and a[k] != b[k]]
         if differ:

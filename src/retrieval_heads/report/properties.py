@@ -19,13 +19,15 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
-from ..io import JSONError, parse_json, read_regular
+from ..errors import UserError
+from ..io import JSONError, check_name, parse_json, read_regular
 from .collect import Collection, Experiment
 from .document import Block, Bullets, Heading, Paragraph, Table
 from .stability import compare
@@ -112,6 +114,21 @@ def _sample_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _adds_up(per_sample: np.ndarray, total) -> bool:
+    """Whether per-sample rows (S, L, H) sum or average to the result's grid ``total`` (as the writer made
+    them; a success-only result averages), within rounding. True where the result records no such grid."""
+    if total is None:
+        return True
+    try:
+        total = np.asarray(total, dtype=np.float64)  # (L, H)
+    except (TypeError, ValueError):
+        return False
+    if total.shape != per_sample.shape[1:] or not np.isfinite(total).all():
+        return False
+    atol = 1e-5 * max(1.0, float(np.abs(total).max()))
+    return any(np.allclose(agg, total, rtol=1e-5, atol=atol) for agg in (per_sample.sum(0), per_sample.mean(0)))
+
+
 def activation(e: Experiment, top: int = 5) -> tuple[dict | None, str]:
     """Per head the share of samples with lift > 2x, from the samples file; (None, why) where it cannot be
     computed."""
@@ -129,6 +146,10 @@ def activation(e: Experiment, top: int = 5) -> tuple[dict | None, str]:
         return None, f"`{e.rel}`: samples file unreadable ({type(err).__name__})"
     if scores.ndim != 3 or scores.shape[1:] != e.shape or base.shape != scores.shape or len(scores) == 0:
         return None, f"`{e.rel}`: samples file does not match the result's head grid"
+    if not (np.isfinite(scores).all() and np.isfinite(base).all() and (base >= 0).all() and (base <= 1).all()
+            and _adds_up(scores, e.scores) and _adds_up(base, e.record.get("baseline"))):
+        return None, (f"`{e.rel}`: its samples file does not add up to the result's scores and chance baselines "
+                      "(another run's, or edited), so no per-sample lift")
     lift = np.divide(scores, base, out=np.zeros_like(scores), where=base > 0)  # (S, L, H)
     active = (lift > LIFT_ACTIVE).mean(axis=0)  # (L, H)
     H = e.shape[1]
@@ -160,30 +181,67 @@ def ablations(col: Collection) -> tuple[list[dict], list[str]]:
             continue
         try:
             out.append(_curve(rel, obj))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, UserError):
             notes.append(f"`{rel}`: an ablation curve of an unexpected shape, not shown")
     return out, notes
 
 
+def _num(x, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """x as a float if it is a real JSON number (not a bool, not a string) in [lo, hi]; else ValueError."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not lo <= x <= hi:
+        raise ValueError(x)
+    return float(x)
+
+
+def _whole(x, lo: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise ValueError(x)
+    return x
+
+
+def _text(x, name: str) -> str:
+    """A name field: a string that can name a file (no markup, no newline) -- it goes into report.md as is."""
+    if not isinstance(x, str):
+        raise ValueError(x)
+    if x:
+        check_name(x, name)
+    return x
+
+
 def _curve(rel: str, obj: dict) -> dict:
-    controls = [c for c in obj.get("controls", ["random"] if obj.get("random") else []) if c in ("matched", "random")]
-    tests = {(t["control"], t["metric"], int(t["k"])): float(t["p_holm"]) for t in obj.get("tests", [])
-             if isinstance(t, dict)}
+    """The curve's rows, each field type- and range-checked (an accuracy in [0, 1], a log-prob <= 0, a p in
+    [0, 1], k a whole number >= 0); anything else raises ValueError (or KeyError, TypeError, UserError)."""
+    controls = obj.get("controls", ["random"] if obj.get("random") else [])
+    if not isinstance(controls, list):
+        raise ValueError(controls)
+    controls = [c for c in controls if c in ("matched", "random")]
+    tests = {}
+    for t in obj.get("tests", []):
+        if isinstance(t, dict):
+            tests[(t["control"], t["metric"], _whole(t["k"]))] = _num(t["p_holm"], 0, 1)
     rows = []
     for s in obj["summary"]:
-        row = {"k": int(s["k"]), "top_accuracy": float(s["top_accuracy"]), "top_logprob": float(s["top_logprob"])}
+        row = {"k": _whole(s["k"]), "top_accuracy": _num(s["top_accuracy"], 0, 1),
+               "top_logprob": _num(s["top_logprob"], hi=0)}
         for c in controls:
-            for m in ("accuracy", "logprob"):
+            for m, lo, hi in (("accuracy", 0, 1), ("logprob", -math.inf, 0)):
                 mid = s.get(f"{c}_{m}_median", s.get(f"{c}_{m}_mean"))
                 if mid is not None:
-                    row[f"{c}_{m}"] = [float(s[f"{c}_{m}_min"]), float(mid), float(s[f"{c}_{m}_max"])]
+                    row[f"{c}_{m}"] = [_num(s[f"{c}_{m}_min"], lo, hi), _num(mid, lo, hi),
+                                       _num(s[f"{c}_{m}_max"], lo, hi)]
             p = tests.get((c, "logprob", row["k"]))
             if p is not None:
                 row[f"{c}_p_holm"] = p
         rows.append(row)
-    return {"file": rel, "model": str(obj.get("model_key", "")), "question": str(obj.get("question", "")),
-            "tokens": obj.get("total_tokens"), "samples": obj.get("samples"), "controls": controls,
-            "rows": rows, "conclusion": str(obj.get("conclusion", ""))}
+    tokens, samples = obj.get("total_tokens"), obj.get("samples")
+    conclusion = obj.get("conclusion", "")
+    if not isinstance(conclusion, str) or any(ch in conclusion for ch in "<>\n\r`|"):
+        raise ValueError(conclusion)  # the conclusions ablate writes are one line of plain words and numbers
+    return {"file": rel, "model": _text(obj.get("model_key", ""), "model_key"),
+            "question": _text(obj.get("question", ""), "question"),
+            "tokens": None if tokens is None else _whole(tokens, 1),
+            "samples": None if samples is None else _whole(samples, 1), "controls": controls,
+            "rows": rows, "conclusion": conclusion}
 
 
 def _pct(x) -> str:
