@@ -10,13 +10,19 @@ The chain, as two CLI commands (printed in the result file):
 2. ``retrieval-heads ablate RESULT --k 0 5 10 20 --draws 5 --controls matched,random`` on the ``answer``
    result: its top-k heads by lift removed, against 5 draws per k of layer-matched random heads (each top
    head replaced by a random head of its own layer) and of unmatched random heads (any layer), on the
-   result's own samples; greedy accuracy, the gold answer's mean log-probability after the prompt and after
+   result's own samples (answers decoded up to the question's own budget: 12 tokens for a filing question,
+   38 for passkey); greedy accuracy, the gold answer's mean log-probability after the prompt and after
    the model's own lead-in, per condition; the paired one-sided Wilcoxon test per k (Holm over k).
 
 The question asked: does removing the top-k heads lower the gold answer's log-probability more than removing
 as many heads of the same layers? ``--question`` takes any built-in question (e.g. a passkey task where
 the package has one). Writes bench/results/retrieval_proof.md, and the ablation's
-own JSON and PNG (bench/results/retrieval_proof.ablation.json, .png); the detect results stay in a
+own JSON and PNG (bench/results/retrieval_proof.ablation.json, .png). Any other question or length writes
+beside them under its own name, so earlier runs are kept:
+
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/retrieval_proof.py --question passkey --tokens 1024 --samples 8
+
+writes bench/results/retrieval_proof_passkey_1024.md (.ablation.json, .png). The detect results stay in a
 temporary folder (``--keep DIR`` keeps them).
 """
 
@@ -59,13 +65,15 @@ def head_rows(rec: dict, n: int) -> list[list[str]]:
 
 
 def markdown(rec: dict, results: dict, abl: dict) -> str:
-    lines = ["# Ablation of the top heads by lift on the answer span", "",
+    lines = [f"# Ablation of the top heads by lift on the answer span: `{rec['question']}`, {rec['tokens']} tokens",
+             "",
              f"Command: `{rec['command']}`, which runs:", "",
              f"1. `{rec['detect']}` ({rec['detect_seconds']:.0f} s)",
              f"2. `{rec['ablate']}` ({rec['ablate_seconds']:.0f} s)", "",
              *C.machine_lines(rec["machine"]), "",
              f"Model SmolLM2-135M-Instruct, float32, CPU; question `{rec['question']}`, {rec['tokens']} tokens, "
-             f"{rec['samples']} synthetic samples (seed 0, needle depth 0.5).", "", "## Detect", ""]
+             f"{rec['samples']} synthetic samples (seed 0, needle depth 0.5); answers decoded up to "
+             f"{rec['max_new_tokens']} tokens.", "", "## Detect", ""]
     for span, name in NAMES.items():
         r = results[span]
         lines += [f"`--span {span}` ({r['significance']['samples']} samples in the test): **{r['verdict']}**", "",
@@ -107,8 +115,8 @@ def markdown(rec: dict, results: dict, abl: dict) -> str:
     lines += [f"**Conclusion** (as `ablate` prints it): {abl['conclusion']}", ""]
     lines += ["Outcome:", ""] + [f"- {o}" for o in rec["outcome"]] + [""]
     lines += ["Not run here: " + rec["not_run"], ""]
-    lines += ["Files: `retrieval_proof.ablation.json` (every condition, per-sample answers and log-probs), "
-              "`retrieval_proof.ablation.png` (the curves).", ""]
+    lines += [f"Files: `{rec['stem']}.ablation.json` (every condition, per-sample answers and log-probs), "
+              f"`{rec['stem']}.ablation.png` (the curves).", ""]
     return "\n".join(lines)
 
 
@@ -144,10 +152,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 5, 10, 20])
     ap.add_argument("--draws", type=int, default=5, help="draws per k of each control")
-    ap.add_argument("--not-run", default="passkey at 1K and 4K (no passkey task in the package when this ran)",
+    ap.add_argument("--not-run", default="the other runs of bench/results/retrieval_proof.md",
                     help="what of the planned runs this one leaves out, for the result file")
     ap.add_argument("--keep", help="keep the detect results in this folder")
     args = ap.parse_args()
+    from retrieval_heads.data.tasks import decode_budget
+
+    budget = decode_budget(args.question)  # the question's own answer budget (ablate's default is the seed's 12)
+    stem = "retrieval_proof" if (args.question, args.tokens) == ("inc_state", 256) else \
+        f"retrieval_proof_{args.question}_{args.tokens}"
     info = C.machine()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep) if args.keep else Path(tmp)
@@ -156,9 +169,9 @@ def main() -> None:
         t_detect = cli(detect)
         files = {s: out / n / f"smollm2_{args.question}_{args.tokens}.json" for s, n in NAMES.items()}
         results = {s: json.loads(p.read_text()) for s, p in files.items()}
-        ablation = C.RESULTS / "retrieval_proof.ablation.json"
+        ablation = C.RESULTS / f"{stem}.ablation.json"
         ablate = ["ablate", str(files["answer"]), "--k", *map(str, args.ks), "--draws", str(args.draws),
-                  "--controls", "matched,random", "--out", str(ablation)]
+                  "--controls", "matched,random", "--max-new-tokens", str(budget), "--out", str(ablation)]
         t_ablate = cli(ablate)
     abl = json.loads(ablation.read_text())
     shown = [a if not a.startswith(str(out)) else "RESULTS" + a[len(str(out)):] for a in ablate]
@@ -168,7 +181,7 @@ def main() -> None:
 
         atomic_write_json(ablation, abl)
     rec = {"command": C.command_line(), "machine": info, "question": args.question, "tokens": args.tokens,
-           "samples": args.samples,
+           "samples": args.samples, "max_new_tokens": budget, "stem": stem,
            "detect": "retrieval-heads " + shlex.join(detect).replace(str(out), "RESULTS"), "detect_seconds": t_detect,
            "ablate": "retrieval-heads " + shlex.join(shown).replace(str(C.RESULTS), "bench/results"),
            "ablate_seconds": t_ablate, "outcome": outcome(abl),
@@ -176,7 +189,7 @@ def main() -> None:
                                       f"; 16 samples (this run has {args.samples}, to fit its time)")}
     from retrieval_heads.io import atomic_write_text
 
-    md = C.RESULTS / "retrieval_proof.md"
+    md = C.RESULTS / f"{stem}.md"
     atomic_write_text(md, markdown(rec, results, abl))
     print(f"wrote {md}")
 
