@@ -65,7 +65,7 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
     with another limit is not taken as done by a sweep that decodes answers."""
     from retrieval_heads.commands.sweep import grid_settings
     from retrieval_heads.cli import parse
-    from retrieval_heads.sweep import _settings_mismatch
+    from retrieval_heads.sweep.plan import _settings_mismatch
 
     assert make_grid(max_new_tokens="50").max_new_tokens == 50
     j = tmp_path / "grid.json"

@@ -28,21 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
-from .sweep import (
-    Grid,
-    SweepSummary,
-    Unit,
-    outcome_line,
-    announce,
-    model_key,
-    own_files,
-    plan,
-    preflight,
-    sweep_lock,
-    unit_status,
-    write,
-)
+from ..errors import UserError, first_line
+from .compute import write
+from .grid import Grid, model_key
+from .plan import Unit, own_files, plan, unit_status
+from .prepare import SweepSummary, announce, outcome_line, preflight, sweep_lock
 
 RETRIES = 3  # restarts of a dead actor, and retries of the unit it was running
 LOCAL_CPUS = 2  # a private local Ray instance (no --address)
@@ -64,7 +54,7 @@ class Payload:
         """The :class:`~retrieval_heads.experiments.DetectResult` the writer takes."""
         import torch
 
-        from .experiments import DetectResult
+        from ..experiments import DetectResult
 
         scores = torch.tensor(self.record["scores"])  # (L, H)
         samples = torch.from_numpy(self.sample_scores.copy()) if self.sample_scores is not None else scores[None]
@@ -81,8 +71,8 @@ class ModelWorker:
         self.lm = None
 
     def load(self):
-        from .eager_rows import enable
-        from .models import load_model
+        from ..eager_rows import enable
+        from ..models import load_model
 
         lm = load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
                         trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
@@ -93,10 +83,10 @@ class ModelWorker:
     def compute(self, unit: Unit, todo: list[tuple]) -> tuple[list[Payload], float]:
         """The payloads of ``todo`` ((method, question) experiments of ``unit`` to write), and the seconds the
         scoring took."""
-        from .sweep import compute_unit
+        from .compute import compute_unit
 
         if self.lm is None:
-            from .hf import quiet_transformers
+            from ..hf import quiet_transformers
 
             quiet_transformers()
             self.lm = self.load()
