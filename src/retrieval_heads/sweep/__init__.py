@@ -13,8 +13,8 @@ engine (the local loop, or a Ray driver with one actor per model) can run them, 
 - :mod:`.compute`: :func:`compute_unit`, a loaded model + a unit -> one
   :class:`~retrieval_heads.experiments.DetectResult` per question; no file is touched; :func:`write`, the one
   writer, atomic (samples file first, result JSON last; see :func:`~retrieval_heads.experiments.write_result`);
-- :mod:`.prepare`: what every engine does around the scoring: check every model's config and tokenizer,
-  lock the output dir, print one line per experiment;
+- :mod:`.prepare`: :func:`prepare`, the setup both engines share: check the device and every model's config
+  and tokenizer, lock the output dir, read each unit's status; and the lines printed per experiment;
 - :mod:`.local`: :func:`run_sweep`, the local engine: load each model once and compute / write what is not
   done, under a progress bar;
 - :mod:`.ray`: :func:`run_ray_sweep`, the same sweep, its units run by Ray actors.
@@ -41,14 +41,14 @@ from .grid import (DEFAULT_MODELS, DEFAULT_SAMPLES, DEFAULT_TOKENS, EXPECTED, GR
                    check_depths, check_types, load_grid_file, make_grid, model_key)
 from .local import run_sweep
 from .plan import Experiment, Status, Unit, decodes, experiment_path, own_files, plan, unit_status
-from .prepare import (SweepSummary, announce, outcome_line, preflight, result_line, results_folders,
-                      sweep_lock)
+from .prepare import (Prepared, SweepSummary, announce, outcome_line, preflight, prepare, result_line,
+                      results_folders, sweep_lock)
 from .ray import ModelWorker, Payload, run_ray_sweep
 
 __all__ = [
     "DEFAULT_MODELS", "DEFAULT_SAMPLES", "DEFAULT_TOKENS", "EXPECTED", "GRID_KEYS", "Experiment", "Grid",
-    "GridSettings", "ModelWorker", "Payload", "Status", "SweepSummary", "Unit", "announce", "check_depths",
+    "GridSettings", "ModelWorker", "Payload", "Prepared", "Status", "SweepSummary", "Unit", "announce", "check_depths",
     "check_types", "compute_unit", "decodes", "experiment_path", "load_grid_file", "make_grid", "model_key",
-    "outcome_line", "own_files", "plan", "preflight", "result_line", "results_folders", "run_ray_sweep",
+    "outcome_line", "own_files", "plan", "preflight", "prepare", "result_line", "results_folders", "run_ray_sweep",
     "run_sweep", "sweep_lock", "unit_status", "write",
 ]

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from .. import eager_rows
 from ..console import bar_disabled, phase
-from ..models import LoadedModel, check_device, model_identity
+from ..models import LoadedModel
 from .compute import compute_unit, write
-from .grid import Grid, model_key
-from .plan import own_files, plan, unit_status
-from .prepare import SweepSummary, announce, outcome_line, preflight, sweep_lock
+from .grid import Grid
+from .prepare import SweepSummary, outcome_line, prepare
 
 def run_sweep(
     grid: Grid,
@@ -36,17 +35,10 @@ def run_sweep(
 
     load = load or load_model
     t0 = time.perf_counter()
-    units = plan(grid)
-    keys = {m: model_key(m) for m in grid.models}
-    summary = SweepSummary()
-    check_device(grid.device)  # before the lock, like every check below: bad input leaves nothing behind
-    if check_models:
-        preflight(grid)  # before the lock: bad input leaves no output dir behind
-    idents = {m: model_identity(m) for m in grid.models}
-    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
-        statuses = [unit_status(output_dir, grid, u, keys[u.model], idents[u.model]) for u in units]
-        say = echo or (lambda s: tqdm.write(s, file=sys.stdout))
-        already = grid.size - announce(grid, output_dir, units, statuses, summary, say)
+    say = echo or (lambda s: tqdm.write(s, file=sys.stdout))
+    with prepare(grid, output_dir, say, check_models) as p:
+        units, statuses, summary = p.units, p.statuses, p.summary
+        already = grid.size - p.todo
         bar = None  # drawn once the first model has loaded: a model that fails to load shows no bar
         lm: LoadedModel | None = None
         try:
@@ -84,7 +76,6 @@ def run_sweep(
                 bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
-
 
 
 def _advance(bar, base: float, n: int) -> Callable[[float], None]:

@@ -1,10 +1,12 @@
-"""What every engine does before and around the scoring: check every model's config and tokenizer, hold the
-output dir's lock, and print the sweep's lines (its headline, one line per experiment kept or written).
+"""What every engine does before and around the scoring, in one place: :func:`prepare` checks the device and
+every model's config and tokenizer, holds the output dir's lock, reads each unit's status and prints the
+sweep's headline; the lines printed per experiment (kept, written) are here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +14,11 @@ from ..console import plural
 from ..errors import UserError, first_line
 from ..hf import check_tokenizer
 from ..lock import results_lock
-from ..models import check_causal_lm, hub_access, resolve
+from ..models import check_causal_lm, check_device, hub_access, model_identity, resolve
 from ..results import depth_text, load_result
-from .grid import Grid
-from .plan import Experiment, Status, Unit, experiment_path
+from .grid import Grid, model_key
+from .plan import Experiment, Status, Unit, experiment_path, own_files, plan, unit_status
+
 
 def sweep_lock(output_dir: str | Path, own: list[Path] | None = None):
     """The results-dir lock (:func:`retrieval_heads.lock.results_lock`) held by a sweep."""
@@ -57,6 +60,8 @@ def preflight(grid: Grid) -> None:
 
 @dataclass
 class SweepSummary:
+    """What a sweep did: the files it wrote, replaced and kept, and how long it took."""
+
     done: list[Path] = field(default_factory=list)  # computed now
     recomputed: list[Path] = field(default_factory=list)  # computed now, replacing a corrupt file
     skipped: list[Path] = field(default_factory=list)  # valid already
@@ -107,3 +112,47 @@ def outcome_line(st: Status, e: Experiment, unit: Unit, grid: Grid, record: dict
         return result_line("recomputed", st.model_key, e[1], unit.tokens, record, f"{timing}  (was: {st.reason[e]})",
                            len(grid.results) > 1)
     return result_line("done", st.model_key, e[1], unit.tokens, record, timing, len(grid.results) > 1)
+
+
+# --- the setup every engine shares -----------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A sweep ready to run, its output dir locked: the units in order, each unit's :class:`Status`, the
+    summary so far (the valid results kept, in ``skipped``) and the number of experiments left to compute."""
+
+    units: list[Unit]
+    statuses: list[Status]
+    summary: SweepSummary
+    todo: int
+
+
+@contextmanager
+def prepare(grid: Grid, output_dir: str | Path, say: Callable[[str], None], check_models: bool = True,
+            device_here: bool = True, where: str = "") -> Iterator[Prepared]:
+    """The setup of every engine, in one order: the plan and the models' keys, the device (``device_here``:
+    it must be one this machine has; an engine whose workers run elsewhere leaves that to their model load),
+    every model's config and tokenizer (``check_models``: :func:`preflight`) and the models' identities, all
+    before the output dir is touched, so bad input leaves nothing behind; then the lock on ``output_dir``,
+    held until the block ends, each unit's status and the sweep's headline (``say``; ``where`` names the
+    engine, e.g. " on Ray"), with one line per valid result kept.
+
+    Example (``run(...)`` scores and writes ``p.statuses``' experiments still to do)::
+
+        with prepare(make_grid(models="smollm2", tokens=[512], samples=2), "results", print) as p:
+            if p.todo:
+                run(p.units, p.statuses, p.summary)
+    """
+    units = plan(grid)
+    keys = {m: model_key(m) for m in grid.models}
+    if device_here:
+        check_device(grid.device)
+    if check_models:
+        preflight(grid)
+    idents = {m: model_identity(m) for m in grid.models}
+    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
+        statuses = [unit_status(output_dir, grid, u, keys[u.model], idents[u.model]) for u in units]
+        summary = SweepSummary()
+        todo = announce(grid, output_dir, units, statuses, summary, say, where)
+        yield Prepared(units, statuses, summary, todo)

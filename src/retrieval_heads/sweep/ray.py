@@ -1,10 +1,11 @@
 """The Ray engine of ``retrieval-heads sweep --engine ray``: the same sweep, its units run by Ray actors.
 
-The driver (the process that runs the command) does everything but the scoring, exactly as the local engine
-(:func:`retrieval_heads.sweep.run_sweep`) does: it makes the plan, checks every model's config and tokenizer,
-holds the output directory's lock, reads which experiments are done (skipped), missing or corrupt
-(recomputed), and writes every result with the one atomic writer :func:`retrieval_heads.sweep.write`, as soon
-as its unit comes back (a ``ray.wait`` loop). Only the scoring runs on the cluster:
+The driver (the process that runs the command) does everything but the scoring, with the local engine's
+(:func:`retrieval_heads.sweep.run_sweep`) own setup, :func:`retrieval_heads.sweep.prepare`: it makes the
+plan, checks the device (on a private local instance, whose workers run here), every model's config and
+tokenizer, holds the output directory's lock, reads which experiments are done (skipped), missing or corrupt
+(recomputed); then it writes every result with the one atomic writer :func:`retrieval_heads.sweep.write`, as
+soon as its unit comes back (a ``ray.wait`` loop). Only the scoring runs on the cluster:
 
 - one :class:`ModelWorker` actor per model key (``num_gpus=gpus_per_worker``; a CPU-only worker when 0),
   which loads its model once, on its first unit, and then scores that model's units one after the other;
@@ -30,9 +31,9 @@ from typing import Any
 
 from ..errors import UserError, first_line
 from .compute import write
-from .grid import Grid, model_key
-from .plan import Unit, own_files, plan, unit_status
-from .prepare import SweepSummary, announce, outcome_line, preflight, sweep_lock
+from .grid import Grid
+from .plan import Unit
+from .prepare import SweepSummary, outcome_line, prepare
 
 RETRIES = 3  # restarts of a dead actor, and retries of the unit it was running
 LOCAL_CPUS = 2  # a private local Ray instance (no --address)
@@ -188,18 +189,14 @@ def run_ray_sweep(
         reachable(address)  # before the output dir is made
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, flush=True))
-    units = plan(grid)
-    keys = {m: model_key(m) for m in grid.models}
-    summary = SweepSummary()
-    if check_models:
-        preflight(grid)
-    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
-        statuses = [unit_status(output_dir, grid, u, keys[u.model]) for u in units]
-        todo = announce(grid, output_dir, units, statuses, summary, say, where=" on Ray")
-        if todo:
+    # a private local instance runs the workers here: its device must be this machine's; a cluster's workers
+    # check theirs when they load the model
+    with prepare(grid, output_dir, say, check_models, device_here=not address, where=" on Ray") as p:
+        summary = p.summary
+        if p.todo:
             started = connect(address)
             try:
-                _dispatch(ray, grid, output_dir, units, statuses, gpus_per_worker, cpus_per_worker, device_map,
+                _dispatch(ray, grid, output_dir, p.units, p.statuses, gpus_per_worker, cpus_per_worker, device_map,
                           worker, retries, say, summary)
             finally:
                 if started:
