@@ -16,7 +16,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import retrieval_heads.ray_engine as engine
+import retrieval_heads.sweep.ray as engine
 from retrieval_heads.models import smollm2_path
 from retrieval_heads.sweep import make_grid
 

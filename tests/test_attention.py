@@ -216,7 +216,7 @@ def test_sweep_saves_attention_and_resumes(tiny_lm, tmp_path):
 def test_ray_payload_carries_the_attention_file(tiny_lm):
     """The Ray engine's worker sends the attention file back with the record (no Ray needed: the worker is a
     plain class), byte for byte the local engine's."""
-    from retrieval_heads.ray_engine import ModelWorker
+    from retrieval_heads.sweep.ray import ModelWorker
     from retrieval_heads.sweep import Unit, compute_unit, make_grid
 
     grid = make_grid(models=["smollm2"], questions=["inc_state", "hq_state"], tokens=[260], samples=2,

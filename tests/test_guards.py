@@ -320,7 +320,7 @@ def test_a_ray_address_that_accepts_but_never_answers_fails_fast():
     import threading
     import time
 
-    from retrieval_heads.ray_engine import reachable
+    from retrieval_heads.sweep.ray import reachable
 
     def serve(answer: bytes | None):
         server = socket.create_server(("127.0.0.1", 0))

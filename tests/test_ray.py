@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray", reason="the Ray engine needs Ray (pip install '
 
 from retrieval_heads.cli import main
 from retrieval_heads.models import smollm2_path
-from retrieval_heads.ray_engine import ModelWorker, run_ray_sweep
+from retrieval_heads.sweep.ray import ModelWorker, run_ray_sweep
 from retrieval_heads.sweep import make_grid, run_sweep
 
 pytestmark = pytest.mark.slow  # a local Ray instance and its worker processes

@@ -65,7 +65,7 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
     with another limit is not taken as done by a sweep that decodes answers."""
     from retrieval_heads.commands.sweep import grid_settings
     from retrieval_heads.cli import parse
-    from retrieval_heads.sweep import _settings_mismatch
+    from retrieval_heads.sweep.plan import _settings_mismatch
 
     assert make_grid(max_new_tokens="50").max_new_tokens == 50
     j = tmp_path / "grid.json"
@@ -182,6 +182,45 @@ def test_bad_input_in_process(tmp_path, capsys, args, msg):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
     assert not out.exists()
+
+
+def _run_on_ray(grid, out, **kw):
+    from retrieval_heads.sweep import run_ray_sweep
+
+    return run_ray_sweep(grid, out, gpus_per_worker=1, **kw)
+
+
+@pytest.mark.parametrize("engine", [run_sweep, _run_on_ray], ids=["local", "ray"])
+def test_both_engines_check_the_device_before_the_output_dir(tmp_path, monkeypatch, engine):
+    """Both engines share one setup (``sweep.prepare``): a device this machine does not have is one line, and
+    the output dir is never made (the Ray engine once went on to the lock, then to Ray)."""
+    monkeypatch.setattr("retrieval_heads.sweep.ray.import_ray", lambda: None)  # no Ray needed to get that far
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        engine(make_grid(models="smollm2", questions="passkey", tokens=256, samples=1, device="cuda:99"), out,
+               check_models=False, echo=lambda s: None)
+    assert str(e.value).startswith("device 'cuda:99' is not available on this machine")
+    assert not out.exists()
+
+
+def test_ray_on_a_cluster_leaves_the_device_to_its_workers(tmp_path, monkeypatch):
+    """With ``address`` the workers run elsewhere: the driver does not check its own device, takes the lock,
+    reads what is to do and only then connects."""
+    from retrieval_heads.sweep import run_ray_sweep
+
+    def connect(address):
+        raise UserError(f"connect {address}")
+
+    monkeypatch.setattr("retrieval_heads.sweep.ray.import_ray", lambda: None)
+    monkeypatch.setattr("retrieval_heads.sweep.ray.reachable", lambda address: None)
+    monkeypatch.setattr("retrieval_heads.sweep.ray.connect", connect)
+    lines = []
+    with pytest.raises(UserError, match="^connect head:6379$"):
+        run_ray_sweep(make_grid(models="smollm2", questions="passkey", tokens=256, samples=1, device="cuda:99"),
+                      tmp_path / "out", address="head:6379", gpus_per_worker=1, check_models=False,
+                      echo=lines.append)
+    assert lines == [f"sweep: 1 model(s) x 1 question(s) x 1 length(s) = 1 experiments, 1 samples each; 1 to "
+                     f"compute on Ray -> {tmp_path / 'out' / 'summed_attention'}"]
 
 
 def test_grid_file_that_names_nothing(tmp_path, capsys):

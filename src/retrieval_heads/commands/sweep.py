@@ -105,7 +105,7 @@ def sweep(args: argparse.Namespace) -> None:
     grid = make_grid(**grid_settings(args))
     quiet_transformers()
     if args.engine == "ray":
-        from ..ray_engine import run_ray_sweep
+        from ..sweep import run_ray_sweep
 
         s = run_ray_sweep(grid, output_dir, address=args.address, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, device_map=args.device_map)

@@ -1,10 +1,11 @@
 """The Ray engine of ``retrieval-heads sweep --engine ray``: the same sweep, its units run by Ray actors.
 
-The driver (the process that runs the command) does everything but the scoring, exactly as the local engine
-(:func:`retrieval_heads.sweep.run_sweep`) does: it makes the plan, checks every model's config and tokenizer,
-holds the output directory's lock, reads which experiments are done (skipped), missing or corrupt
-(recomputed), and writes every result with the one atomic writer :func:`retrieval_heads.sweep.write`, as soon
-as its unit comes back (a ``ray.wait`` loop). Only the scoring runs on the cluster:
+The driver (the process that runs the command) does everything but the scoring, with the local engine's
+(:func:`retrieval_heads.sweep.run_sweep`) own setup, :func:`retrieval_heads.sweep.prepare`: it makes the
+plan, checks the device (on a private local instance, whose workers run here), every model's config and
+tokenizer, holds the output directory's lock, reads which experiments are done (skipped), missing or corrupt
+(recomputed); then it writes every result with the one atomic writer :func:`retrieval_heads.sweep.write`, as
+soon as its unit comes back (a ``ray.wait`` loop). Only the scoring runs on the cluster:
 
 - one :class:`ModelWorker` actor per model key (``num_gpus=gpus_per_worker``; a CPU-only worker when 0),
   which loads its model once, on its first unit, and then scores that model's units one after the other;
@@ -28,21 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
-from .sweep import (
-    Grid,
-    SweepSummary,
-    Unit,
-    outcome_line,
-    announce,
-    model_key,
-    own_files,
-    plan,
-    preflight,
-    sweep_lock,
-    unit_status,
-    write,
-)
+from ..errors import UserError, first_line
+from .compute import write
+from .grid import Grid
+from .plan import Unit
+from .prepare import SweepSummary, outcome_line, prepare
 
 RETRIES = 3  # restarts of a dead actor, and retries of the unit it was running
 LOCAL_CPUS = 2  # a private local Ray instance (no --address)
@@ -64,7 +55,7 @@ class Payload:
         """The :class:`~retrieval_heads.experiments.DetectResult` the writer takes."""
         import torch
 
-        from .experiments import DetectResult
+        from ..experiments import DetectResult
 
         scores = torch.tensor(self.record["scores"])  # (L, H)
         samples = torch.from_numpy(self.sample_scores.copy()) if self.sample_scores is not None else scores[None]
@@ -81,8 +72,8 @@ class ModelWorker:
         self.lm = None
 
     def load(self):
-        from .eager_rows import enable
-        from .models import load_model
+        from ..eager_rows import enable
+        from ..models import load_model
 
         lm = load_model(self.model, dtype=self.grid.dtype, device=self.grid.device,
                         trust_remote_code=self.grid.trust_remote_code, device_map=self.device_map)
@@ -93,10 +84,10 @@ class ModelWorker:
     def compute(self, unit: Unit, todo: list[tuple]) -> tuple[list[Payload], float]:
         """The payloads of ``todo`` ((method, question) experiments of ``unit`` to write), and the seconds the
         scoring took."""
-        from .sweep import compute_unit
+        from .compute import compute_unit
 
         if self.lm is None:
-            from .hf import quiet_transformers
+            from ..hf import quiet_transformers
 
             quiet_transformers()
             self.lm = self.load()
@@ -198,18 +189,14 @@ def run_ray_sweep(
         reachable(address)  # before the output dir is made
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, flush=True))
-    units = plan(grid)
-    keys = {m: model_key(m) for m in grid.models}
-    summary = SweepSummary()
-    if check_models:
-        preflight(grid)
-    with sweep_lock(output_dir, own_files(output_dir, grid, keys)):
-        statuses = [unit_status(output_dir, grid, u, keys[u.model]) for u in units]
-        todo = announce(grid, output_dir, units, statuses, summary, say, where=" on Ray")
-        if todo:
+    # a private local instance runs the workers here: its device must be this machine's; a cluster's workers
+    # check theirs when they load the model
+    with prepare(grid, output_dir, say, check_models, device_here=not address, where=" on Ray") as p:
+        summary = p.summary
+        if p.todo:
             started = connect(address)
             try:
-                _dispatch(ray, grid, output_dir, units, statuses, gpus_per_worker, cpus_per_worker, device_map,
+                _dispatch(ray, grid, output_dir, p.units, p.statuses, gpus_per_worker, cpus_per_worker, device_map,
                           worker, retries, say, summary)
             finally:
                 if started:
