@@ -88,11 +88,11 @@ def test_plural():
 def test_a_piped_sweep_prints_plain_lines_and_says_what_it_loads(tmp_path, capfd, monkeypatch):
     """With progress on but stderr not a terminal: nothing on stderr (no bar, no carriage return, no
     transient status), plain result lines on stdout, and "unit of 1 question"."""
-    from retrieval_heads import console, sweep
-    from retrieval_heads.sweep import make_grid, run_sweep
+    from retrieval_heads import console
+    from retrieval_heads.sweep import local, make_grid, run_sweep
 
     said = []
-    monkeypatch.setattr(sweep, "phase", lambda text, enabled=True, bar=None: (said.append(text),
+    monkeypatch.setattr(local, "phase", lambda text, enabled=True, bar=None: (said.append(text),
                                                                               console.phase(text, enabled, bar))[1])
     lm = tiny_smol_lm()
     grid = make_grid(models=["smollm2"], questions=["hq_state"], tokens=[256], samples=1, save_attention=2,
