@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -25,7 +24,8 @@ from .data.samples import dataset_samples
 from .data.tasks import check_question, decode_budget, is_task, question_groups, question_text
 from .defaults import DEFAULT_QUESTION, FILING, settings_for
 from . import eager_rows
-from .errors import UserError
+from . import spec
+from .errors import ParamError
 from .families import attention_layers
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
@@ -35,6 +35,8 @@ from .methods import METHODS
 from .models import LoadedModel, load_model
 from .onepass import measure_spans, score_prompts  # noqa: F401  (score_prompts: part of this module's API)
 from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
+
+MAX_SAMPLES = spec.MAX_SAMPLES
 
 # detect's defaults per question (retrieval_heads.defaults): with none given, the passkey task, where the
 # embedded model answers and heads beat the control; a filing question keeps the seed's experiment
@@ -124,35 +126,26 @@ class Detection(Mapping[str, DetectResult]):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-MAX_SAMPLES = 100_000  # prompts are built in memory first; far above any experiment's needs
-
-
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1,
                seed: int | None = None) -> None:
-    """The checks that need no model: fail before spending time on loading one."""
+    """The checks that need no model, the bounds the spec declares (:mod:`retrieval_heads.spec`): fail before
+    spending time on loading one. A seed must be >= 0: Python's Random would use abs(seed), and -1 would
+    repeat seed 1's samples."""
     from .results import depth_text
 
     if question is not None:
         check_question(question)
-    if tokens <= 0:
-        raise UserError(f"--tokens must be positive, got {tokens}")
-    if samples <= 0:
-        raise UserError(f"--samples must be positive, got {samples}")
-    if samples > MAX_SAMPLES:
-        raise UserError(f"--samples must be at most {MAX_SAMPLES}, got {samples}")
-    if not (isinstance(needle_position, (int, float)) and math.isfinite(needle_position) and 0 <= needle_position <= 1):
-        raise UserError(f"--needle-position must lie in [0, 1], got {needle_position}")
+    for name, value in (("tokens", tokens), ("samples", samples), ("needle_position", needle_position)):
+        spec.check(name, value)
     depth_text(needle_position)  # a depth the result's file name can hold (1e-300 cannot), before any work
-    if seed is not None and seed < 0:  # Python's Random would use abs(seed): -1 would repeat seed 1's samples
-        raise UserError(f"--seed must be >= 0, got {seed}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    spec.check("seed", seed)
+    spec.check("batch_size", batch_size)
 
 
 def check_tokens(lm: LoadedModel, tokens: int) -> None:
     limit = lm.max_positions
     if limit is not None and tokens > limit:
-        raise UserError(f"--tokens {tokens} exceeds the {limit} positions of {lm.name}")
+        raise ParamError("tokens", f" {tokens} exceeds the {limit} positions of {lm.name}")
 
 
 def build_prompts(
@@ -218,7 +211,7 @@ def method_names(method: str | Sequence[str]) -> list[str]:
     items = [method] if isinstance(method, str) else list(method)
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
-        raise UserError("--method: no method given")
+        raise ParamError("method", ": no method given")
     for n in names:
         METHODS.get(n)
     return list(dict.fromkeys(names))
@@ -312,14 +305,11 @@ def detect(
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)
     chance.check_spans_for(spans, dataset is not None, question)
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-        raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
+    spec.check("alpha", alpha)
     if max_new_tokens is None:  # the task's own (a UUID is long), else the seed's 12
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if dataset else decode_budget(question)
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if save_attention < 0:
-        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
+    spec.check("max_new_tokens", max_new_tokens)
+    spec.check("save_attention", save_attention)
     needs = {n: METHODS.get(n).needs for n in names}
     track = any("answers" in x for x in needs.values())
     want_answers = bool(answers) or success_only or track
