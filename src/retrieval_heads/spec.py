@@ -235,6 +235,15 @@ def default(name: str, command: str = "detect") -> Any:
     return s.defaults.get(command, FIELDS[name].default)
 
 
+def option(name: str, command: str) -> tuple[str, str]:
+    """(dest, flag) of setting ``name`` in ``command``: in ``sweep`` a grid setting is its grid key
+    (``models``, ``--models``), elsewhere the setting's name (``--draws`` for ablate's ``random_seeds``)."""
+    s = setting(name)
+    if command == "sweep" and s.grid is not None:
+        return s.grid, "--" + s.grid.replace("_", "-")
+    return name, s.flag or "--" + name.replace("_", "-")
+
+
 def bounds(name: str) -> dict[str, float]:
     """``{"gt": 0}``, ``{"ge": 0, "le": 1}``, ...: the bounds of a numeric setting (empty for none)."""
     out = {}
@@ -332,4 +341,4 @@ def cli_message(e: BaseException) -> str:
 
 __all__ = ["ALL", "CONTROLS", "ENGINES", "FIELDS", "GRID_DEFAULTS", "GRID_KEYS", "GRID_SETTINGS", "GROUPS",
            "MAX_RANDOM_SEEDS", "MAX_SAMPLES", "RANK_BY", "SPAN_KINDS", "Setting", "Spec", "UserError", "bounds",
-           "check", "cli_message", "default", "expected", "flag_of", "grid_type", "setting", "value_type"]
+           "check", "cli_message", "default", "expected", "flag_of", "grid_type", "option", "setting", "value_type"]

@@ -41,7 +41,7 @@ def add_options(command: str, groups: dict, only=None) -> dict[str, argparse.Act
     group}), with its type, default, allowed values and help. In ``sweep`` a grid setting is its grid key
     (``--models``), default None (a flag not given leaves the grid file's setting), the grid's default in the
     help. Returns {dest: action}."""
-    from ..spec import FIELDS, default, setting, value_type
+    from ..spec import FIELDS, default, option, setting, value_type
 
     first = next(iter(groups.values()))
     out = {}
@@ -50,8 +50,7 @@ def add_options(command: str, groups: dict, only=None) -> dict[str, argparse.Act
         if command not in s.commands:
             continue
         in_grid = command == "sweep" and s.grid is not None
-        dest = s.grid if in_grid else name
-        option = "--" + dest.replace("_", "-") if in_grid else s.flag or "--" + name.replace("_", "-")
+        dest, flag_ = option(name, command)
         group = groups.get(s.group, first)
         text = s.help.get(command, FIELDS[name].description)
         value = None if in_grid else default(name, command)
@@ -65,11 +64,11 @@ def add_options(command: str, groups: dict, only=None) -> dict[str, argparse.Act
             text = f"{text} [default: {words}]"
         kind = value_type(name)
         if kind is bool:
-            action = flag(group, option, value, text)
+            action = flag(group, flag_, value, text)
         elif many:
-            action = values(group, option, s.metavar or name.upper(), text, s.allowed)
+            action = values(group, flag_, s.metavar or name.upper(), text, s.allowed)
         else:
-            action = allow(group.add_argument(option, *s.aliases, dest=dest, default=value, metavar=s.metavar,
+            action = allow(group.add_argument(flag_, *s.aliases, dest=dest, default=value, metavar=s.metavar,
                                               type=kind if kind in (int, float) else None, help=text), s.allowed)
         out[dest] = action
     return out
