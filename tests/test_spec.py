@@ -189,3 +189,12 @@ def test_help_imports_neither_torch_nor_transformers(capfd):
         sys.modules.update(saved)
     out, _ = capfd.readouterr()
     assert out.count("usage: retrieval-heads") == 6
+
+
+def test_the_cli_page_lists_every_detect_option():
+    """docs/cli.md's table of detect's options names exactly the spec's."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    listed = set(re.findall(r"^\| `(--[a-z-]+)", page, re.MULTILINE))
+    assert listed == {option(n, "detect")[1] for n in FIELDS if "detect" in setting(n).commands}
