@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from .data.questions import QUESTIONS
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_QUESTION, FILING, TASK
-from .errors import ParamError, UserError
+from .errors import ParamError
 
 GROUPS = ("experiment", "methods", "output", "engine")  # the sections of a command's --help, in order
 SPAN_KINDS = ("needle", "answer", "fact")  # what a span-measuring method can score, each its own result
@@ -56,7 +56,7 @@ class Setting:
     ``defaults``/``default_text``/``help``: per command, the flag's default, the default in words (where it
     depends on other settings) and the help where it differs from the description. ``allowed``: a tuple, or
     ``"module:NAME"`` (a tuple, a registry or a function giving one) read only when the help is shown.
-    ``expected``: a grid file's wording of the type; ``must``: the range error's wording."""
+    ``must``: the range error's wording, where the bounds' own would say less."""
 
     group: str = "experiment"
     commands: tuple[str, ...] = ("detect",)
@@ -71,7 +71,6 @@ class Setting:
     defaults: dict[str, Any] = field(default_factory=dict)
     default_text: dict[str, str] = field(default_factory=dict)
     help: dict[str, str] = field(default_factory=dict)
-    expected: str | None = None
     must: str | None = None
 
 
@@ -266,9 +265,7 @@ def expected(key: str) -> str:
     """What a grid file's ``key`` takes, in words: ``a whole number or a list of whole numbers``."""
     name = GRID_SETTINGS[key]
     s = setting(name)
-    if s.expected:
-        return s.expected
-    if isinstance(s.allowed, tuple) and len(s.allowed) == 2:
+    if isinstance(s.allowed, tuple) and len(s.allowed) == 2:  # rank_by: score or lift
         return " or ".join(s.allowed)
     one = _NOUNS[value_type(name)]
     return f"{one} or a list of {one.removeprefix('a ')}s" if s.many else one
@@ -340,5 +337,5 @@ def cli_message(e: BaseException) -> str:
 
 
 __all__ = ["ALL", "CONTROLS", "ENGINES", "FIELDS", "GRID_DEFAULTS", "GRID_KEYS", "GRID_SETTINGS", "GROUPS",
-           "MAX_RANDOM_SEEDS", "MAX_SAMPLES", "RANK_BY", "SPAN_KINDS", "Setting", "Spec", "UserError", "bounds",
+           "MAX_RANDOM_SEEDS", "MAX_SAMPLES", "RANK_BY", "SPAN_KINDS", "Setting", "Spec", "bounds",
            "check", "cli_message", "default", "expected", "flag_of", "grid_type", "option", "setting", "value_type"]

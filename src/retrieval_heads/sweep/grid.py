@@ -3,6 +3,9 @@
 - :func:`make_grid` / :func:`load_grid_file`: the grid, validated without loading anything;
 - grid files are typed strictly (:class:`GridSettings`, pydantic): a value of the wrong type is one line
   naming the field; flags given on the command line override the file, both ways.
+
+The keys, their types, defaults and bounds are the spec's (:mod:`retrieval_heads.spec`): :class:`Grid`,
+:data:`GRID_KEYS`, :class:`GridSettings` and :data:`EXPECTED` are generated from it.
 """
 
 from __future__ import annotations
