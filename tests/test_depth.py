@@ -99,7 +99,7 @@ def test_grid_depths(tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--needle-positions", "0.1", "1.5"], "error: --needle-positions must lie in [0, 1], got 1.5"),
     (["--needle-positions", "0.3", "0.30"], "error: --needle-positions: depth 0.3 is given twice"),
-    (["--needle-positions", "0.3,x"], "error: needle_positions: 'x' is not a number"),
+    (["--needle-positions", "0.3,x"], "error: --needle-positions: 'x' is not a number"),  # the flag, as above
     (["--needle-positions"], "error: argument --needle-positions: expected at least one argument"),
 ])
 def test_bad_depths_are_one_line(tmp_path, capsys, args, msg):

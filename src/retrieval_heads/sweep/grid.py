@@ -107,7 +107,7 @@ def _int(value: Any, what: str) -> Any:
         try:
             return int(value)
         except ValueError:
-            raise UserError(f"{what}: {value!r} is not a whole number") from None
+            raise ParamError(what, f": {value!r} is not a whole number") from None
     return value
 
 
@@ -126,7 +126,7 @@ def _floats(value: Any, what: str) -> Any:
         try:
             return float(x)
         except ValueError:
-            raise UserError(f"{what}: {x!r} is not a number") from None
+            raise ParamError(what, f": {x!r} is not a number") from None
 
     if isinstance(value, str):
         return [one(x) for x in value.split(",") if x]
@@ -206,7 +206,7 @@ def make_grid(**settings: Any) -> Grid:
             try:
                 given[k] = float(v)
             except ValueError:
-                raise UserError(f"{k}: {v!r} is not a number") from None
+                raise ParamError(k, f": {v!r} is not a number") from None
         elif many and isinstance(v, tuple):
             given[k] = list(v)
     check_types(given)
