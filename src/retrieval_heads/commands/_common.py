@@ -35,17 +35,17 @@ def allow(action: argparse.Action, allowed) -> argparse.Action:
     return action
 
 
-def add_options(command: str, groups: dict, only=None) -> dict[str, argparse.Action]:
+def add_options(command: str, groups: dict) -> dict[str, argparse.Action]:
     """The flags of ``command`` generated from the spec (:mod:`retrieval_heads.spec`): every setting the
-    command takes (or those of ``only``), in the group of its own title (else the first of ``groups``, {title:
-    group}), with its type, default, allowed values and help. In ``sweep`` a grid setting is its grid key
+    command takes, in the group of its own title (else the first of ``groups``, {title: group}), with its
+    type, default, allowed values and help. In ``sweep`` a grid setting is its grid key
     (``--models``), default None (a flag not given leaves the grid file's setting), the grid's default in the
     help. Returns {dest: action}."""
     from ..spec import FIELDS, default, option, setting, value_type
 
     first = next(iter(groups.values()))
     out = {}
-    for name in only or FIELDS:
+    for name in FIELDS:
         s = setting(name)
         if command not in s.commands:
             continue

@@ -66,16 +66,14 @@ def _grid_field(key: str) -> tuple:
     return key, kind, field(default=GRID_DEFAULTS[key])
 
 
-# What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-# settings; a field per grid key of the spec (retrieval_heads.spec) but needle_position (the first of
-# needle_positions), its default the spec's. methods and spans are comma-separated strings; a depth other than
-# the default 0.5 files its results under names of their own (retrieval_heads.results.file_name).
 Grid = make_dataclass("Grid", [_grid_field(k) for k in SPEC_GRID_KEYS if k != "needle_position"], bases=(_GridViews,),
                       frozen=True)
 Grid.__module__ = __name__  # pickled by name (a Ray worker receives the grid)
 Grid.__doc__ = """What a sweep runs: every model x question x token length x needle depth (``needle_positions``,
 each its own unit of work), with one set of experiment settings: a field per grid key of
-:mod:`retrieval_heads.spec`, defaults the spec's."""
+:mod:`retrieval_heads.spec` but ``needle_position`` (the first of ``needle_positions``), defaults the spec's;
+``method`` and ``span`` are comma-separated. A depth other than the default 0.5 files its results under names
+of their own (:func:`~retrieval_heads.results.file_name`)."""
 
 GRID_KEYS = Registry("grid setting")
 for _k in SPEC_GRID_KEYS:
