@@ -166,6 +166,25 @@ def test_records_are_the_golden_ones(run, tiny, frozen, tmp_path):
         assert normal(name, got[name]) == normal(name, want[name]), name
 
 
+def test_a_sweep_that_decodes_a_tasks_answers_resumes(tiny, tmp_path):
+    """A task decodes its own answer budget (passkey: 38 tokens), and its result records that budget: a rerun
+    compares it with the budget the sweep decodes for the task, not with the grid's default of 12 (which
+    stopped every rerun with "made with max_new_tokens 38 (this sweep: 12)")."""
+    from retrieval_heads.sweep import make_grid, run_sweep
+
+    path, lm = tiny
+    for extra, budget in (({}, 38), ({"max_new_tokens": 5}, 5)):
+        out = tmp_path / str(budget)
+        grid = make_grid(models=path, questions="passkey,inc_state", tokens=TOKENS, samples=1, answers=True,
+                         method="query_focused", **extra)
+        first = run_sweep(grid, out, load=lambda m, **kw: lm, progress=False, echo=lambda s: None, check_models=False)
+        again = run_sweep(grid, out, load=lambda m, **kw: pytest.fail("nothing to load"), progress=False,
+                          echo=lambda s: None, check_models=False)
+        assert len(first.done) == len(again.skipped) == 2 and not again.done and not again.recomputed
+        recorded = {p.name: json.loads(p.read_text())["extra"]["max_new_tokens"] for p in first.done}
+        assert recorded == {"tiny_passkey_260.json": budget, "tiny_inc_state_260.json": extra.get("max_new_tokens", 12)}
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     import tempfile
 

@@ -12,13 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..data.tasks import decode_budget
-from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..experiments import build_prompts, write_result
 from ..models import LoadedModel
 from ..records import DetectResult, score_unit
 from .grid import Grid
-from .plan import Unit
+from .plan import Unit, answer_budget
 
 
 def compute_unit(
@@ -33,9 +31,7 @@ def compute_unit(
     ``on_phase(text)``, a context manager, wraps a long phase that moves no bar (saving attention rows;
     :func:`~retrieval_heads.console.phase`)."""
     groups = build_prompts(lm, unit.questions, unit.tokens, grid.samples, unit.depth, grid.seed)
-    # each question's answer budget: a task's own unless the grid sets one other than the default
-    budget = {q: decode_budget(q) if grid.max_new_tokens == DEFAULT_MAX_NEW_TOKENS else grid.max_new_tokens
-              for q in unit.questions}
+    budget = {q: answer_budget(grid, q) for q in unit.questions}  # a task's own, unless the grid sets one
     return score_unit(lm, groups, grid.methods, grid.span.split(","), tokens=unit.tokens,
                       needle_position=unit.depth, seed=grid.seed, answers=grid.answers, max_new_tokens=budget,
                       rank_by=grid.rank_by, batch_size=grid.batch_size, save_attention=grid.save_attention,
