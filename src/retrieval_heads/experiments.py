@@ -32,7 +32,7 @@ from .lock import holds_output_dir
 from .methods import METHODS
 from .models import LoadedModel, load_model
 from .onepass import score_prompts  # noqa: F401  (part of this module's API)
-from .records import DetectResult, experiment_record, score_unit, synthetic_record  # noqa: F401  (this module's API)
+from .records import DetectResult, experiment_record, score_unit  # noqa: F401  (this module's API)
 from .results import check_result_folder, make_provenance, result_path, safe_key, sample_rows, samples_path
 
 # detect's defaults per question (retrieval_heads.defaults): with none given, the passkey task, where the
@@ -259,6 +259,9 @@ def detect(
     With ``save_attention`` K > 0, each result also gets the last prompt token's attention rows of its top-K
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
     methods), written beside it as ``.attention.npz`` and kept in ``DetectResult.attention``.
+
+    The scores and records come from :func:`~retrieval_heads.records.score_unit`, with the prompts as a unit of
+    one question: the sweep's own path, so a one-unit sweep of the same settings writes the same files.
 
     Returns a :class:`Detection`, {result name: :class:`DetectResult`}, whatever the number of results; one of
     a single result also answers ``.scores``, ``.top()``, ``.record``, ... for it (:class:`AmbiguousResult`

@@ -207,7 +207,7 @@ def experiment_record(
     seed: int, sample_scores: torch.Tensor, extra: dict, provenance: dict, added: dict | None = None,
     rank_by: str = "score",
 ) -> dict:
-    """The one builder of an experiment's result record (:func:`score_unit`'s, :func:`synthetic_record`'s):
+    """The one builder of an experiment's result record (:func:`score_unit`'s):
     ``method`` is the result's name, ``question`` its key; the scores are the sum of the per-sample scores
     (S, L, H) over samples; the dtype is the model's. ``extra``, ``provenance``, ``added`` and ``rank_by``
     as in :func:`~retrieval_heads.results.make_record`."""
@@ -219,18 +219,3 @@ def experiment_record(
         rank_by=rank_by, provenance=provenance, attention_layers=attention_layers(lm.model.config),
     )
 
-
-def synthetic_record(
-    lm: LoadedModel, method: str, question: str, tokens: int, needle_position: float, seed: int,
-    sample_scores: torch.Tensor, added: dict | None = None, rank_by: str = "score", answered: dict | None = None,
-) -> dict:
-    """The result record ``detect`` writes for ``method`` (a method's name, or a span's result name such as
-    ``summed_attention+answer``) on synthetic samples of ``question``, from per-sample scores (S, L, H)
-    computed elsewhere; ``added`` and ``rank_by`` as in :func:`~retrieval_heads.results.make_record`.
-    ``answered``: the answers' accuracy fields and ``max_new_tokens``, as ``detect(answers=True)`` records
-    them (None: no answers asked for)."""
-    extra = {"num_key_value_heads": lm.num_kv_heads, **(answered or {}),
-             "success_only": METHODS.get(method.split("+", 1)[0]).success_only}  # a span's result: its method's
-    return experiment_record(lm, method, question, question_text(question), tokens, needle_position, seed,
-                             sample_scores, extra=extra, provenance=make_provenance(lm.identity), added=added,
-                             rank_by=rank_by)

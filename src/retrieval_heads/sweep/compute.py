@@ -1,7 +1,7 @@
 """One unit of work: a loaded model + a unit -> one result per experiment, and the one writer of results.
 
-- :func:`compute_unit`: one :class:`~retrieval_heads.experiments.DetectResult` per experiment; no file is
-  touched;
+- :func:`compute_unit`: one :class:`~retrieval_heads.records.DetectResult` per experiment, from the grid's
+  settings by :func:`~retrieval_heads.records.score_unit` (the path ``detect`` takes); no file is touched;
 - :func:`write`: the one writer, atomic (samples file first, result JSON last; see
   :func:`~retrieval_heads.experiments.write_result`).
 """
