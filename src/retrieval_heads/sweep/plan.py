@@ -64,8 +64,9 @@ def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> 
         if k in record and record[k] != v:
             return f"{k} {record[k]!r} (this sweep: {v!r})"
     extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
-    if decodes(grid) and "max_new_tokens" in extra and isinstance(record.get("question"), str):
-        want_budget = answer_budget(grid, record["question"])
+    if decodes(grid) and "max_new_tokens" in extra:
+        q = record.get("question")
+        want_budget = answer_budget(grid, q) if isinstance(q, str) else grid.max_new_tokens
         if extra["max_new_tokens"] != want_budget:
             return f"max_new_tokens {extra['max_new_tokens']!r} (this sweep: {want_budget!r})"
     return None
