@@ -83,6 +83,11 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
         "max_new_tokens 12 (this sweep: 50)"
     assert _settings_mismatch(record, make_grid(method="retrieval_score", max_new_tokens=50)) is not None
     assert _settings_mismatch(record, make_grid(max_new_tokens=50)) is None  # no answers decoded: no matter
+    # a task decodes (and records) its own budget unless the grid sets another: passkey's 38 is no mismatch
+    task = dict(record, question="passkey", extra={"accuracy": 0.5, "max_new_tokens": 38})
+    assert _settings_mismatch(task, make_grid(answers=True, questions="passkey")) is None
+    assert _settings_mismatch(task, make_grid(answers=True, questions="passkey", max_new_tokens=50)) == \
+        "max_new_tokens 38 (this sweep: 50)"
 
 
 def test_preflight_does_not_wait_on_an_unreachable_hub(tmp_path, monkeypatch):
