@@ -352,8 +352,20 @@ def _umask() -> int:
 
 def make_report(results_dir: str | Path, out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
                 top: int = 20) -> tuple[Report, Path]:
-    """Build and write the report; returns it and its folder (default ``RESULTS_DIR/report``)."""
+    """Build and write the report; returns it and its folder (default ``RESULTS_DIR/report``).
+
+    It holds the results-dir lock on the folder it writes into (:func:`retrieval_heads.lock.writing_into`,
+    as ``export`` and ``ablate`` do) from before it reads until the report is in place: UserError at once,
+    naming the holder, while a sweep or a detect writes there (nothing is written); a sweep does not start
+    meanwhile. An earlier report a killed run moved aside is put back first, and temp folders it left are
+    removed (:func:`retrieval_heads.leftovers.recover_folder`).
+    """
+    from ..leftovers import recover_folder
+    from ..lock import writing_into
+
     out = default_out(results_dir, out_dir)
-    report = build(results_dir, out, resamples, seed, top)
-    write(report, out)
+    with writing_into(out):
+        recover_folder(out)
+        report = build(results_dir, out, resamples, seed, top)
+        write(report, out)
     return report, out
