@@ -164,7 +164,8 @@ def _overview(col: Collection) -> tuple[list[Block], list[str]]:
     rows, lengths, n_rows, n_lengths = figures.grid_layout(col.experiments)
     caption, notes = "All experiments (colours scaled per panel)", []
     if (len(rows), len(lengths)) != (n_rows, n_lengths):
-        shown = f"{len(rows)} of {n_rows} rows and {len(lengths)} of {n_lengths} lengths"
+        shown = " and ".join(f"{k} of {n} {what}" for k, n, what in ((len(rows), n_rows, "rows"),
+                                                                     (len(lengths), n_lengths, "lengths")) if k < n)
         caption = f"Experiments at {shown} (colours scaled per panel)"
         notes.append(f"`figures/grid.png` shows {shown} (at most {figures.GRID_ROWS} rows, the first, and "
                      f"{figures.GRID_LENGTHS} lengths, evenly spaced, the shortest and the longest included); every "
