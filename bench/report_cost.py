@@ -8,7 +8,7 @@ rounds (interleaved: this tree, before, this tree, ...), at the sizes up to ``--
 code took over 10 minutes at 530), and the two reports are compared: every experiment's heatmap PNG byte for
 byte, and report.md line for line (they differ only where the pairs and the grid are bounded: see Notes).
 
-    git archive 4b798cd~2 src | tar -x -C /tmp/report_before
+    git archive e825332 src | tar -x -C /tmp/report_before
     nice -n 10 env OMP_NUM_THREADS=1 python bench/report_cost.py --sizes 50 100 530 --before /tmp/report_before/src
 """
 
@@ -107,9 +107,11 @@ def main() -> None:
           "report.md changes only where a bound applies: the notes naming the bounded consistency pairs and the "
           "grid's shown lengths, the consistency paragraph, the grid's caption and the per-dimension pair count "
           "and means.", "", f"Command: `{record['command']}`", "", *machine_lines(m), ""]
-    for n, entry in record["sizes"].items():
-        for line in entry.get("compare", {}).get("md_lines_changed", [])[:12]:
-            md.append(f"    {n}: {line[:160]}")
+    changed = [(n, line) for n, entry in record["sizes"].items()
+               for line in entry.get("compare", {}).get("md_lines_changed", [])[:12]]
+    if changed:
+        md += ["The lines of report.md that differ (`-` before, `+` this tree; cut at 160 characters):", ""]
+        md += [f"    {n}: {line[:160]}" for n, line in changed]
     js, mdp = write_results(args.out, record, "\n".join(md) + "\n")
     print(f"wrote {mdp} and {js}")
 
