@@ -102,6 +102,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as e:  # a path no system call can take, wherever it is first used
+        why = unusable_path(e)
+        if why is None:
+            raise
+        print(f"error: {single_line(why)}", file=sys.stderr)
+        return 2
+
+
+def unusable_path(e: BaseException) -> str | None:
+    """The one-line reason for a path given by the user that no system call can take (a name or path too long
+    for the file system, a loop of symbolic links), or None for any other error. Found wherever the path is
+    first used (``Path.is_dir`` raises for them), before anything is written: writes are atomic.
+
+    >>> unusable_path(OSError(36, "File name too long", "x" * 300))[:40]
+    'cannot use the path xxxxxxxxxxxxxxxxxxxx'
+    """
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+        path, reason = str(e.filename), e.strerror
+    elif type(e) is RuntimeError and str(e).startswith("Symlink loop from "):  # Path.resolve(), Python < 3.13
+        path, reason = str(e).removeprefix("Symlink loop from ").strip("'"), "a loop of symbolic links"
+    else:
+        return None
+    shown = path if len(path) <= 200 else f"{path[:120]}...{path[-60:]} ({len(path)} characters)"
+    return f"cannot use the path {shown}: {reason}"
 
 
 _BREAKS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}

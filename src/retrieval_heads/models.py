@@ -248,7 +248,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
-    check_tokenizer(model, tok)  # a folder without tokenizer files gets an empty one
+    check_tokenizer(model, tok, config)  # a folder without tokenizer files gets an empty one
     check_weights_complete(model, info)
     if not device_map:
         try:

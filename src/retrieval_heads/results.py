@@ -60,6 +60,7 @@ def depth_text(depth: float) -> str:
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not math.isfinite(depth) \
             or not 0 <= depth <= 1:
         raise UserError(f"needle_position: expected a number in [0, 1], got {depth!r}")
+    depth += 0.0  # -0.0 is 0.0: one name for one depth
     for decimals in range(2, 40):
         text = f"{depth:.{decimals}f}"
         if float(text) == depth:

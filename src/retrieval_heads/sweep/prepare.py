@@ -53,7 +53,7 @@ def preflight(grid: Grid) -> None:
                 raise UserError(f"cannot load model {m!r}: it is not in the local hub cache and {offline_why}"
                                 f"{hint}") from None
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
-        check_tokenizer(m, tokenizer)
+        check_tokenizer(m, tokenizer, config)
         for depth in grid.needle_positions:
             question_groups(tokenizer, grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
