@@ -1,0 +1,244 @@
+"""A fifth round of hostile input: a result ablated in another model, an output naming another result, paths
+no system call can take (too long, loops of links), chat templates that fail, a tokenizer larger than the
+model's vocabulary, answers that run past a model's last position, a relative XDG_CACHE_HOME and a depth of
+-0.0. The whole list of cases tried is in docs/reliability.md ("Fifth hostile pass").
+
+Fast: results are built with ``results.make_record``; tiny random models are saved with SmolLM2's tokenizer
+and the CLI runs in process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import cli, one_line
+from retrieval_heads.errors import UserError
+from retrieval_heads.io import atomic_write_json
+from retrieval_heads.results import make_provenance, make_record, result_path
+from test_guards import put
+
+
+def tokenizer_folder(d, config):
+    """A model folder holding ``config`` and SmolLM2's tokenizer files, no weights: enough for sweep's check
+    of each model before the lock (config and tokenizer)."""
+    from retrieval_heads.models import smollm2_path
+
+    d.mkdir(parents=True)
+    for f in smollm2_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, d / f.name)
+    config.save_pretrained(d)
+    return d
+
+
+def result_of(folder, out, tokens=256):
+    """A valid result made, as its provenance says, by the model in ``folder`` (2 x 4 heads)."""
+    from retrieval_heads.models import model_identity
+
+    rec = make_record(method="summed_attention", model_key="tiny", model_name=str(folder), question="inc_state",
+                      question_prompt="Q", total_tokens=tokens, needle_position=0.5,
+                      scores=torch.rand(2, 4, generator=torch.Generator().manual_seed(0)), samples_processed=1,
+                      seed=0, dtype="float32", provenance=make_provenance(model_identity(str(folder))))
+    path = result_path(out, "summed_attention", "tiny", "inc_state", tokens)
+    atomic_write_json(path, rec)
+    return path
+
+
+# --- a result never passes for another model's --------------------------------------------------------------
+
+
+def test_ablate_refuses_a_model_other_than_the_one_that_made_the_result(tmp_path, capfd, monkeypatch):
+    """``ablate R --model OTHER`` with the same head grid removed R's heads from OTHER and filed the curve as
+    R's model (model_key and model_name of R): refused before loading. A copy of the folder is the same
+    model (same weights' SHA-256) and passes."""
+    monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(tmp_path / "cache"))  # the weights-hash cache
+    a, b = tmp_path / "a", tmp_path / "b"  # the check runs before loading: a config and weights' bytes suffice
+    for folder, weights in ((a, b"weights of a"), (b, b"weights of b")):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+    path = result_of(a, tmp_path / "res")
+    out = tmp_path / "curve.json"
+    line = one_line(*cli(capfd, "ablate", path, "--model", b, "--k", 0, 1, "--draws", 0, "--out", out)[::2],
+                    f"{path} was made by another model than {b}: weights sha256 ")
+    assert "pass the model that made it with --model" in line and not out.exists()
+    import retrieval_heads.ablation as ablation
+
+    def loaded(*a, **k):
+        raise UserError("would load")
+
+    monkeypatch.setattr(ablation, "load_model", loaded)
+    shutil.copytree(a, tmp_path / "copy")
+    one_line(*cli(capfd, "ablate", path, "--model", tmp_path / "copy", "--k", 0, 1, "--draws", 0, "--out", out)[::2],
+             "would load")
+    # where the weights are unknown, the source decides; null fields are not compared
+    from retrieval_heads.ablation import other_model
+
+    rec = json.loads(path.read_text())
+    rec["provenance"]["model"].update(weights_sha256=None)
+    assert "source" in other_model(rec, {"source": "/elsewhere", "revision": None, "weights_sha256": "f" * 64})
+    rec["provenance"]["model"].update(source=None)
+    assert other_model(rec, {"source": "/elsewhere", "revision": None, "weights_sha256": "f" * 64}) is None
+
+
+# --- an output never replaces a result ----------------------------------------------------------------------
+
+
+def test_an_export_or_ablation_never_replaces_another_result(tmp_path, capfd):
+    """``export A --out B`` or ``ablate A --out B`` where B is another experiment's result (or its samples or
+    attention file) replaced it with a head list or a curve: the result was lost. Refused, B intact; any
+    other existing file may still be replaced."""
+    a = put(tmp_path / "res", tokens=256)
+    b = put(tmp_path / "res", tokens=320, seed=1)
+    samples, attention = b.with_suffix(".samples.jsonl"), b.with_suffix(".attention.npz")
+    samples.write_text("{}\n")
+    attention.write_bytes(b"PK")
+    before = {p: p.read_bytes() for p in (b, samples, attention)}
+    for target, what in ((b, "a result"), (samples, "a samples file"), (attention, "an attention file")):
+        for argv in (["export", a, "--format", "qrhead", "--out", target], ["ablate", a, "--k", 0, "--out", target]):
+            if argv[0] == "ablate" and target.suffix != ".json":
+                continue  # refused for its suffix already
+            one_line(*cli(capfd, *argv)[::2], f"--out {target} holds {what}; an output never replaces one")
+    assert {p: p.read_bytes() for p in before} == before
+    other = tmp_path / "notes.json"
+    other.write_text('{"mine": 1}')
+    rc, _, err = cli(capfd, "export", a, "--format", "qrhead", "--out", other)
+    assert rc == 0 and other.read_text().count("-") == 8, err
+
+
+# --- paths no system call can take --------------------------------------------------------------------------
+
+
+def test_paths_too_long_or_looping_are_one_line_everywhere(tmp_path, capfd):
+    """A 300-character name, a path over PATH_MAX and a loop of symbolic links gave OSError or RuntimeError
+    ("Symlink loop") tracebacks wherever ``Path.is_dir`` or ``Path.resolve`` first met them (detect's and
+    sweep's model, report's folders, export's and ablate's --out, ablate's RESULT and dataset)."""
+    path = put(tmp_path / "res")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    paths = {"long name": tmp_path / ("x" * 300), "long path": tmp_path / "/".join(["d" * 200] * 25),
+             "loop": tmp_path / "loop", "under a loop": tmp_path / "loop" / "x"}
+    for kind, p in paths.items():
+        reason = "a loop of symbolic links" if "loop" in kind else "File name too long"
+        for argv in (["detect", "--model", p, "--output-dir", tmp_path / "o"],
+                     ["sweep", "--models", p, "--output-dir", tmp_path / "o"],
+                     ["report", tmp_path / "res", "--out", p],
+                     ["export", path, "--format", "qrhead", "--out", p],
+                     ["ablate", path, "--k", 0, "--out", f"{p}.json"],
+                     ["ablate", path, "--k", 0, "--dataset", p, "--model", "smollm2"]):
+            rc, _, err = cli(capfd, *argv)
+            if rc == 2 and "cannot use the path" not in err:  # already refused with a line of its own
+                one_line(rc, err)
+                continue
+            line = one_line(rc, err, "cannot use the path ")
+            assert line.endswith(reason) and len(line) < 400, (kind, argv, line)
+    assert sorted(os.listdir(tmp_path)) == ["loop", "res"]
+
+
+# --- model files that do not fit ----------------------------------------------------------------------------
+
+TEMPLATES = {
+    "raises": ('{{ raise_exception("boom") }}', "the model's chat template fails: TemplateError: boom"),
+    "escapes the sandbox": ("{{ ''.__class__.__mro__ }}", "fails: SecurityError: access to attribute '__class__'"),
+    "too big a range": ("{% for i in range(10**9) %}x{% endfor %}", "fails: OverflowError: Range too big"),
+    "malformed": ("{% if %}", "fails: TemplateSyntaxError: "),
+    "drops the message": ("hello", "does not hold the user's message exactly once"),
+    "repeats it": ("{{ messages[0]['content'] }}{{ messages[0]['content'] }}", "exactly once"),
+}
+
+
+def test_a_chat_template_that_fails_is_one_line(tmp_path, capfd):
+    """A model folder's chat template (jinja, run in transformers' sandbox) that raises, breaks the sandbox's
+    rules, or does not hold the user's message once gave a jinja2 traceback or a ValueError from unpacking;
+    no code ever ran (the sandbox), but the line must say what is wrong."""
+    from transformers import AutoTokenizer
+
+    from retrieval_heads.data.prompt import PromptFormat
+    from retrieval_heads.models import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    assert PromptFormat(tok).chat  # the reference: SmolLM2's own template frames a prompt
+    for name, (template, msg) in TEMPLATES.items():
+        tok.chat_template = template
+        with pytest.raises(UserError, match=re.escape(msg)):
+            PromptFormat(tok)
+    from transformers import LlamaConfig
+
+    folder = tokenizer_folder(tmp_path / "m", LlamaConfig(vocab_size=49152, num_hidden_layers=1,
+                                                                 max_position_embeddings=512))
+    (folder / "chat_template.jinja").write_text(TEMPLATES["raises"][0])
+    one_line(*cli(capfd, "sweep", "--models", folder, "--tokens", 256, "--samples", 1, "--output-dir",
+                  tmp_path / "o")[::2], TEMPLATES["raises"][1])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(tmp_path, capfd):
+    """config.json of a model with a 2-token vocabulary beside SmolLM2's 49,152-token tokenizer: the first
+    forward pass raised ``IndexError: index out of range in self``. Refused when the model is checked (sweep
+    before the lock) or loaded (detect)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=2, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=1, bos_token_id=0)
+    folder = tokenizer_folder(tmp_path / "m", config)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    msg = f"the tokenizer of '{folder}' has 49152 tokens but the model's embeddings only 2"
+    for argv in (["sweep", "--models", folder, "--questions", "inc_state", "--tokens", 256, "--samples", 1],
+                 ["detect", "--model", folder, "--question", "inc_state", "--tokens", 256, "--samples", 1]):
+        one_line(*cli(capfd, *argv, "--output-dir", tmp_path / "o")[::2], msg)
+        assert not (tmp_path / "o").exists()
+
+
+def test_answers_stop_at_the_models_last_position(smollm2_tokenizer):
+    """GPT-2's position embedding ends at n_positions: a prompt near it, answered greedily, indexed past it
+    (an IndexError traceback after the scores were computed). Decoding stops at the last position (as
+    transformers' generate stops at its max length); ablate, which teacher-forces the gold answer after the
+    answer, checks the room before any pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retrieval_heads.ablation import check_room
+    from retrieval_heads.data.prompt import PromptSample
+    from retrieval_heads.generation import greedy_decode
+    from retrieval_heads.models import LoadedModel
+
+    torch.manual_seed(0)
+    P, N = 40, 37
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=P)).eval()
+    answers, _ = greedy_decode(model, torch.randint(0, 64, (2, N)), 50, lambda ids, tok: False)
+    assert [len(a) for a in answers] == [P - N + 1] * 2  # fed at positions N .. P-1, one more predicted
+    lm = LoadedModel(model, smollm2_tokenizer, "g", "g")
+    prompt = PromptSample(list(range(N)), 2, 5, N - 3, "q", "Delaware")
+    with pytest.raises(UserError, match=f"a {N}-token prompt leaves no room for the answers \\(12 tokens with "
+                                        f"--max-new-tokens\\) and the gold answer within the {P} positions of g"):
+        check_room(lm, [prompt], 12)
+    check_room(lm, [PromptSample(list(range(20)), 2, 5, 17, "q", "Delaware")], 12)  # 20 + 12 + gold fit
+
+
+# --- environment and names ----------------------------------------------------------------------------------
+
+
+def test_a_relative_xdg_cache_home_is_ignored(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME=cache (relative) put the model cache, a 500 MB conversion, under whatever folder the
+    command ran in; the XDG spec says a relative path is invalid and is to be ignored."""
+    from retrieval_heads.modelcache import user_cache_base
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    assert user_cache_base() == str(tmp_path / ".cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_base() == str(tmp_path / "xdg")
+
+
+def test_a_depth_of_minus_zero_is_filed_as_zero():
+    """``--needle-position -0.0`` (it lies in [0, 1]) was filed as ``..._d-0.00.json``, a name no reader parses,
+    beside the depth-0 result of the same experiment."""
+    from retrieval_heads.results import file_name, parse_file_name
+
+    assert file_name("m", "q", 256, -0.0) == file_name("m", "q", 256, 0.0) == "m_q_256_d0.00.json"
+    assert parse_file_name(file_name("m", "q", 256, -0.0)) == ("m_q", 256, 0.0)
+
