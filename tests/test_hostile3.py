@@ -242,3 +242,43 @@ def test_a_depth_of_minus_zero_is_filed_as_zero():
     assert file_name("m", "q", 256, -0.0) == file_name("m", "q", 256, 0.0) == "m_q_256_d0.00.json"
     assert parse_file_name(file_name("m", "q", 256, -0.0)) == ("m_q", 256, 0.0)
 
+
+
+# --- a result's key against what made it ---------------------------------------------------------------------
+
+CLAIMS = {  # (model_key, provenance identity, dataset file or None): the contradiction's line
+    "builtin_key_other_source": ("smollm2", {"source": "/data/tiny"}, None,
+                                 "model_key 'smollm2' is a built-in model, but provenance.model.source is '/data/tiny'"),
+    "builtin_source_other_key": ("tiny", {"source": "instruct"}, None,
+                                 "provenance.model.source is the built-in model 'instruct', but model_key is 'tiny'"),
+    "builtin_question_from_a_dataset": ("tiny", None, "mine.jsonl", "question 'inc_state' is a built-in question, "
+                                        "but provenance.dataset says its samples came from 'mine.jsonl'"),
+}
+
+
+@pytest.mark.parametrize("claim", list(CLAIMS))
+def test_a_result_claiming_a_builtin_model_or_question_it_was_not_made_with_passes_nowhere(claim, tmp_path, capfd):
+    """Fields edited, checksum recomputed and the file renamed to match: a tiny model's result keyed
+    ``smollm2``, or a dataset's result keyed as a built-in question, passed for that experiment in report,
+    export and ablate (which rebuilds the built-in question's samples for it). Its provenance says otherwise."""
+    key, identity, data_file, msg = CLAIMS[claim]
+    data = None
+    if data_file:
+        data = tmp_path / data_file
+        data.write_text("{}\n")
+    rec = make_record(method="summed_attention", model_key=key, model_name="x", question="inc_state",
+                      question_prompt="Q", total_tokens=256, needle_position=0.5, scores=torch.rand(2, 4),
+                      samples_processed=1, seed=0, dtype="float32", provenance=make_provenance(identity, data))
+    path = result_path(tmp_path / "res", "summed_attention", key, "inc_state", 256)
+    atomic_write_json(path, rec)
+    for argv in (["report", tmp_path / "res", "--out", tmp_path / "rep"],
+                 ["export", path, "--format", "qrhead", "--out", tmp_path / "x.txt"],
+                 ["ablate", path, "--k", 0, "--out", tmp_path / "a.json"]):
+        one_line(*cli(capfd, *argv)[::2], f"{path}: {msg}")
+    assert sorted(os.listdir(tmp_path)) == sorted(["res"] + ([data_file] if data_file else []))
+    rec = make_record(method="summed_attention", model_key=key, model_name="x", question="inc_state",
+                      question_prompt="Q", total_tokens=256, needle_position=0.5, scores=torch.rand(2, 4),
+                      samples_processed=1, seed=0, dtype="float32", provenance=make_provenance(None))
+    atomic_write_json(path, rec)  # unknown provenance fields: nothing to contradict
+    rc, _, err = cli(capfd, "export", path, "--format", "qrhead")
+    assert rc == 0, err

@@ -390,7 +390,9 @@ def structure_problem(record: dict) -> str | None:
     if kv is not None and (not _is_int(kv) or kv <= 0):
         return f"extra.num_key_value_heads is not a positive whole number ({kv!r})"
     if "provenance" in record:
-        return _provenance_problem(record["provenance"])
+        from .claims import claim_problem  # the key the fields claim, against what produced the result
+
+        return _provenance_problem(record["provenance"]) or claim_problem(record)
     return None
 
 
