@@ -282,3 +282,20 @@ def test_a_result_claiming_a_builtin_model_or_question_it_was_not_made_with_pass
     atomic_write_json(path, rec)  # unknown provenance fields: nothing to contradict
     rc, _, err = cli(capfd, "export", path, "--format", "qrhead")
     assert rc == 0, err
+
+
+def test_a_linked_folder_in_a_results_folder_is_named_not_left_out(tmp_path, capfd):
+    """``report`` reads ``*.json`` below the results folder without following links to folders: the results of
+    a linked method folder were left out without a word (all of them: "no result files"; some: a report
+    without them). One line names the link; a linked result file is read."""
+    put(tmp_path / "elsewhere", tokens=320)
+    a = put(tmp_path / "res", tokens=256)
+    (tmp_path / "res" / "other").symlink_to(tmp_path / "elsewhere" / "summed_attention")
+    one_line(*cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep")[::2],
+             f"{tmp_path / 'res' / 'other'} is a symbolic link to a folder; the report does not read results")
+    assert not (tmp_path / "rep").exists()
+    (tmp_path / "res" / "other").unlink()
+    (tmp_path / "res" / "summed_attention" / "m_inc_state_320.json").symlink_to(
+        tmp_path / "elsewhere" / "summed_attention" / "m_inc_state_320.json")
+    rc, out, err = cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep")
+    assert rc == 0 and "read 2 result(s)" in out and a.exists(), err
