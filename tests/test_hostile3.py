@@ -299,3 +299,46 @@ def test_a_linked_folder_in_a_results_folder_is_named_not_left_out(tmp_path, cap
         tmp_path / "elsewhere" / "summed_attention" / "m_inc_state_320.json")
     rc, out, err = cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep")
     assert rc == 0 and "read 2 result(s)" in out and a.exists(), err
+
+
+# --- SIGTERM ------------------------------------------------------------------------------------------------
+
+TERM_AT_RENAME = """
+import os, signal, sys
+from retrieval_heads import io as rio
+from retrieval_heads.cli import main
+
+class Os:  # SIGTERM to itself when the first temp file is written and synced, before its rename
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return os.replace(src, dst)
+
+rio.os = Os()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # starts other processes
+def test_sigterm_mid_write_leaves_nothing_partial_and_keeps_earlier_outputs(tmp_path):
+    """``kill PID`` (SIGTERM, what schedulers send) killed a command at once, like SIGKILL: its temp file or
+    temp report folder and the lock's pid note stayed until a later run of the same target. It now unwinds as
+    Ctrl-C does (exit 143, one line): temp files go, earlier outputs stay."""
+    import subprocess
+    import sys
+
+    path = put(tmp_path / "res")
+    out = tmp_path / "heads.txt"
+    out.write_text("earlier export\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for argv in (["export", path, "--format", "qrhead", "--out", out],
+                 ["report", tmp_path / "res", "--out", tmp_path / "rep"]):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        proc = subprocess.run([sys.executable, "-c", TERM_AT_RENAME, *map(str, argv)], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 143 and proc.stderr.strip() == "error: interrupted; finished results are kept", \
+            (argv, proc.returncode, proc.stderr[-2000:])
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, argv
+        assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], argv

@@ -88,7 +88,31 @@ def parse(argv: List[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler's stop), raised where the process is, as Ctrl-C is: the writes in
+    progress remove their temp files and the locks their notes, finished results are kept."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+    import threading
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # never another program's own handler
+    if ours:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(argv)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: Optional[List[str]]) -> int:
     try:
         try:
             args = parse(list(sys.argv[1:] if argv is None else argv))
@@ -99,9 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"error: {single_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except (OSError, RuntimeError) as e:  # a path no system call can take, wherever it is first used
         why = unusable_path(e)
         if why is None:
