@@ -342,3 +342,19 @@ def test_sigterm_mid_write_leaves_nothing_partial_and_keeps_earlier_outputs(tmp_
             (argv, proc.returncode, proc.stderr[-2000:])
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, argv
         assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], argv
+
+
+def test_a_result_without_its_seed_or_dtype_is_not_taken_by_a_sweep():
+    """A sweep compared only the settings a result records: a seed-1 result with its ``seed`` (or ``dtype``)
+    field deleted and its checksum recomputed was taken as done by a sweep of seed 0. Every result made with
+    provenance records both, so a missing one is a mismatch; ``rank_by`` (recorded with the chance fields
+    only) is compared where present."""
+    from retrieval_heads.sweep import make_grid
+    from retrieval_heads.sweep.plan import _settings_mismatch
+
+    record = {"samples_processed": 2, "needle_position": 0.5, "seed": 0, "dtype": "float32"}
+    grid = make_grid(samples=2)
+    assert _settings_mismatch(record, grid) is None
+    for k in ("seed", "dtype"):
+        assert _settings_mismatch({x: v for x, v in record.items() if x != k}, grid) == \
+            f"{k} 'missing' (this sweep: {getattr(grid, k)!r})"
