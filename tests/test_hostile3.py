@@ -358,3 +358,17 @@ def test_a_result_without_its_seed_or_dtype_is_not_taken_by_a_sweep():
     for k in ("seed", "dtype"):
         assert _settings_mismatch({x: v for x, v in record.items() if x != k}, grid) == \
             f"{k} 'missing' (this sweep: {getattr(grid, k)!r})"
+
+
+def test_a_results_folder_named_in_other_bytes_than_utf8_reports(tmp_path, capfd):
+    """A result in a folder whose name is not UTF-8 (bytes 0xff 0xfe, as a Latin-1 system writes them): the
+    report, which shows each file's path, stopped with ``UnicodeEncodeError: surrogates not allowed``
+    when writing report.md. Such bytes are now written as ``\\udcff``."""
+    src = put(tmp_path / "elsewhere")
+    folder = tmp_path / "res" / os.fsdecode(b"run-\xff\xfe")
+    folder.mkdir(parents=True)
+    shutil.copy(src, folder / src.name)
+    rc, _, err = cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep")
+    assert rc == 0, err
+    assert "run-\\udcff\\udcfe/m_inc_state_256.json" in (tmp_path / "rep" / "report.md").read_text()
+    assert "run-\\udcff\\udcfe" in (tmp_path / "rep" / "report.html").read_text()
