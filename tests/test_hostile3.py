@@ -372,3 +372,29 @@ def test_a_results_folder_named_in_other_bytes_than_utf8_reports(tmp_path, capfd
     assert rc == 0, err
     assert "run-\\udcff\\udcfe/m_inc_state_256.json" in (tmp_path / "rep" / "report.md").read_text()
     assert "run-\\udcff\\udcfe" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path, capfd):
+    """A UTF-8 byte-order mark, as Windows editors write one, at the start of a result, a samples file, a
+    dataset or a grid file (JSON or TOML) was refused (``Unexpected UTF-8 BOM``; TOML: ``Invalid statement``,
+    not naming it). It is dropped; anything else stays as strict as before."""
+    from retrieval_heads.data.dataset import load_jsonl
+    from retrieval_heads.io import JSONError, parse_json
+    from retrieval_heads.sweep.grid import load_grid_file
+
+    bom = b"\xef\xbb\xbf"
+    assert parse_json(bom + b'{"a": 1}') == parse_json('\ufeff{"a": 1}') == {"a": 1}
+    with pytest.raises(JSONError):
+        parse_json(b'{"a": 1}' + bom)  # only a leading one
+    path = put(tmp_path / "res")
+    path.write_bytes(bom + path.read_bytes())
+    rc, out, err = cli(capfd, "export", path, "--format", "qrhead")
+    assert rc == 0 and out.count("-") == 8, err
+    record = {"needle": "The company is incorporated in Delaware.", "question": "Where?", "answer": "Delaware",
+              "haystack": "Words. " * 20}
+    (tmp_path / "d.jsonl").write_bytes(bom + (json.dumps(record) + "\n").encode())
+    assert load_jsonl(tmp_path / "d.jsonl")[0].answer == "Delaware"
+    (tmp_path / "g.toml").write_bytes(bom + b'models = ["smollm2"]\ntokens = [256]\n')
+    (tmp_path / "g.json").write_bytes(bom + b'{"models": ["smollm2"], "tokens": [256]}')
+    assert load_grid_file(tmp_path / "g.toml") == load_grid_file(tmp_path / "g.json") == \
+        {"models": ["smollm2"], "tokens": [256]}
