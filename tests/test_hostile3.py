@@ -398,3 +398,22 @@ def test_a_byte_order_mark_is_not_data(tmp_path, capfd):
     (tmp_path / "g.json").write_bytes(bom + b'{"models": ["smollm2"], "tokens": [256]}')
     assert load_grid_file(tmp_path / "g.toml") == load_grid_file(tmp_path / "g.json") == \
         {"models": ["smollm2"], "tokens": [256]}
+
+
+def test_a_folder_where_a_sweep_writes_a_result_is_found_before_any_work(tmp_path):
+    """``OUT/summed_attention/m_q_256.json/`` a folder: the sweep counted the result as corrupt, computed it,
+    and only then failed to write it (``Is a directory``). The lock, which knows every file the sweep may
+    write, now names it before anything is computed, and leaves no note."""
+    from retrieval_heads.lock import results_lock
+
+    out = tmp_path / "res"
+    target = out / "summed_attention" / "m_q_256.json"
+    target.mkdir(parents=True)
+    own = [target, target.with_suffix(".samples.jsonl")]
+    with pytest.raises(UserError, match=f"^{re.escape(str(target))} is a folder where a result file goes"):
+        with results_lock(out, "sweep", own):
+            pass
+    assert sorted(p.name for p in out.rglob("*")) == ["m_q_256.json", "summed_attention"]
+    target.rmdir()
+    with results_lock(out, "sweep", own):  # the reference: a missing file is fine
+        pass
