@@ -417,3 +417,27 @@ def test_a_folder_where_a_sweep_writes_a_result_is_found_before_any_work(tmp_pat
     target.rmdir()
     with results_lock(out, "sweep", own):  # the reference: a missing file is fine
         pass
+
+
+@pytest.mark.slow  # two ablations on a tiny model, a few seconds
+def test_an_ablation_on_a_dataset_names_the_dataset(tmp_path):
+    """``ablate R --dataset D`` measured on D's samples whatever R was made from (a synthetic result, or
+    another dataset's), and the curve did not say which file: it passed for an ablation on R's own samples.
+    The record now names the file and its SHA-256, as it records the seed of synthetic samples."""
+    import hashlib
+
+    from conftest import tiny_smol_lm
+    from retrieval_heads.ablation import ablate
+
+    lm = tiny_smol_lm(layers=2, positions=1024)
+    record = make_record(method="summed_attention", model_key="tiny", model_name="tiny", question="inc_state",
+                         question_prompt="Q", total_tokens=300, needle_position=0.5,
+                         scores=torch.rand(2, 4, generator=torch.Generator().manual_seed(0)), samples_processed=1,
+                         seed=0, dtype="float32")
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(json.dumps({"needle": "The company is incorporated in the State of Delaware.", "question":
+                                "In what state is the company incorporated?", "answer": "Delaware",
+                                "haystack": "The report covers revenue and costs. " * 60}) + "\n")
+    got = ablate(record, lm, ks=(0, 1), random_seeds=0, dataset=data, max_new_tokens=2).record
+    assert got["dataset"] == {"file": "held_out.jsonl", "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert "dataset" not in ablate(record, lm, ks=(0,), random_seeds=0, max_new_tokens=2).record

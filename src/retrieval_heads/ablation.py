@@ -309,6 +309,10 @@ def ablate(
     check_room(lm, prompts, max_new_tokens)
     report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=progress,
                           tokens=t, seed=s if synthetic else None, controls=controls)
+    if not synthetic:  # the samples came from this file, whatever the result was made from: say which
+        from .results import make_provenance
+
+        report["dataset"] = make_provenance(None, dataset)["dataset"]  # {file, sha256}
     if source is not None:
         report["result"] = str(source)
     return AblationResult(report, list(prompts))
