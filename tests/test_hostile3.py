@@ -441,3 +441,30 @@ def test_an_ablation_on_a_dataset_names_the_dataset(tmp_path):
     got = ablate(record, lm, ks=(0, 1), random_seeds=0, dataset=data, max_new_tokens=2).record
     assert got["dataset"] == {"file": "held_out.jsonl", "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
     assert "dataset" not in ablate(record, lm, ks=(0,), random_seeds=0, max_new_tokens=2).record
+
+
+@pytest.mark.parametrize("impl", ["evilorg/evil-kernel", "kernels-community/flash-attn2", "flash_attention_2"])
+def test_a_config_naming_a_hub_kernel_runs_no_code_unasked(impl, tmp_path, capfd):
+    """config.json's ``attn_implementation`` naming a hub kernel (``org/kernel``), or ``flash_attention_2``
+    (transformers fetches ``kernels-community/flash-attn2`` where the package is missing): transformers
+    downloaded and loaded native code from the hub without --trust-remote-code (online, from publishers the
+    hub trusts; offline, from the local cache with no publisher check at all). Refused before any file is
+    loaded unless --trust-remote-code; torch's own implementations pass."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, num_hidden_layers=1, max_position_embeddings=512)
+    folder = tokenizer_folder(tmp_path / "m", config)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(saved, attn_implementation=impl)))
+    msg = f"the config.json of '{folder}' asks for attention implementation '{impl}', whose code comes from the hub"
+    for argv in (["sweep", "--models", folder, "--questions", "inc_state", "--tokens", 256, "--samples", 1],
+                 ["detect", "--model", folder, "--question", "inc_state", "--tokens", 256, "--samples", 1]):
+        one_line(*cli(capfd, *argv, "--output-dir", tmp_path / "o")[::2], msg)
+        assert not (tmp_path / "o").exists()
+    from retrieval_heads.hf import check_attention_code
+
+    config._attn_implementation = impl
+    check_attention_code("m", config, trust_remote_code=True)  # asked for: allowed
+    for ok in ("eager", "sdpa", None):
+        config._attn_implementation = ok
+        check_attention_code("m", config, trust_remote_code=False)

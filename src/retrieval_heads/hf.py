@@ -75,3 +75,23 @@ def check_finite(mass: torch.Tensor, logits: torch.Tensor | None = None) -> None
         )
     if logits is not None and not bool(torch.isfinite(logits).all()):
         raise NumericalError("the forward pass produced NaN/inf logits after the last layer (overflow? try --dtype float32)")
+
+
+LOCAL_ATTENTION = (None, "eager", "sdpa", "flex_attention")  # implementations whose code ships with torch
+
+
+def check_attention_code(model: str, config, trust_remote_code: bool) -> None:
+    """UserError when the model's config.json asks for an attention implementation other than torch's own
+    (``attn_implementation``: a hub kernel such as ``org/kernel``, or ``flash_attention_2``, for which
+    transformers fetches ``kernels-community/flash-attn2`` when the package is missing). Such a kernel is
+    native code from the hub, loaded from a file's field: it runs only with ``--trust-remote-code``, like a
+    model's own Python code (offline, the kernels library even skips its publisher check)."""
+    if trust_remote_code:
+        return
+    subs = [getattr(config, k, None) for k in getattr(config, "sub_configs", None) or {}]
+    for c in [config, config.get_text_config(), *subs]:
+        impl = getattr(c, "_attn_implementation", None)
+        if impl not in LOCAL_ATTENTION:
+            raise UserError(f"the config.json of {model!r} asks for attention implementation {str(impl)[:80]!r}, "
+                            "whose code comes from the hub (a kernel) or a package; it runs only with "
+                            "--trust-remote-code (or remove attn_implementation from config.json)")
