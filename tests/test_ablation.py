@@ -198,13 +198,14 @@ def test_shared_path_equals_sequential_on_smollm2(smollm2):
 
 
 def test_ablate_checks_everything_before_loading_a_model():
-    """The library function refuses bad settings before it loads the model (which here does not exist)."""
+    """The library function refuses bad settings before it loads the model (which here does not exist), naming
+    the parameter (the CLI names its flag)."""
     rec = tiny_record(torch.rand(3, 4, generator=torch.Generator().manual_seed(6)))
-    for kw, msg in [({"ks": (0, 13)}, "--k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
-                    ({"batch_size": 0}, "--batch-size must be positive"), ({"tokens": 0}, "--tokens must be positive"),
-                    ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
-                    ({"random_seeds": -1}, "--draws must lie in \\[0, 1000\\], got -1"),
-                    ({"controls": ("matched", "x")}, "--controls: unknown control 'x'")]:
+    for kw, msg in [({"ks": (0, 13)}, "^k 13 is outside 0..12"), ({"ks": (7,)}, "only 5 heads lie outside"),
+                    ({"batch_size": 0}, "^batch_size must be positive"), ({"tokens": 0}, "^tokens must be positive"),
+                    ({"max_new_tokens": 0}, "^max_new_tokens must be positive"),
+                    ({"random_seeds": -1}, "^random_seeds must lie in \\[0, 1000\\], got -1"),
+                    ({"controls": ("matched", "x")}, "^controls: unknown control 'x'")]:
         with pytest.raises(UserError, match=msg):
             ablate(rec, model="/no/such/model", **{"ks": (0, 2), **kw})
     with pytest.raises(UserError, match="checksum"):

@@ -209,7 +209,7 @@ def test_sweep_saves_attention_and_resumes(tiny_lm, tmp_path):
     s2 = run_sweep(grid, tmp_path, load=lambda *a, **k: lm, progress=False, echo=lines.append, check_models=False)
     assert s2.done == [s.done[1]] and A.attention_path(s.done[1]).exists()
     assert sum(line.startswith("skipped") for line in lines) == 1
-    with pytest.raises(UserError, match="--save-attention must be 0"):
+    with pytest.raises(UserError, match="^save_attention must be 0"):
         make_grid(models=["smollm2"], tokens=[260], save_attention=-2)
 
 

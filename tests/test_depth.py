@@ -77,16 +77,16 @@ def test_grid_depths(tmp_path):
     t = tmp_path / "g.toml"
     t.write_text('models = ["smollm2"]\nneedle_positions = [0.7, 0]\n')
     assert make_grid(**load_grid_file(t)).needle_positions == (0.7, 0.0)
-    bad = [(dict(needle_positions=[0.1, 1.5]), "--needle-positions must lie in [0, 1], got 1.5"),
-           (dict(needle_positions="-0.1"), "--needle-positions must lie in [0, 1], got -0.1"),
-           (dict(needle_positions=[float("nan")]), "--needle-positions must lie in [0, 1], got nan"),
-           (dict(needle_positions=["0.3", "0.30"]), "--needle-positions: depth 0.3 is given twice"),
+    bad = [(dict(needle_positions=[0.1, 1.5]), "needle_positions must lie in [0, 1], got 1.5"),
+           (dict(needle_positions="-0.1"), "needle_positions must lie in [0, 1], got -0.1"),
+           (dict(needle_positions=[float("nan")]), "needle_positions must lie in [0, 1], got nan"),
+           (dict(needle_positions=["0.3", "0.30"]), "needle_positions: depth 0.3 is given twice"),
            (dict(needle_positions=[]), "the grid names no needle_positions"),
            (dict(needle_positions="deep"), "needle_positions: 'deep' is not a number"),
            (dict(needle_positions=[True]), "needle_positions: expected a number or a list of numbers, got true"),
            (dict(needle_position=0.3, needle_positions=[0.1]), "give needle_position (one depth) or "
                                                                 "needle_positions (several), not both"),
-           (dict(needle_position=1.5), "--needle-position must lie in [0, 1], got 1.5")]
+           (dict(needle_position=1.5), "needle_position must lie in [0, 1], got 1.5")]  # the CLI: --needle-position
     for settings, msg in bad:
         with pytest.raises(UserError) as e:
             make_grid(models=["smollm2"], **settings)
@@ -99,7 +99,7 @@ def test_grid_depths(tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--needle-positions", "0.1", "1.5"], "error: --needle-positions must lie in [0, 1], got 1.5"),
     (["--needle-positions", "0.3", "0.30"], "error: --needle-positions: depth 0.3 is given twice"),
-    (["--needle-positions", "0.3,x"], "error: needle_positions: 'x' is not a number"),
+    (["--needle-positions", "0.3,x"], "error: --needle-positions: 'x' is not a number"),  # the flag, as above
     (["--needle-positions"], "error: argument --needle-positions: expected at least one argument"),
 ])
 def test_bad_depths_are_one_line(tmp_path, capsys, args, msg):

@@ -1,5 +1,5 @@
 """The experiment API on a tiny model: detect returns one type (a Detection), detect, the sweep and ablate build
-their prompts with one helper, and detect's and the sweep's records come from one builder."""
+their prompts with one helper, and detect's and the sweep's records come from one path."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import torch
 
 from conftest import tiny_smol_lm
 from retrieval_heads import ablate
-from retrieval_heads.chance import chance_fields
 from retrieval_heads.data.dataset import Record
 from retrieval_heads.data.prompt import PromptFormat
 from retrieval_heads.data.samples import dataset_samples, synthetic_samples
-from retrieval_heads.experiments import (AmbiguousResult, DetectResult, Detection, detect, experiment_prompts,
-                                         synthetic_record)
+from retrieval_heads.experiments import AmbiguousResult, DetectResult, Detection, detect, experiment_prompts
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +62,19 @@ def test_experiment_prompts_are_detects_and_ablates(tiny_lm):
     assert got == dataset_samples(fmt, records, 200, 0.5) and [len(p.input_ids) for p in got] == [200, 200]
 
 
-def test_synthetic_record_is_detects_record(tiny_lm):
-    """The sweep's record (synthetic_record, from scores computed elsewhere) equals detect's, field for field
-    (the timestamp aside), for a plain method and for summed_attention with its chance fields and lift order."""
-    plain = detect(tiny_lm, question="inc_year", tokens=260, samples=2, method="query_focused").result
-    rec = synthetic_record(tiny_lm, "query_focused", "inc_year", 260, 0.5, 0, plain.sample_scores)
-    strip = lambda r: {k: v for k, v in r.items() if k != "timestamp"}  # noqa: E731
-    assert strip(rec) == strip(plain.record)
-    summed = detect(tiny_lm, question="inc_year", tokens=260, samples=2, rank_by="lift").result
-    rec = synthetic_record(tiny_lm, "summed_attention", "inc_year", 260, 0.5, 0, summed.sample_scores,
-                           added=chance_fields(summed.spans), rank_by="lift")
-    assert strip(rec) == strip(summed.record) and rec["rank_by"] == "lift"
+def test_a_one_question_unit_of_the_sweep_is_detect(tiny_lm):
+    """The sweep's unit compute and detect build their records on one path: a unit of one question gives
+    detect's very records, field for field (the timestamp, and so the checksum, aside), for a plain method
+    and for summed_attention on two span kinds with its chance fields and lift order."""
+    from retrieval_heads.sweep import Unit, compute_unit, make_grid
+
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("timestamp", "checksum")}  # noqa: E731
+    for settings in (dict(method="query_focused"), dict(method="summed_attention", span="needle,answer",
+                                                        rank_by="lift")):
+        det = detect(tiny_lm, question="inc_year", tokens=260, samples=2, **settings)
+        unit = compute_unit(tiny_lm, Unit("smollm2", 260, ("inc_year",)), make_grid(samples=2, **settings))
+        assert [r.record["method"] for r in unit] == list(det)
+        for r in unit:
+            assert strip(r.record) == strip(det[r.record["method"]].record)
+            assert torch.equal(r.sample_scores, det[r.record["method"]].sample_scores)
+    assert unit[0].record["rank_by"] == "lift" and "lift" in unit[1].record

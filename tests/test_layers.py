@@ -1,9 +1,10 @@
 """The package's modules form layers that point one way: a module imports only modules of its own layer or of
 layers before it, and no two modules import each other, even through imports inside functions.
 
-The layers, bottom first: helpers (errors, registry, io, hf, leftovers, modelcache, console, defaults) < data <
+The layers, bottom first: helpers (errors, registry, io, hf, leftovers, modelcache, console) < data (and
+defaults, and the spec of every setting) <
 models (and families) < capture < methods (the scoring methods, greedy generation, chance baselines, statistics,
-attention rows) < experiments (results, the results-dir lock, detect) <
+attention rows) < experiments (results, the results-dir lock, the records of a unit, detect) <
 sweep and engines (the sweep package with its Ray engine, ablation, export) < report < commands and the CLI < the
 package's own ``__init__``.
 """
@@ -19,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache", "console"}),
-    ("data", {"data", "defaults"}),
+    ("data", {"data", "defaults", "spec"}),
     ("models", {"models", "families"}),
     ("capture", {"capture", "eager_rows"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
-    ("experiments", {"results", "attention", "attention_capture", "lock", "experiments"}),
+    ("experiments", {"results", "attention", "attention_capture", "lock", "records", "experiments"}),
     ("sweep and engines", {"sweep", "ablation", "ablation_measure", "ablation_stats", "export"}),
     ("report", {"report"}),
     ("commands", {"commands", "cli", "__main__"}),

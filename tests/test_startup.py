@@ -1,6 +1,6 @@
-"""The commands that run no model import neither torch nor transformers: ``--help``, ``report`` and
-``export`` (a fresh interpreter, checked through ``sys.modules``). The help of a command that runs a model
-(``detect --help``) lists the allowed methods and spans from the modules that define them, which import torch."""
+"""The commands that run no model import neither torch nor transformers: every ``--help`` (``detect --help``
+too: its flags, allowed values and defaults come from :mod:`retrieval_heads.spec`), ``report`` and ``export``
+(a fresh interpreter, checked through ``sys.modules``)."""
 
 from __future__ import annotations
 
@@ -60,11 +60,12 @@ def test_help_report_and_export_do_not_import_torch(tmp_path):
 
 
 @pytest.mark.slow
-def test_entry_point_help_does_not_import_torch():
-    """``retrieval-heads --help`` as a user runs it (``python -m retrieval_heads``), torch not even importable
-    by accident: a meta-path finder refuses it."""
-    got = run_fresh("""
-        import json, runpy, sys
+@pytest.mark.parametrize("command", [[], ["detect"], ["sweep"], ["report"], ["ablate"], ["export"]])
+def test_entry_point_help_does_not_import_torch(command):
+    """``retrieval-heads [COMMAND] --help`` as a user runs it (``python -m retrieval_heads``), torch not even
+    importable by accident: a meta-path finder refuses it."""
+    got = run_fresh(f"""
+        import contextlib, io, json, runpy, sys
 
         class Refuse:
             def find_spec(self, name, path=None, target=None):
@@ -72,14 +73,17 @@ def test_entry_point_help_does_not_import_torch():
                     raise ImportError("refused: " + name)
 
         sys.meta_path.insert(0, Refuse())
-        sys.argv = ["retrieval-heads", "--help"]
+        sys.argv = ["retrieval-heads", *{command!r}, "--help"]
+        out = io.StringIO()
         try:
-            runpy.run_module("retrieval_heads", run_name="__main__")
+            with contextlib.redirect_stdout(out):
+                runpy.run_module("retrieval_heads", run_name="__main__")
         except SystemExit as e:
             code = e.code
-        print(json.dumps({"code": code}))
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        print(json.dumps({{"code": code, "heavy": heavy, "usage": out.getvalue().startswith("usage: ")}}))
     """)
-    assert got == {"code": 0}
+    assert got == {"code": 0, "heavy": [], "usage": True}
 
 
 def test_builtin_method_names_are_the_registrys():

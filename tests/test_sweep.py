@@ -73,7 +73,7 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
     assert make_grid(**load_grid_file(j)).max_new_tokens == 30
     args = parse(["sweep", "--config", str(j), "--max-new-tokens", "40"])
     assert make_grid(**grid_settings(args)).max_new_tokens == 40  # the flag wins
-    for bad, msg in [(0, "--max-new-tokens must be positive"), (True, "max_new_tokens: expected a whole number")]:
+    for bad, msg in [(0, "^max_new_tokens must be positive"), (True, "max_new_tokens: expected a whole number")]:
         with pytest.raises(UserError, match=msg):
             make_grid(max_new_tokens=bad)
     record = {"samples_processed": 6, "needle_position": 0.5, "seed": 0, "dtype": "float32", "rank_by": "score",
@@ -83,6 +83,11 @@ def test_max_new_tokens_is_a_grid_setting(tmp_path):
         "max_new_tokens 12 (this sweep: 50)"
     assert _settings_mismatch(record, make_grid(method="retrieval_score", max_new_tokens=50)) is not None
     assert _settings_mismatch(record, make_grid(max_new_tokens=50)) is None  # no answers decoded: no matter
+    # a task decodes (and records) its own budget unless the grid sets another: passkey's 38 is no mismatch
+    task = dict(record, question="passkey", extra={"accuracy": 0.5, "max_new_tokens": 38})
+    assert _settings_mismatch(task, make_grid(answers=True, questions="passkey")) is None
+    assert _settings_mismatch(task, make_grid(answers=True, questions="passkey", max_new_tokens=50)) == \
+        "max_new_tokens 38 (this sweep: 50)"
 
 
 def test_preflight_does_not_wait_on_an_unreachable_hub(tmp_path, monkeypatch):
@@ -115,8 +120,8 @@ def test_grid_lists_and_checks():
     g = make_grid(models="smollm2,smollm2", questions=["all"], tokens=["1024,2048", 1024], samples="3")
     assert g.models == ("smollm2",) and g.questions == tuple(ALL) and g.tokens == (1024, 2048) and g.samples == 3
     bad = [(dict(models=[]), "names no models"), (dict(questions=["inc_stat"]), "did you mean 'inc_state'"),
-           (dict(models=["smolm2"]), "unknown model key"), (dict(tokens=[0]), "--tokens must be positive"),
-           (dict(tokens=["2k"]), "not a whole number"), (dict(samples=0), "--samples must be positive"),
+           (dict(models=["smolm2"]), "unknown model key"), (dict(tokens=[0]), "^tokens must be positive"),
+           (dict(tokens=["2k"]), "not a whole number"), (dict(samples=0), "^samples must be positive"),
            (dict(needle_position=1.5), "[0, 1]"), (dict(method="nope"), "unknown method"),
            (dict(dtype="int8"), "unknown dtype"), (dict(sample=3), "unknown grid setting 'sample'")]
     for settings, msg in bad:

@@ -163,7 +163,7 @@ def test_key_token_counts_hold(smollm2_tokenizer):
 
 
 def test_too_short_for_the_task(smollm2_tokenizer):
-    with pytest.raises(UserError, match="--tokens 60 is too small"):
+    with pytest.raises(UserError, match="tokens 60 is too small"):
         task_prompts(smollm2_tokenizer, "niah_uuid", 60, 1, 0.5, 0)
 
 

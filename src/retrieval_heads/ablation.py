@@ -49,15 +49,16 @@ from .data.dataset import load_jsonl
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.tasks import is_task
-from .errors import UserError
+from . import spec
+from .errors import ParamError, UserError
 from .experiments import check_args, experiment_prompts
 from .generation import DEFAULT_MAX_NEW_TOKENS, Answer, accuracy, answer_prompts
 from .io import atomic_write_bytes, atomic_write_files, json_bytes
 from .models import MODELS, LoadedModel, load_model, model_identity
 from .results import identity_of, load_result, validate
 
-DEFAULT_KS = (0, 5, 10, 20, 50)
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_KS = spec.default("k", "ablate")
+DEFAULT_BATCH_SIZE = spec.default("batch_size", "ablate")
 
 
 def condition(heads: Sequence[str], answers: Sequence[Answer], logps: Sequence[float],
@@ -97,7 +98,7 @@ def check_controls(controls: Sequence[str]) -> list[str]:
     out = []
     for c in controls:
         if c not in CONTROLS:
-            raise UserError(f"--controls: unknown control {c!r} (choose from {', '.join(CONTROLS)})")
+            raise ParamError("controls", f": unknown control {c!r} (choose from {', '.join(CONTROLS)})")
         if c not in out:
             out.append(c)
     return out
@@ -105,10 +106,10 @@ def check_controls(controls: Sequence[str]) -> list[str]:
 
 def check_ks(ks: Sequence[int], num_heads: int) -> list[int]:
     if not ks:
-        raise UserError("--k: give at least one number of heads")
+        raise ParamError("k", ": give at least one number of heads")
     for k in ks:
         if k < 0 or k > num_heads:
-            raise UserError(f"--k {k} is outside 0..{num_heads} (the model's heads)")
+            raise ParamError("k", f" {k} is outside 0..{num_heads} (the model's heads)")
     return sorted(set(ks))
 
 
@@ -127,10 +128,8 @@ def run_ablation(lm, record: dict, prompts: Sequence[PromptSample], ks: Sequence
     total = len(record["head_rankings"])  # a hybrid's: its attention layers' heads
     ks = check_ks(ks, total)
     controls = check_controls(controls)
-    if random_seeds < 0:
-        raise UserError(f"--draws must be >= 0, got {random_seeds}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    spec.check("random_seeds", random_seeds)
+    spec.check("batch_size", batch_size)
     kinds = controls if random_seeds else []
     for k in ks:
         for kind in kinds:
@@ -231,7 +230,7 @@ class AblationResult:
         return path, png
 
 
-MAX_RANDOM_SEEDS = 1000  # random controls per k; each is a forward pass per sample
+MAX_RANDOM_SEEDS = spec.MAX_RANDOM_SEEDS  # random controls per k; each is a forward pass per sample
 
 
 def ablate(
@@ -282,10 +281,8 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made from a dataset ({record['question']}); "
                         "pass it with --dataset")
     check_args(record["question"] if synthetic else None, t, n, record["needle_position"], batch_size, s)
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if not 0 <= random_seeds <= MAX_RANDOM_SEEDS:
-        raise UserError(f"--draws must lie in [0, {MAX_RANDOM_SEEDS}], got {random_seeds}")
+    spec.check("max_new_tokens", max_new_tokens)
+    spec.check("random_seeds", random_seeds)
     if model is None and record["model_key"] not in MODELS:  # a file's field never names a folder to load
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")

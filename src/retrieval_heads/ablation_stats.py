@@ -32,17 +32,18 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
+from . import spec
+from .errors import ParamError
 from .results import parse_head
 from .stats import holm, signed_rank_greater
 
-CONTROLS = ("matched", "random")
+CONTROLS = spec.CONTROLS
 CONTROL_NAMES = {"matched": "layer-matched random heads", "random": "unmatched random heads"}
 METRICS = ("accuracy", "logprob", "leadin_logprob")
 METRIC_NAMES = {"accuracy": "accuracy", "logprob": "gold log-prob",
                 "leadin_logprob": "gold log-prob after the lead-in"}
 TESTED = ("logprob", "leadin_logprob")  # accuracy per sample is 0/1: reported, not tested
-DEFAULT_DRAWS = 5
+DEFAULT_DRAWS = spec.default("random_seeds", "ablate")
 ALPHA = 0.05
 TEST = ("Wilcoxon signed-rank, one-sided (top-k lower than the mean of the control's draws), paired over "
         "samples; Holm over k")
@@ -61,7 +62,7 @@ def random_heads(record: dict, k: int, seed: int) -> list[str]:
     """k heads drawn uniformly, without replacement, from the heads outside the top k; reproducible."""
     outside = ranked_heads(record)[k:]
     if k > len(outside):
-        raise UserError(f"--k {k}: only {len(outside)} heads lie outside the top {k} for the random control")
+        raise ParamError("k", f" {k}: only {len(outside)} heads lie outside the top {k} for the random control")
     return sorted(random.Random(f"{seed}:{k}").sample(outside, k), key=parse_head)
 
 
@@ -73,7 +74,7 @@ def matched_heads(record: dict, k: int, seed: int) -> tuple[list[str], int]:
     ranked = ranked_heads(record)
     top = ranked[:k]
     if k > len(ranked) - k:
-        raise UserError(f"--k {k}: only {len(ranked) - k} heads lie outside the top {k} for the random control")
+        raise ParamError("k", f" {k}: only {len(ranked) - k} heads lie outside the top {k} for the random control")
     free: dict[int, list[str]] = {}
     for name in sorted(ranked[k:], key=parse_head):
         free.setdefault(parse_head(name)[0], []).append(name)

@@ -43,16 +43,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import stats
+from . import spec, stats
 from .console import bar_disabled
 from .data.prompt import PromptSample
 from .data.questions import QUESTIONS
 from .data.spans import prompt_answer_span, whole_word_spans
-from .errors import UserError
+from .errors import ParamError, UserError
 from .methods.base import SPAN_KINDS, span_result_name  # noqa: F401  (span_result_name: also read from here)
 
 SPANS = SPAN_KINDS
-RANK_BY = ("score", "lift")
+RANK_BY = spec.RANK_BY
 
 
 def span_names(span: str | Sequence[str]) -> list[str]:
@@ -60,7 +60,7 @@ def span_names(span: str | Sequence[str]) -> list[str]:
     items = [span] if isinstance(span, str) else list(span)
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
-        raise UserError("--span: no span given")
+        raise ParamError("span", ": no span given")
     for n in names:
         if n not in SPANS:
             raise UserError(f"unknown span {n!r}; choose from: {', '.join(SPANS)}")
@@ -69,7 +69,7 @@ def span_names(span: str | Sequence[str]) -> list[str]:
 
 def check_rank_by(rank_by: str) -> str:
     if rank_by not in RANK_BY:
-        raise UserError(f"unknown --rank-by {rank_by!r}; choose from: {', '.join(RANK_BY)}")
+        raise ParamError("rank_by", f" {rank_by!r}; choose from: {', '.join(RANK_BY)}", prefix="unknown ")
     return rank_by
 
 

@@ -3,8 +3,8 @@
 Each subcommand lives in ``commands/<name>.py``: ``register(commands)`` adds its parser (argparse) and the
 function that runs it; they are listed in workflow order (:data:`COMMANDS`). Options that take several
 values take them natively (``--tokens 1024 2048``). Bad input, usage errors included, ends with one line on
-stderr, ``error: ...`` (argparse's own message for a usage error), and exit code 2; no usage block, no
-traceback, no partial file.
+stderr, ``error: ...`` (argparse's own message for a usage error; a parameter named by its flag), and exit
+code 2; no usage block, no traceback, no partial file.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from . import __version__, commands
 from .errors import UserError
+from .spec import cli_message
 
 DESCRIPTION = "Find the attention heads a language model uses to retrieve facts from a long context."
 INTERRUPTED = "error: interrupted; finished results are kept"
@@ -33,8 +34,8 @@ Run `retrieval-heads COMMAND --help` for a command's options and examples."""
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples as written; each option's help ends with its allowed values (an action's
-    ``allowed``: a tuple, or ``"module:NAME"`` read only when the help is shown, since the modules that define
-    them load torch) and its default (``[default: 512]``), unless the default is None or the help already
+    ``allowed``: a tuple, or ``"module:NAME"``, a tuple, a registry or a function giving one, read only when
+    the help is shown) and its default (``[default: 512]``), unless the default is None or the help already
     names it."""
 
     def _get_help_string(self, action):
@@ -54,7 +55,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _resolve(allowed) -> list:
     if isinstance(allowed, str):
         module, _, name = allowed.partition(":")
-        return list(getattr(importlib.import_module(module), name))
+        allowed = getattr(importlib.import_module(module), name)
+        return list(allowed() if callable(allowed) else allowed)
     return list(allowed)
 
 
@@ -120,8 +122,8 @@ def _run(argv: Optional[List[str]]) -> int:
             return e.code if isinstance(e.code, int) else 0
         args.run(args)
         return 0
-    except UserError as e:
-        print(f"error: {single_line(str(e))}", file=sys.stderr)
+    except UserError as e:  # a parameter's error names its flag (spec.cli_message)
+        print(f"error: {single_line(cli_message(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(INTERRUPTED, file=sys.stderr)

@@ -8,16 +8,14 @@
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .console import bar_disabled, phase, plural
+from .console import phase
 from .data.dataset import load_jsonl
 from .data.prompt import PromptFormat, PromptSample
 from .data.questions import QUESTIONS
@@ -25,54 +23,24 @@ from .data.samples import dataset_samples
 from .data.tasks import check_question, decode_budget, is_task, question_groups, question_text
 from .defaults import DEFAULT_QUESTION, FILING, settings_for
 from . import eager_rows
-from .errors import UserError
-from .families import attention_layers
+from . import spec
+from .errors import ParamError
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .io import atomic_write_files, check_writable, json_bytes, jsonl_bytes
 from .leftovers import remove_stale_temps
 from .lock import holds_output_dir
 from .methods import METHODS
 from .models import LoadedModel, load_model
-from .onepass import measure_spans, score_prompts  # noqa: F401  (score_prompts: part of this module's API)
-from .results import check_result_folder, make_provenance, make_record, ranking, result_path, safe_key, sample_rows, samples_path
+from .onepass import score_prompts  # noqa: F401  (part of this module's API)
+from .records import DetectResult, experiment_record, score_unit  # noqa: F401  (this module's API)
+from .results import check_result_folder, make_provenance, result_path, safe_key, sample_rows, samples_path
+
+MAX_SAMPLES = spec.MAX_SAMPLES
 
 # detect's defaults per question (retrieval_heads.defaults): with none given, the passkey task, where the
 # embedded model answers and heads beat the control; a filing question keeps the seed's experiment
 DEFAULT_TOKENS = FILING.tokens  # a filing question's (the seed's experiment)
 DEFAULT_SAMPLES = FILING.samples
-
-
-@dataclass
-class DetectResult:
-    """Scores of one experiment. ``scores`` (L, H) is the sum over samples of ``sample_scores`` (S, L, H)."""
-
-    scores: torch.Tensor
-    sample_scores: torch.Tensor
-    prompts: list[PromptSample]
-    record: dict
-    path: Path | None = None
-    answers: list | None = None  # the model's greedy answers (generation.Answer), when they were asked for
-    attention: bytes | None = None  # the saved attention file (attention.pack), with save_attention
-    lift: torch.Tensor | None = None  # (L, H) score over chance baseline (a span-measuring method's results)
-    rank_by: str = "score"
-    spans: object | None = None  # chance.SpanScores: per-sample baselines, control masses, lifts
-
-    def top(self, k: int = 10) -> list[tuple[str, float]]:
-        """The top k heads as (head, score), ordered by ``rank_by``."""
-        return [(h, s) for h, s, _ in self.top_rows(k)]
-
-    def top_rows(self, k: int = 10) -> list[tuple[str, float, float | None]]:
-        """The top k heads as (head, score, lift or None), ordered by ``rank_by``."""
-        from .results import parse_head
-
-        order = ranking(self.lift if self.rank_by == "lift" and self.lift is not None else self.scores,
-                        self.record.get("attention_layers"))[:k]
-        out = []
-        for h, _ in order:
-            layer, head = parse_head(h)
-            out.append((h, float(self.scores[layer, head]),
-                        None if self.lift is None else float(self.lift[layer, head])))
-        return out
 
 
 class AmbiguousResult(AttributeError):
@@ -124,35 +92,26 @@ class Detection(Mapping[str, DetectResult]):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-MAX_SAMPLES = 100_000  # prompts are built in memory first; far above any experiment's needs
-
-
 def check_args(question: str | None, tokens: int, samples: int, needle_position: float, batch_size: int = 1,
                seed: int | None = None) -> None:
-    """The checks that need no model: fail before spending time on loading one."""
+    """The checks that need no model, the bounds the spec declares (:mod:`retrieval_heads.spec`): fail before
+    spending time on loading one. A seed must be >= 0: Python's Random would use abs(seed), and -1 would
+    repeat seed 1's samples."""
     from .results import depth_text
 
     if question is not None:
         check_question(question)
-    if tokens <= 0:
-        raise UserError(f"--tokens must be positive, got {tokens}")
-    if samples <= 0:
-        raise UserError(f"--samples must be positive, got {samples}")
-    if samples > MAX_SAMPLES:
-        raise UserError(f"--samples must be at most {MAX_SAMPLES}, got {samples}")
-    if not (isinstance(needle_position, (int, float)) and math.isfinite(needle_position) and 0 <= needle_position <= 1):
-        raise UserError(f"--needle-position must lie in [0, 1], got {needle_position}")
+    for name, value in (("tokens", tokens), ("samples", samples), ("needle_position", needle_position)):
+        spec.check(name, value)
     depth_text(needle_position)  # a depth the result's file name can hold (1e-300 cannot), before any work
-    if seed is not None and seed < 0:  # Python's Random would use abs(seed): -1 would repeat seed 1's samples
-        raise UserError(f"--seed must be >= 0, got {seed}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    spec.check("seed", seed)
+    spec.check("batch_size", batch_size)
 
 
 def check_tokens(lm: LoadedModel, tokens: int) -> None:
     limit = lm.max_positions
     if limit is not None and tokens > limit:
-        raise UserError(f"--tokens {tokens} exceeds the {limit} positions of {lm.name}")
+        raise ParamError("tokens", f" {tokens} exceeds the {limit} positions of {lm.name}")
 
 
 def build_prompts(
@@ -218,7 +177,7 @@ def method_names(method: str | Sequence[str]) -> list[str]:
     items = [method] if isinstance(method, str) else list(method)
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
     if not names:
-        raise UserError("--method: no method given")
+        raise ParamError("method", ": no method given")
     for n in names:
         METHODS.get(n)
     return list(dict.fromkeys(names))
@@ -294,12 +253,14 @@ def detect(
     heads on every sample (:mod:`retrieval_heads.attention`; one extra probed pass per sample for all
     methods), written beside it as ``.attention.npz`` and kept in ``DetectResult.attention``.
 
+    The scores and records come from :func:`~retrieval_heads.records.score_unit`, with the prompts as a unit of
+    one question: the sweep's own path, so a one-unit sweep of the same settings writes the same files.
+
     Returns a :class:`Detection`, {result name: :class:`DetectResult`}, whatever the number of results; one of
     a single result also answers ``.scores``, ``.top()``, ``.record``, ... for it (:class:`AmbiguousResult`
     when it holds several).
     """
     from . import chance
-    from .generation import accuracy, answer_prompts
 
     check_args(None if dataset else question, 1 if tokens is None else tokens, 1 if samples is None else samples,
                needle_position, batch_size, seed)
@@ -312,17 +273,11 @@ def detect(
     spans = chance.span_names(span)
     chance.check_rank_by(rank_by)
     chance.check_spans_for(spans, dataset is not None, question)
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-        raise UserError(f"--alpha must lie in (0, 1), got {alpha}")
+    spec.check("alpha", alpha)
     if max_new_tokens is None:  # the task's own (a UUID is long), else the seed's 12
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if dataset else decode_budget(question)
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if save_attention < 0:
-        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {save_attention}")
-    needs = {n: METHODS.get(n).needs for n in names}
-    track = any("answers" in x for x in needs.values())
-    want_answers = bool(answers) or success_only or track
+    spec.check("max_new_tokens", max_new_tokens)
+    spec.check("save_attention", save_attention)
     records = load_jsonl(dataset)[:samples] if dataset else None
     if output_dir is not None:
         check_writable(output_dir)  # before any work
@@ -343,118 +298,16 @@ def detect(
         qprompt = qs.pop() if len(qs) == 1 else "(per record)"
     else:
         qkey, qprompt = question, question_text(question)
-    shared = None
-    # a span-measuring method alone reads one pass per sample; anything more shares one context pass
-    if one_prefill and (want_answers or len(names) > 1 or not METHODS.get(names[0]).measures_spans):
-        from tqdm.auto import tqdm
-
-        from .onepass import score_groups
-
-        with tqdm(total=len(prompts), desc="samples", unit="sample", disable=bar_disabled(progress), file=sys.stderr,
-                  leave=False) as bar:
-            shared = score_groups(lm, [{qkey: p} for p in prompts], [qkey], names, want_answers, max_new_tokens,
-                                  batch_size, on_batch=bar.update)[qkey]
-        got = shared.answers
-    else:
-        got = answer_prompts(lm, prompts, max_new_tokens, batch_size, track_argmax=track, progress=progress) \
-            if want_answers else None
-    extra: dict = {"num_key_value_heads": lm.num_kv_heads}
-    if got is not None:
-        extra.update(accuracy(got), max_new_tokens=max_new_tokens)
-    provenance = make_provenance(lm.identity, dataset)
-    out: dict[str, DetectResult] = {}
-    for name in names:
-        m = METHODS.get(name)
-        if m.measures_spans:  # every span from the same probed passes
-            masses = shared.span_masses[name] if shared is not None else \
-                measure_spans(lm, m, prompts, batch_size, progress, desc=name)
-            for sp in m.result_spans(spans):
-                out.update(_span_result(lm, name, sp, masses, prompts, got, success_only, rank_by, alpha,
-                                        dict(qkey=qkey, qprompt=qprompt, tokens=tokens,
-                                             needle_position=needle_position, seed=seed,
-                                             extra=extra, provenance=provenance)))
-            continue
-        sample_scores = shared.scores[name] if shared is not None else \
-            score_prompts(lm, name, prompts, batch_size, progress, desc=name, answers=got)
-        rname = result_name(name, success_only)
-        if success_only and rname != name:
-            keep = torch.tensor([a.correct for a in got], dtype=sample_scores.dtype, device=sample_scores.device)
-            sample_scores = sample_scores * keep[:, None, None]  # (S, L, H), wrong answers count 0
-        total = sample_scores.sum(0)  # (L, H)
-        record = experiment_record(
-            lm, rname, qkey, qprompt, tokens, needle_position, seed, sample_scores,
-            extra=dict(extra, success_only=rname != name or METHODS.get(name).success_only), provenance=provenance,
-        )
-        out[rname] = DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got)
-    if save_attention:  # the rankings are final: one more probed pass for every method's top heads
-        from .attention_capture import for_results
-
-        with phase(f"saving the top {save_attention} heads' attention rows ({plural(len(prompts), 'sample')}) ...",
-                   progress):
-            files = for_results(lm, [(r.record, r.prompts) for r in out.values()], save_attention, batch_size)
-        for r, data in zip(out.values(), files):
-            r.attention = data
-    for r in out.values() if output_dir else ():  # written once every result (and its attention) is complete
+    # a unit of one question (the sweep's path, without its lock): every method, span and the answers
+    results = score_unit(lm, [{qkey: p} for p in prompts], names, spans, tokens=tokens,
+                         needle_position=needle_position, seed=seed, answers=bool(answers),
+                         max_new_tokens=max_new_tokens, success_only=success_only, alpha=alpha, rank_by=rank_by,
+                         batch_size=batch_size, one_prefill=one_prefill, save_attention=save_attention,
+                         question_prompts={qkey: qprompt}, provenance=make_provenance(lm.identity, dataset),
+                         progress=progress)
+    for r in results if output_dir else ():  # written once every result (and its attention) is complete
         r.path = write_result(output_dir, r.record, r.prompts, r.sample_scores, save_samples, r.answers,
                               attention=r.attention, spans=r.spans)
-    return Detection(out)
+    return Detection({r.record["method"]: r for r in results})
 
 
-def _span_result(lm, name, span, masses, prompts, got, success_only, rank_by, alpha, ident) -> dict[str, DetectResult]:
-    """One result of span-measuring method ``name`` for span kind ``span`` from the probed masses (see
-    :func:`detect`)."""
-    from .chance import chance_fields, span_result_name, span_scores
-
-    ss = span_scores(masses, prompts, span)
-    rname = result_name(name, success_only)
-    if success_only and rname != name:  # wrong answers count 0 and stay out of the test
-        keep = torch.tensor([a.correct for a in got], dtype=torch.bool)
-        for f in ("score", "baseline", "target", "control"):
-            setattr(ss, f, getattr(ss, f) * keep[:, None, None])
-        ss.tested = ss.tested & keep
-    rname = span_result_name(rname, span)
-    sample_scores = ss.score.to(lm.device, torch.float32)  # (S, L, H), the very float32 masses of the probe
-    total = sample_scores.sum(0)  # (L, H)
-    extra = ident["extra"]
-    added = chance_fields(ss, alpha, extra if "n_correct" in extra else None)
-    record = experiment_record(
-        lm, rname, ident["qkey"], ident["qprompt"], ident["tokens"], ident["needle_position"], ident["seed"],
-        sample_scores, extra=dict(extra, success_only=rname != span_result_name(name, span)),
-        provenance=ident["provenance"], added=added, rank_by=rank_by,
-    )
-    return {rname: DetectResult(total.cpu(), sample_scores.cpu(), list(prompts), record, None, answers=got,
-                                lift=ss.lift.float(), rank_by=rank_by, spans=ss)}
-
-
-def synthetic_record(
-    lm: LoadedModel, method: str, question: str, tokens: int, needle_position: float, seed: int,
-    sample_scores: torch.Tensor, added: dict | None = None, rank_by: str = "score", answered: dict | None = None,
-) -> dict:
-    """The result record ``detect`` writes for ``method`` (a method's name, or a span's result name such as
-    ``summed_attention+answer``) on synthetic samples of ``question``, from per-sample
-    scores (S, L, H) computed elsewhere (e.g. a sweep's shared prefill); ``added`` and ``rank_by`` as in
-    :func:`~retrieval_heads.results.make_record`. ``answered``: the answers' accuracy fields and
-    ``max_new_tokens``, as ``detect(answers=True)`` records them (None: no answers asked for)."""
-    extra = {"num_key_value_heads": lm.num_kv_heads, **(answered or {}),
-             "success_only": METHODS.get(method.split("+", 1)[0]).success_only}  # a span's result: its method's
-    return experiment_record(lm, method, question, question_text(question), tokens, needle_position, seed,
-                             sample_scores, extra=extra, provenance=make_provenance(lm.identity), added=added,
-                             rank_by=rank_by)
-
-
-def experiment_record(
-    lm: LoadedModel, method: str, question: str, question_prompt: str, tokens: int, needle_position: float,
-    seed: int, sample_scores: torch.Tensor, extra: dict, provenance: dict, added: dict | None = None,
-    rank_by: str = "score",
-) -> dict:
-    """The one builder of an experiment's result record (``detect``'s, the sweep's, :func:`synthetic_record`'s):
-    ``method`` is the result's name, ``question`` its key; the scores are the sum of the per-sample scores
-    (S, L, H) over samples; the dtype is the model's. ``extra``, ``provenance``, ``added`` and ``rank_by``
-    as in :func:`~retrieval_heads.results.make_record`."""
-    return make_record(
-        method=method, model_key=lm.key, model_name=lm.name, question=question, question_prompt=question_prompt,
-        total_tokens=tokens, needle_position=needle_position, scores=sample_scores.sum(0),
-        samples_processed=sample_scores.shape[0], seed=seed,
-        dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), extra=extra, added=added,
-        rank_by=rank_by, provenance=provenance, attention_layers=attention_layers(lm.model.config),
-    )

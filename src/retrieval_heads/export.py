@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ParamError, UserError
 from .results import parse_head, read_sample_scores, samples_path, scores_array
 
 FORMATS = ("wu", "qrhead", "duo", "kv")
@@ -58,7 +58,7 @@ def wu(record: dict, sample_scores: np.ndarray) -> dict[str, list[float]]:
 
 def qrhead(record: dict, k: int) -> str:
     if k <= 0:
-        raise UserError(f"--k must be positive, got {k}")
+        raise ParamError("k", f" must be positive, got {k}")
     return ",".join(head_key(r["head"]) for r in record["head_rankings"][:k])
 
 
@@ -69,7 +69,7 @@ def kv_groups(record: dict, kv_heads: int | None) -> int:
         raise UserError("the result does not record num_key_value_heads; pass --kv-heads")
     H = record["num_heads"]
     if n <= 0 or H % n:
-        raise UserError(f"--kv-heads {n} does not divide the {H} query heads")
+        raise ParamError("kv_heads", f" {n} does not divide the {H} query heads")
     return n
 
 

@@ -35,6 +35,51 @@ def allow(action: argparse.Action, allowed) -> argparse.Action:
     return action
 
 
+def add_options(command: str, groups: dict) -> dict[str, argparse.Action]:
+    """The flags of ``command`` generated from the spec (:mod:`retrieval_heads.spec`): every setting the
+    command takes, in the group of its own title (else the first of ``groups``, {title: group}), with its
+    type, default, allowed values and help. In ``sweep`` a grid setting is its grid key
+    (``--models``), default None (a flag not given leaves the grid file's setting), the grid's default in the
+    help. Returns {dest: action}."""
+    from ..spec import FIELDS, default, option, setting, value_type
+
+    first = next(iter(groups.values()))
+    out = {}
+    for name in FIELDS:
+        s = setting(name)
+        if command not in s.commands:
+            continue
+        in_grid = command == "sweep" and s.grid is not None
+        dest, flag_ = option(name, command)
+        group = groups.get(s.group, first)
+        text = s.help.get(command, FIELDS[name].description)
+        value = None if in_grid else default(name, command)
+        words = s.default_text.get(command)
+        if words is None and in_grid:
+            words = _shown(default(name, "grid"))
+        many = s.many if in_grid else s.several
+        if words is None and many and value is not None:  # a list option's default is shown, never extended
+            words = _shown(value)
+        if words is not None and "[default" not in text:
+            text = f"{text} [default: {words}]"
+        kind = value_type(name)
+        if kind is bool:
+            action = flag(group, flag_, value, text)
+        elif many:
+            action = values(group, flag_, s.metavar or name.upper(), text, s.allowed)
+        else:
+            action = allow(group.add_argument(flag_, *s.aliases, dest=dest, default=value, metavar=s.metavar,
+                                              type=kind if kind in (int, float) else None, help=text), s.allowed)
+        out[dest] = action
+    return out
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def groups(parser: argparse.ArgumentParser, *titles: str) -> list:
     """Argument groups of ``parser`` under these titles (experiment, methods, output, engine), in order."""
     return [parser.add_argument_group(t) for t in titles]

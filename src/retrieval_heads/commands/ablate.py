@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_MAX_NEW_TOKENS
 from ..errors import UserError
-from ._common import allow, flag, groups, quiet_transformers, values
+from ..spec import default
+from ._common import add_options, groups, quiet_transformers
 
 SUMMARY = ("Remove the top-k heads of a result and, as controls, random heads of the same layers and of any "
            "layer; write accuracy and log-probs vs k, a paired test and a conclusion (JSON + PNG).")
-DEFAULT_KS = (0, 5, 10, 20, 50)
+DEFAULT_KS = default("k", "ablate")
 
 
 def parse_ks(given: list[str] | None) -> list[int]:
@@ -40,31 +40,9 @@ def register(commands) -> None:
     p = commands.add_parser("ablate", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
     p.add_argument("result", metavar="RESULT", help="A result JSON written by detect.")
     exp, out, eng = groups(p, "experiment", "output", "engine")
-    values(exp, "--k", "K", "Numbers of heads to remove: --k 0 5 10, --k 0,5,10 or repeated --k "
-                            f"[default: {' '.join(map(str, DEFAULT_KS))}].")
-    exp.add_argument("--draws", "--random-seeds", dest="random_seeds", metavar="N", type=int, default=5,
-                     help="Random draws per k of each control [default: 5].")
-    exp.add_argument("--controls", default="matched,random",
-                     help="Controls, comma-separated: 'matched' (layer-matched: each top head replaced by a random "
-                          "head of its own layer, outside the top k; borrowed from the nearest layer where its own "
-                          "has too few) and 'random' (k heads from any layer outside the top k) [default: both]. "
-                          "The paired test compares top-k with the mean of the matched draws.")
-    exp.add_argument("--samples", type=int, help="Samples to evaluate on (default: the result's count).")
-    exp.add_argument("--tokens", type=int, help="Prompt length (default: the result's).")
-    exp.add_argument("--seed", type=int, help="Seed of the synthetic filings (default: the result's, i.e. the "
-                                              "samples the heads were found on).")
-    exp.add_argument("--dataset", help="JSONL samples (needed when the result came from a dataset).")
-    exp.add_argument("--model", help="Model (default: the result's model_key).")
-    exp.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                     help=f"Longest greedy answer, in tokens [default: {DEFAULT_MAX_NEW_TOKENS}].")
+    add_options("ablate", {"experiment": exp, "engine": eng})  # the settings it shares with detect, and its own
     out.add_argument("--out", help="Output JSON, a name ending in .json (default: RESULT's name + .ablation.json); "
                                    "the plot goes next to it as .png.")
-    allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype."), "retrieval_heads.models:DTYPES")
-    eng.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    eng.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass, each row one sample under one "
-                                                               "condition (its own removed heads); 1 runs one "
-                                                               "condition at a time.")
-    flag(eng, "--trust-remote-code", False, "Allow the model's own Python code to run.")
     p.set_defaults(run=ablate)
 
 

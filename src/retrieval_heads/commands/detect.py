@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..defaults import DEFAULT_QUESTION, FILING, TASK, settings_for
-from ..errors import UserError
-from ._common import allow, flag, groups, print_top, quiet_transformers, values
+from ..defaults import settings_for
+from ..spec import GROUPS
+from ._common import add_options, groups, print_top, quiet_transformers
 
 SUMMARY = "Run one experiment and write its result JSON."
 EXAMPLES = """examples:
   retrieval-heads detect                                     the passkey task, 8 samples of 1,024 tokens, on SmolLM2
   retrieval-heads detect --question passkey --tokens 1024 --span answer      the same, spelled out
-  retrieval-heads detect --question inc_state                the seed's filing experiment: 16 samples of 512 tokens
+  retrieval-heads detect --question inc_state                the original filing experiment: 16 samples of 512 tokens
   retrieval-heads detect --question hq_state --tokens 1024 --span needle answer --rank-by lift
   retrieval-heads detect --method summed_attention query_focused retrieval_score --samples 8
   retrieval-heads detect --model meta-llama/Meta-Llama-3-8B-Instruct --device cuda --dtype bfloat16
@@ -21,54 +21,7 @@ EXAMPLES = """examples:
 
 def register(commands) -> None:
     p = commands.add_parser("detect", help=SUMMARY, description=SUMMARY, epilog=EXAMPLES)
-    exp, meth, out, eng = groups(p, "experiment", "methods", "output", "engine")
-    exp.add_argument("--model", default="smollm2", help="smollm2 (embedded), instruct, base, a local path or a hub id.")
-    allow(exp.add_argument("--question", default=DEFAULT_QUESTION,
-                           help="A filing question (the seed's experiment) or a long-context task (docs/tasks.md)."),
-          "retrieval_heads.data.tasks:QUESTION_KEYS")
-    exp.add_argument("--tokens", type=int, default=None,
-                     help="Prompt length in tokens, template and question included "
-                          f"[default: {TASK.tokens} for a task, {FILING.tokens} for a filing question or --dataset].")
-    exp.add_argument("--samples", type=int, default=None,
-                     help="Number of samples (synthetic, or the first records of --dataset) "
-                          f"[default: {TASK.samples} for a task, {FILING.samples} for a filing question or --dataset].")
-    exp.add_argument("--needle-position", type=float, default=0.5, metavar="DEPTH",
-                     help="Depth of the needle in the haystack, 0 (start) to 1 (end).")
-    exp.add_argument("--dataset", default=None, help="JSONL file of your own samples (see docs/data.md).")
-    exp.add_argument("--seed", type=int, default=0, help="Seed of the synthetic filings.")
-    values(meth, "--method", "METHOD", "Scoring method(s), space- or comma-separated or repeated, all on the same "
-                                       "samples [default: summed_attention].", "retrieval_heads.methods:METHODS")
-    values(meth, "--span", "SPAN", "Span(s) scored by a span-measuring method (the default one), each written as "
-                                   "its own result [default: answer for a task; needle for a filing question or "
-                                   "--dataset].", "retrieval_heads.chance:SPANS")
-    allow(meth.add_argument("--rank-by", default="score", help="Rank those results' heads by score (summed mass, "
-                                                                "the original ranking) or lift."),
-          "retrieval_heads.chance:RANK_BY")
-    meth.add_argument("--alpha", type=float, default=0.05,
-                      help="Level of the test against the control span (Benjamini-Hochberg).")
-    flag(meth, "--success-only", False, "Count only correctly answered samples (written as METHOD_success).")
-    flag(meth, "--answers", None, "Also decode and record the model's answers and accuracy [default: on for a task; "
-                                  "off for a filing question or --dataset; automatic with a method that reads them, "
-                                  "or --success-only].")
-    meth.add_argument("--max-new-tokens", type=int, default=None,
-                      help="Longest greedy answer, in tokens [default: the task's own (docs/tasks.md); 12 for a "
-                           "filing question or --dataset].")
-    out.add_argument("--output-dir", default="results", help="Results go to OUTPUT_DIR/METHOD/MODEL_QUESTION_TOKENS.json "
-                                                            "(_dDEPTH before .json at a depth other than 0.5).")
-    flag(out, "--save-samples", False, "Also write the per-sample audit file (.samples.jsonl).")
-    out.add_argument("--save-attention", type=int, default=0, metavar="K",
-                     help="Also save, per sample, the last token's attention rows of the top K heads (.attention.npz, "
-                          "for the report's explorer); 0: off.")
-    out.add_argument("--top", type=int, default=10, help="Rows of the printed top-heads table.")
-    allow(eng.add_argument("--dtype", default="float32", help="Weights' dtype (the probe's softmax is float32)."),
-          "retrieval_heads.models:DTYPES")
-    eng.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    eng.add_argument("--batch-size", type=int, default=1, help="Samples per forward pass.")
-    flag(eng, "--trust-remote-code", False, "Allow the model's own Python code to run (off by default).")
-    flag(eng, "--eager-attentions", False, "Score a model whose family has no attention interface (bloom, gpt_neo, "
-                                           "mpt, ...) from its full attention matrices: exact, but one layer's "
-                                           "batch x heads x tokens^2 floats at a time (16 heads at 8K tokens: "
-                                           "4 GiB per sample in float32); ignored by other models.")
+    add_options("detect", dict(zip(GROUPS, groups(p, *GROUPS))))  # every flag from the spec
     p.set_defaults(run=detect)
 
 
@@ -77,24 +30,19 @@ def detect(args: argparse.Namespace) -> None:
     from ..chance import check_rank_by, check_spans_for, span_names
     from ..experiments import check_args, detect as run, method_names
     from ..io import given_path
+    from ..spec import check, default
 
     dataset = None if args.dataset is None else given_path(args.dataset, "--dataset")
     given = settings_for(args.question, dataset is not None)
     tokens = given.tokens if args.tokens is None else args.tokens
     samples = given.samples if args.samples is None else args.samples
     check_args(None if dataset else args.question, tokens, samples, args.needle_position, args.batch_size, args.seed)
-    method = method_names(args.method or ["summed_attention"])
+    method = method_names(args.method or default("method"))
     span = span_names(args.span or [given.span])
     check_rank_by(args.rank_by)
     check_spans_for(span, dataset is not None, None if dataset else args.question)
-    if not 0 < args.alpha < 1:
-        raise UserError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.save_attention < 0:
-        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {args.save_attention}")
-    if args.top < 0:
-        raise UserError(f"--top must be >= 0, got {args.top}")
+    for name in ("alpha", "max_new_tokens", "save_attention", "top"):  # before the model loads
+        check(name, getattr(args, name))
     quiet_transformers()
     res = run(model=args.model, question=args.question, tokens=tokens, samples=samples,
               needle_position=args.needle_position, dataset=dataset, seed=args.seed, method=method,

@@ -33,10 +33,7 @@ def register(commands) -> None:
 def report(args: argparse.Namespace) -> None:
     """Write report.html (self-contained), report.md, report.json and heatmap PNGs."""
     from ..io import given_path
-    from ..leftovers import recover_folder
-    from ..lock import writing_into
     from ..report import make_report
-    from ..report.build import default_out
 
     if args.resamples <= 0:
         raise UserError(f"--resamples must be positive, got {args.resamples}")
@@ -48,9 +45,9 @@ def report(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     results_dir = given_path(args.results_dir, "RESULTS_DIR")
     out = None if args.out is None else given_path(args.out, "--out")
-    with writing_into(default_out(results_dir, out)):  # not while a sweep or detect writes there
-        recover_folder(default_out(results_dir, out))  # an earlier report a killed run moved aside; temp folders
-        rep, folder = make_report(results_dir, out, resamples=args.resamples, seed=args.seed, top=args.top)
+    # holds the lock on the folder it writes into (not while a sweep or detect writes there), puts back an
+    # earlier report a killed run moved aside and removes its temp folders
+    rep, folder = make_report(results_dir, out, resamples=args.resamples, seed=args.seed, top=args.top)
     n = len(rep.collection.experiments)
     print(f"read {n} result(s); wrote {folder / 'report.html'}, report.md, report.json and "
           f"{len(rep.figures)} figure(s) in {folder / 'figures'}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import UserError
+from ..errors import ParamError
 from .prompt import MAX_SHORTFALL, PromptFormat, PromptSample, context_budget
 from .spans import char_spans_to_tokens
 
@@ -84,7 +84,7 @@ def assemble(
     # A: the last ids of its stream, exactly what is left, the distractors' ids reserved
     want = h - len(b_ids) - sum(len(x) for _, x in side_a)
     if want < 0 or (side_b and len(b_ids) > h - target_a):
-        raise UserError(f"{what}: --tokens {tokens} is too small for the task's needles")
+        raise ParamError("tokens", f" {tokens} is too small for the task's needles", prefix=f"{what}: ")
     a_units: list[list[int]] = []
     have = 0
     for u in reversed(_encoder(fmt, before)):
@@ -102,7 +102,8 @@ def assemble(
     context_end = len(ids)
     ids = ids + suffix
     if len(ids) < tokens - MAX_SHORTFALL:
-        raise UserError(f"{what}: the haystack is too short for --tokens {tokens} (the prompt has {len(ids)} tokens)")
+        raise ParamError("tokens", f" {tokens} (the prompt has {len(ids)} tokens)",
+                         prefix=f"{what}: the haystack is too short for ")
     try:
         k0, k1 = char_spans_to_tokens(fmt.tokenizer, needle, needle_ids, {"key": key_chars})["key"]
         answer_at = (start + k0, start + k1)

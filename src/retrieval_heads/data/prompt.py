@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..errors import UserError
+from ..errors import ParamError, UserError
 
 INSTRUCTION = "Read the following excerpts from company filings, then answer the question."
 ANSWER_HINT = "Answer with the fact only."
@@ -229,7 +229,8 @@ def build_prompt(
     context_end = len(ids)
     ids = ids + suffix
     if len(ids) < tokens - MAX_SHORTFALL:
-        raise UserError(f"{what}: the haystack is too short for --tokens {tokens} (the prompt has {len(ids)} tokens)")
+        raise ParamError("tokens", f" {tokens} (the prompt has {len(ids)} tokens)",
+                         prefix=f"{what}: the haystack is too short for ")
     q0, q1 = fmt.question_span(question)
     return PromptSample(ids, start, start + len(needle_ids), context_end, question, answer,
                         question_start=context_end + q0, question_end=context_end + q1,

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from .. import spec
 from ..capture import attention_probe
 from ..data.prompt import PromptFormat, PromptSample
 from ..hf import check_finite
@@ -26,7 +27,7 @@ class MethodContext:
 
 CONTEXT_FIELDS = frozenset(f.name for f in fields(MethodContext))
 
-SPAN_KINDS = ("needle", "answer", "fact")  # what a span-measuring method can score, each its own result
+SPAN_KINDS = spec.SPAN_KINDS  # what a span-measuring method can score, each its own result
 
 
 def span_result_name(name: str, span: str) -> str:

@@ -24,6 +24,7 @@ from ..results import check_name, file_name
 from . import depth, explorer, figures, html, markdown, properties, stability, tables
 from .collect import Collection, collect, load_sample_scores
 from .document import Block, Bullets, Figure, Heading, Paragraph, Raw, Table
+from .heatmaps import Heatmaps
 
 TITLE = "Retrieval heads report"
 
@@ -157,15 +158,24 @@ def _bootstrap(col: Collection, resamples: int, seed: int, top: int) -> tuple[li
     return blocks, {"resamples": resamples, "seed": seed, "top": top, "experiments": entries}, notes
 
 
-def _overview(col: Collection) -> list[Block]:
+def _overview(col: Collection) -> tuple[list[Block], list[str]]:
     regions: list = []
     png = figures.grid(col.experiments, regions)
+    rows, lengths, n_rows, n_lengths = figures.grid_layout(col.experiments)
+    caption, notes = "All experiments (colours scaled per panel)", []
+    if (len(rows), len(lengths)) != (n_rows, n_lengths):
+        shown = " and ".join(f"{k} of {n} {what}" for k, n, what in ((len(rows), n_rows, "rows"),
+                                                                     (len(lengths), n_lengths, "lengths")) if k < n)
+        caption = f"Experiments at {shown} (colours scaled per panel)"
+        notes.append(f"`figures/grid.png` shows {shown} (at most {figures.GRID_ROWS} rows, the first, and "
+                     f"{figures.GRID_LENGTHS} lengths, evenly spaced, the shortest and the longest included); every "
+                     "experiment has its own heatmap at the end.")
     return [
         Heading("Heatmaps"),
         Paragraph("Score of every head, layers down and heads across, the top head boxed in red; one heatmap per "
                   "experiment, with its colour scale, is at the end."),
-        Figure("figures/grid.png", png, "All experiments (colours scaled per panel)", regions=regions),
-    ]
+        Figure("figures/grid.png", png, caption, regions=regions),
+    ], notes
 
 
 def _explorer(col: Collection) -> tuple[list[Block], Raw, dict, list[str]]:
@@ -192,10 +202,11 @@ def _figures(col: Collection) -> tuple[list[Block], list[str]]:
         Paragraph("The top 5 heads are numbered, the top head is boxed in red."),
     ]
     paths = []
+    drawer = Heatmaps()  # one figure per head grid, its fixed parts drawn once: figures.heatmap's bytes
     for i, e in enumerate(col.experiments):
         path = figure_path(e)
         regions: list = []
-        png = figures.heatmap(e, regions=regions)
+        png = drawer.png(e, regions=regions)
         blocks.append(Figure(path, png, f"{e.method} · {e.title}", width=460,
                              regions=[dict(r, exp=i) for r in regions]))
         paths.append(path)
@@ -217,11 +228,13 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, resamples:
     b_move, d_move = _movement(col)
     b_stab, d_stab, n_stab = _stability(col)
     b_boot, d_boot, n_boot = _bootstrap(col, resamples, seed, top)
-    b_prop, d_prop = properties.section(col)
+    n_prop: list[str] = []  # groups of more than 12 results: neighbouring ones compared only
+    b_prop, d_prop = properties.section(col, n_prop)
     b_fig, paths = _figures(col)
     b_exp, panel, d_exp, n_exp = _explorer(col)
-    notes = n_stab + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
-    blocks += b_ret + b_depth + b_top + _overview(col) + b_exp + b_move + b_stab + b_prop + b_boot + b_fig
+    b_over, n_over = _overview(col)
+    notes = n_over + n_stab + n_prop + n_boot + n_exp + [f"Not a result, skipped: `{p}`" for p in col.skipped]
+    blocks += b_ret + b_depth + b_top + b_over + b_exp + b_move + b_stab + b_prop + b_boot + b_fig
     blocks += [Heading("Results read"), Table(
         ["Method", "Model", "Question", "Tokens", "Samples", "Top head", "File"],
         [[e.method, e.model, e.question, str(e.tokens), str(e.record["samples_processed"]), tables.top_head_cell(e),
@@ -340,8 +353,20 @@ def _umask() -> int:
 
 def make_report(results_dir: str | Path, out_dir: str | Path | None = None, resamples: int = 1000, seed: int = 0,
                 top: int = 20) -> tuple[Report, Path]:
-    """Build and write the report; returns it and its folder (default ``RESULTS_DIR/report``)."""
+    """Build and write the report; returns it and its folder (default ``RESULTS_DIR/report``).
+
+    It holds the results-dir lock on the folder it writes into (:func:`retrieval_heads.lock.writing_into`,
+    as ``export`` and ``ablate`` do) from before it reads until the report is in place: UserError at once,
+    naming the holder, while a sweep or a detect writes there (nothing is written); a sweep does not start
+    meanwhile. An earlier report a killed run moved aside is put back first, and temp folders it left are
+    removed (:func:`retrieval_heads.leftovers.recover_folder`).
+    """
+    from ..leftovers import recover_folder
+    from ..lock import writing_into
+
     out = default_out(results_dir, out_dir)
-    report = build(results_dir, out, resamples, seed, top)
-    write(report, out)
+    with writing_into(out):
+        recover_folder(out)
+        report = build(results_dir, out, resamples, seed, top)
+        write(report, out)
     return report, out

@@ -70,18 +70,31 @@ def drawn_scale(grid) -> float:
     return 1.0 if big <= 1e300 else 2.0 ** -math.ceil(math.log2(big / 1e300))
 
 
-def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
+def drawn_grid(exp: Experiment) -> np.ndarray:
+    """The (L, H) grid as drawn: scaled by :func:`drawn_scale`, the layers of a hybrid without attention blank
+    (NaN)."""
     grid = exp.scores  # (L, H)
-    L, H = grid.shape
+    L, _ = grid.shape
     grid = grid * drawn_scale(grid)  # as drawn (a new array)
     layers = exp.record.get("attention_layers")
     if layers is not None:  # a hybrid: the layers without attention stay blank
         grid[[layer for layer in range(L) if layer not in set(layers)]] = np.nan
+    return grid
+
+
+def number(ax, rank: int, layer: int, head: int, fontsize: float, colour: str):
+    """A top head's rank, written in its cell."""
+    return ax.text(head, layer, str(rank), ha="center", va="center", fontsize=fontsize, color=colour,
+                   fontweight="bold")
+
+
+def _draw(ax, exp: Experiment, fontsize: float, ticks: bool, numbers: bool = True):
+    grid = drawn_grid(exp)  # (L, H)
+    L, H = grid.shape
     image = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest", origin="upper")
     for rank, name in enumerate(exp.ranked[:MARK] if numbers else [], 1):
         layer, head = parse_head(name)
-        ax.text(head, layer, str(rank), ha="center", va="center", fontsize=fontsize,
-                color=text_colour(image.cmap(image.norm(grid[layer, head]))), fontweight="bold")
+        number(ax, rank, layer, head, fontsize, text_colour(image.cmap(image.norm(grid[layer, head]))))
     top_l, top_h = parse_head(exp.ranked[0])
     ax.add_patch(Rectangle((top_h - 0.5, top_l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     if ticks:
@@ -106,6 +119,11 @@ def heatmap(exp: Experiment, dpi: int = 90, regions: list | None = None) -> byte
     return _png(heatmap_figure(exp, dpi, regions), dpi)
 
 
+def number_size(dpi: float) -> float:
+    """The font size of the numbered heads of an experiment's heatmap: at least 10 px."""
+    return max(8.0, points(dpi))
+
+
 def heatmap_figure(exp: Experiment, dpi: int = 90, regions: list | None = None) -> Figure:
     """The figure of :func:`heatmap`, drawn for ``dpi``."""
     L, H = exp.shape
@@ -113,20 +131,24 @@ def heatmap_figure(exp: Experiment, dpi: int = 90, regions: list | None = None) 
     fig = Figure(figsize=(w, h))
     fig.subplots_adjust(left=0.7 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.65 / h)
     ax = fig.add_subplot()
-    image = _draw(ax, exp, fontsize=max(8.0, points(dpi)), ticks=True)  # the numbered heads: >= 10 px
+    image = _draw(ax, exp, fontsize=number_size(dpi), ticks=True)
     bar = fig.colorbar(image, ax=ax, label="score")
     f = drawn_scale(exp.scores)
     if f != 1.0:
         bar.formatter = FuncFormatter(lambda v, _: score_text(float(v) / f))  # a Python float: inf, no warning
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    top = exp.record["head_rankings"][0]
-    ax.set_title(f"{exp.model} · {exp.question} · {exp.tokens} tokens\n"
-                 f"{exp.method}, {exp.record['samples_processed']} samples · top {top['head']} "
-                 f"({score_text(top['score'])})", fontsize=10)
+    ax.set_title(heatmap_title(exp), fontsize=10)
     if regions is not None:
         regions.append(region(ax, L, H))
     return fig
+
+
+def heatmap_title(exp: Experiment) -> str:
+    top = exp.record["head_rankings"][0]
+    return (f"{exp.model} · {exp.question} · {exp.tokens} tokens\n"
+            f"{exp.method}, {exp.record['samples_processed']} samples · top {top['head']} "
+            f"({score_text(top['score'])})")
 
 
 def grid(exps: list[Experiment], regions: list | None = None) -> bytes:
@@ -141,10 +163,7 @@ def grid_figure(exps: list[Experiment], regions: list | None = None) -> tuple[Fi
     """The figure of :func:`grid` and the dpi it is saved at."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
-    for e in exps:
-        rows[(e.method, e.model, e.question_label)][e.tokens] = e
-    lengths = sorted({e.tokens for e in exps})
+    rows, lengths, _, _ = grid_layout(exps)
     several = len({e.method for e in exps}) > 1
     nr, nc = len(rows), len(lengths)
     dpi = 80 if nr * nc <= 48 else 64
@@ -192,12 +211,44 @@ def grid_figure(exps: list[Experiment], regions: list | None = None) -> tuple[Fi
     fig.subplots_adjust(left=1.3 / w, right=1 - 0.75 / w, bottom=0.55 / h, top=1 - (0.6 + 0.2 * len(title)) / h,
                         wspace=0.4, hspace=0.45)
     if regions is not None:
+        index = {id(e): k for k, e in enumerate(exps)}
         for i, (_, by_len) in enumerate(rows.items()):
             for j, t in enumerate(lengths):
                 if t in by_len:
                     e = by_len[t]
-                    regions.append(region(axes[i, j], *e.shape, exp=exps.index(e)))
+                    regions.append(region(axes[i, j], *e.shape, exp=index[id(e)]))
     return fig, dpi
+
+
+GRID_LENGTHS = 12  # at most this many lengths across the all-experiments grid (evenly spaced, ends kept) ...
+GRID_ROWS = 24  # ... and this many (method, model, question) rows (the first, in order)
+
+
+def spread(n: int, most: int) -> list[int]:
+    """``most`` indices of 0..n-1 spread evenly, the first and the last included (all of them if n <= most).
+
+    >>> spread(530, 4)
+    [0, 176, 353, 529]
+    """
+    if n <= most:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / (most - 1)) for k in range(most)})
+
+
+def grid_layout(exps: list[Experiment]) -> tuple[dict[tuple, dict[int, Experiment]], list[int], int, int]:
+    """The all-experiments grid's rows ((method, model, question) -> {tokens: experiment}) and lengths, at most
+    :data:`GRID_ROWS` and :data:`GRID_LENGTHS` of them (a grid of 530 lengths is 149,000 px wide and took two
+    minutes to draw; every experiment keeps its own heatmap), and how many rows and lengths there are."""
+    rows: dict[tuple, dict[int, Experiment]] = defaultdict(dict)
+    for e in exps:
+        rows[(e.method, e.model, e.question_label)][e.tokens] = e
+    lengths = sorted({e.tokens for e in exps})
+    n_rows, n_lengths = len(rows), len(lengths)
+    lengths = [lengths[i] for i in spread(n_lengths, GRID_LENGTHS)]
+    kept = {}
+    for key, by_len in list(rows.items())[:GRID_ROWS]:
+        kept[key] = {t: e for t, e in by_len.items() if t in set(lengths)}
+    return kept, lengths, n_rows, n_lengths
 
 
 

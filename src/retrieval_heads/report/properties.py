@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..io import JSONError, check_name, parse_json, read_regular
 from .collect import Collection, Experiment
 from .document import Block, Bullets, Heading, Paragraph, Table
-from .stability import compare
+from .stability import ALL_PAIRS_UP_TO, compare
 
 LIFT_ACTIVE = 2.0  # a head is active on a sample when its lift there exceeds this
 RETRIEVAL_SCORE_MIN = 0.1
@@ -74,22 +74,47 @@ def _identity(e: Experiment) -> dict:
     return {"question": e.question, "tokens": e.tokens, "depth": e.depth, "span": span(e)}
 
 
-def consistency(col: Collection) -> tuple[list[dict], list[dict]]:
-    """Pairs of results of one (model, base method, head grid) differing in exactly one dimension, and the
-    mean agreement per dimension."""
+def differing_pairs(members: list[Experiment], bounded: list[str] | None = None) -> list[tuple[int, int, str]]:
+    """``(i, j, dimension)`` for the pairs ``i < j`` of ``members`` that differ in exactly one dimension, in
+    the order of ``combinations``. Results alike in all other dimensions form a set; a set of more than
+    :data:`~.stability.ALL_PAIRS_UP_TO` (hundreds of lengths) pairs each result with the next one in order of
+    that dimension only (noted in ``bounded``), as rank stability does: 529 pairs of 530 lengths, not 140,185.
+    """
+    ids = [_identity(e) for e in members]
+    out = []
+    for d in DIMENSIONS:
+        sets: dict[tuple, list[int]] = defaultdict(list)
+        for i, ident in enumerate(ids):
+            sets[tuple(ident[x] for x in DIMENSIONS if x != d)].append(i)
+        for key, idx in sets.items():
+            if len(idx) <= ALL_PAIRS_UP_TO:
+                chosen = list(combinations(idx, 2))
+            else:
+                ordered = sorted(idx, key=lambda i: (ids[i][d], i))
+                chosen = [tuple(sorted(p)) for p in zip(ordered, ordered[1:])]
+                if bounded is not None:
+                    e = members[idx[0]]
+                    bounded.append(f"consistency, {e.model} · {base_method(e)} · differing in {d} only: "
+                                   f"{len(idx)} results, so only neighbouring ones are compared ({len(idx) - 1} "
+                                   f"pairs of {len(idx) * (len(idx) - 1) // 2}; all pairs up to "
+                                   f"{ALL_PAIRS_UP_TO})")
+            out += [(i, j, d) for i, j in chosen if ids[i][d] != ids[j][d]]
+    return sorted(out)
+
+
+def consistency(col: Collection, bounded: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Pairs of results of one (model, base method, head grid) differing in exactly one dimension
+    (:func:`differing_pairs`), and the mean agreement per dimension."""
     groups: dict[tuple, list[Experiment]] = defaultdict(list)
     for e in col.experiments:
         groups[(e.model, base_method(e), e.shape)].append(e)
     pairs = []
     for (model, method, _), members in groups.items():
-        for a, b in combinations(members, 2):
-            ia, ib = _identity(a), _identity(b)
-            differ = [d for d in DIMENSIONS if ia[d] != ib[d]]
-            if len(differ) != 1:
-                continue
-            c = compare(a, b, (10,))
-            pairs.append({"model": model, "method": method, "dimension": differ[0], "a": a.rel, "b": b.rel,
-                          "a_value": ia[differ[0]], "b_value": ib[differ[0]], "jaccard_10": _r(c["jaccard_10"]),
+        for i, j, d in differing_pairs(members, bounded):
+            a, b = members[i], members[j]
+            c = compare(a, b, (10,), kendall=False)
+            pairs.append({"model": model, "method": method, "dimension": d, "a": a.rel, "b": b.rel,
+                          "a_value": _identity(a)[d], "b_value": _identity(b)[d], "jaccard_10": _r(c["jaccard_10"]),
                           "spearman": _r(c["spearman"])})
     means = []
     for d in DIMENSIONS:
@@ -252,8 +277,8 @@ def _band(v) -> str:
     return "—" if v is None else f"{v[1]:.3g} [{v[0]:.3g}, {v[2]:.3g}]"
 
 
-def section(col: Collection) -> tuple[list[Block], dict]:
-    """The report section and its numbers."""
+def section(col: Collection, notes: list[str] | None = None) -> tuple[list[Block], dict]:
+    """The report section and its numbers; with ``notes``, what was bounded is appended to it."""
     blocks: list[Block] = [Heading("Properties of retrieval heads"), Paragraph(
         "Wu et al. (2024) describe retrieval heads as sparse (few heads), consistent (the same heads across "
         "tasks and lengths), dynamically activated (a head retrieves on some contexts, not all) and causal "
@@ -266,12 +291,17 @@ def section(col: Collection) -> tuple[list[Block], dict]:
           "—" if r["beating_control"] is None else f"{r['beating_control']} ({_pct(r['beating_control_share'])})",
           _pct(r["retrieval_score_above_0.1_share"])] for r in sparse],
         align=["l", "l", "l", "r", "r", "r", "r", "r"])]
-    pairs, means = consistency(col)
+    bounded: list[str] = []
+    pairs, means = consistency(col, bounded)
+    if notes is not None:
+        notes += bounded
     blocks.append(Heading("Consistent", 3))
     if means:
         blocks.append(Paragraph("Pairs of results of one model and method that differ in exactly one of task, "
                                 "length, needle depth or span: overlap of their top-10 heads (Jaccard) and "
-                                "Spearman correlation of all heads' scores."))
+                                "Spearman correlation of all heads' scores."
+                                + (f" Above {ALL_PAIRS_UP_TO} results alike in all else, neighbouring ones only "
+                                   "(see Notes)." if bounded else "")))
         blocks.append(Table(["Differs in", "Pairs", "Top-10 Jaccard, mean", "Spearman, mean"],
                             [[m["dimension"], str(m["pairs"]), f"{m['jaccard_10_mean']:.2f}",
                               "—" if m["spearman_mean"] is None else f"{m['spearman_mean']:.2f}"] for m in means],

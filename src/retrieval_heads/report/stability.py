@@ -41,10 +41,13 @@ def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float | None:
     return float(fn(x, y).statistic)
 
 
-def compare(a: Experiment, b: Experiment, top_k: tuple[int, ...] = TOP_K) -> dict:
-    """Rank agreement of two results over the same head grid."""
+def compare(a: Experiment, b: Experiment, top_k: tuple[int, ...] = TOP_K, kendall: bool = True) -> dict:
+    """Rank agreement of two results over the same head grid (without Kendall's tau where ``kendall`` is
+    False: the properties section does not show it)."""
     x, y = a.scores.ravel(), b.scores.ravel()  # (L*H,)
-    out = {"spearman": _correlation(stats.spearmanr, x, y), "kendall": _correlation(stats.kendalltau, x, y)}
+    out = {"spearman": _correlation(stats.spearmanr, x, y)}
+    if kendall:
+        out["kendall"] = _correlation(stats.kendalltau, x, y)
     ra, rb = a.ranked, b.ranked
     for k in top_k:
         out[f"jaccard_{k}"] = jaccard(ra[:k], rb[:k])

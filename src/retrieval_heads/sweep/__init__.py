@@ -11,7 +11,8 @@ engine (the local loop, or a Ray driver with one actor per model) can run them, 
   :func:`unit_status`, which of a unit's experiments are done (a valid result file with the grid's
   settings), missing, or corrupt (to recompute);
 - :mod:`.compute`: :func:`compute_unit`, a loaded model + a unit -> one
-  :class:`~retrieval_heads.experiments.DetectResult` per question; no file is touched; :func:`write`, the one
+  :class:`~retrieval_heads.records.DetectResult` per experiment, by :func:`~retrieval_heads.records.score_unit`,
+  the one path ``detect`` takes too; no file is touched; :func:`write`, the one
   writer, atomic (samples file first, result JSON last; see :func:`~retrieval_heads.experiments.write_result`);
 - :mod:`.prepare`: :func:`prepare`, the setup both engines share: check the device and every model's config
   and tokenizer, lock the output dir, read each unit's status; and the lines printed per experiment;

@@ -3,55 +3,36 @@
 - :func:`make_grid` / :func:`load_grid_file`: the grid, validated without loading anything;
 - grid files are typed strictly (:class:`GridSettings`, pydantic): a value of the wrong type is one line
   naming the field; flags given on the command line override the file, both ways.
+
+The keys, their types, defaults and bounds are the spec's (:mod:`retrieval_heads.spec`): :class:`Grid`,
+:data:`GRID_KEYS`, :class:`GridSettings` and :data:`EXPECTED` are generated from it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, replace
+from dataclasses import field, make_dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, create_model
 
 from ..data.questions import QUESTIONS
 from ..data.tasks import check_question
-from ..defaults import DEFAULT_MAX_NEW_TOKENS
-from ..errors import UserError
+from ..errors import ParamError, UserError
 from ..experiments import check_args
 from ..models import DTYPES, MODELS, check_device, resolve
 from ..registry import Registry
+from ..spec import GRID_DEFAULTS, GRID_KEYS as SPEC_GRID_KEYS, GRID_SETTINGS, check, expected, grid_type, setting, \
+    value_type
 
-DEFAULT_MODELS = ("smollm2",)  # as detect's; the original study's pair is --models instruct base
-DEFAULT_TOKENS = (2048, 4096, 6144, 8192)
-DEFAULT_SAMPLES = 6  # per unit of a grid
+DEFAULT_MODELS = GRID_DEFAULTS["models"]  # as detect's; the original study's pair is --models instruct base
+DEFAULT_TOKENS = GRID_DEFAULTS["tokens"]
+DEFAULT_SAMPLES = GRID_DEFAULTS["samples"]  # per unit of a grid
 
 
-@dataclass(frozen=True)
-class Grid:
-    """What a sweep runs: every model x question x token length x needle depth, with one set of experiment
-    settings. A depth other than the default 0.5 files its results under names of their own
-    (:func:`~retrieval_heads.results.file_name`)."""
-
-    models: tuple[str, ...] = DEFAULT_MODELS
-    questions: tuple[str, ...] = tuple(QUESTIONS)
-    tokens: tuple[int, ...] = DEFAULT_TOKENS
-    samples: int = DEFAULT_SAMPLES
-    needle_positions: tuple[float, ...] = (0.5,)  # the needle depths, each its own unit of work
-    seed: int = 0
-    method: str = "summed_attention"  # one method, or several comma-separated: all from one prefill per sample
-    dtype: str = "float32"
-    device: str = "cpu"
-    batch_size: int = 1
-    save_samples: bool = False
-    trust_remote_code: bool = False
-    eager_attentions: bool = False  # score families without the attention interface (eager_rows)
-    save_attention: int = 0  # K: save the top-K heads' attention rows beside each result (0: off)
-    rank_by: str = "score"
-    answers: bool = False  # also decode the model's greedy answers: accuracy in each result's extra
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # longest greedy answer (answers, retrieval_score)
-    span: str = "needle"  # span kinds of span-measuring methods, comma-separated (chance.SPANS), each its own result
+class _GridViews:
+    """What :class:`Grid` derives from its settings."""
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -79,11 +60,23 @@ class Grid:
         return self.needle_positions[0]
 
 
+def _grid_field(key: str) -> tuple:
+    t, s = value_type(GRID_SETTINGS[key]), setting(GRID_SETTINGS[key])
+    kind = str if s.several else tuple[t, ...] if s.many else t  # method, span: one comma-separated string
+    return key, kind, field(default=GRID_DEFAULTS[key])
+
+
+Grid = make_dataclass("Grid", [_grid_field(k) for k in SPEC_GRID_KEYS if k != "needle_position"], bases=(_GridViews,),
+                      frozen=True)
+Grid.__module__ = __name__  # pickled by name (a Ray worker receives the grid)
+Grid.__doc__ = """What a sweep runs: every model x question x token length x needle depth (``needle_positions``,
+each its own unit of work), with one set of experiment settings: a field per grid key of
+:mod:`retrieval_heads.spec` but ``needle_position`` (the first of ``needle_positions``), defaults the spec's;
+``method`` and ``span`` are comma-separated. A depth other than the default 0.5 files its results under names
+of their own (:func:`~retrieval_heads.results.file_name`)."""
 
 GRID_KEYS = Registry("grid setting")
-for _k in ("models", "questions", "tokens", "samples", "needle_position", "needle_positions", "seed", "method",
-           "dtype", "device", "batch_size", "save_samples", "trust_remote_code", "save_attention", "rank_by", "answers",
-           "span", "eager_attentions", "max_new_tokens"):
+for _k in SPEC_GRID_KEYS:
     GRID_KEYS.register(_k, _k)
 
 
@@ -112,7 +105,7 @@ def _int(value: Any, what: str) -> Any:
         try:
             return int(value)
         except ValueError:
-            raise UserError(f"{what}: {value!r} is not a whole number") from None
+            raise ParamError(what, f": {value!r} is not a whole number") from None
     return value
 
 
@@ -131,7 +124,7 @@ def _floats(value: Any, what: str) -> Any:
         try:
             return float(x)
         except ValueError:
-            raise UserError(f"{what}: {x!r} is not a number") from None
+            raise ParamError(what, f": {x!r} is not a number") from None
 
     if isinstance(value, str):
         return [one(x) for x in value.split(",") if x]
@@ -140,16 +133,16 @@ def _floats(value: Any, what: str) -> Any:
     return value
 
 
-def check_depths(depths: Any, option: str = "--needle-positions") -> tuple[float, ...]:
+def check_depths(depths: Any, param: str = "needle_positions") -> tuple[float, ...]:
     """The needle depths of a grid, as floats in the order given: UserError for none, a depth outside [0, 1]
-    (or not finite), or a depth given twice (``0.3`` and ``0.30`` are one depth)."""
+    (or not finite; the spec's bounds), or a depth given twice (``0.3`` and ``0.30`` are one depth); the
+    errors name ``param``."""
     out: list[float] = []
     seen: set[float] = set()  # not ``in out``: 80,000 depths would take minutes
     for d in depths:
-        if not (isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and 0 <= d <= 1):
-            raise UserError(f"{option} must lie in [0, 1], got {d}")
+        check("needle_positions", d, param)
         if float(d) in seen:
-            raise UserError(f"{option}: depth {float(d):g} is given twice")
+            raise ParamError(param, f": depth {float(d):g} is given twice")
         seen.add(float(d))
         out.append(float(d))
     if not out:
@@ -157,42 +150,12 @@ def check_depths(depths: Any, option: str = "--needle-positions") -> tuple[float
     return tuple(out)
 
 
-class GridSettings(BaseModel):
-    """The types of a grid's settings, strictly: a bool is ``true``/``false`` (never the string "false"), a
-    whole number is an int (not 2048.0, not a bool), a list of names is a string or a list of strings.
-    Every field may be left out."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    models: Optional[Union[str, list[str]]] = None
-    questions: Optional[Union[str, list[str]]] = None
-    tokens: Optional[Union[int, list[int]]] = None
-    samples: Optional[int] = None
-    needle_position: Optional[float] = None  # an int (0, 1) is a number too; a bool is not
-    needle_positions: Optional[Union[float, list[float]]] = None
-    seed: Optional[int] = None
-    method: Optional[Union[str, list[str]]] = None
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    batch_size: Optional[int] = None
-    save_samples: Optional[bool] = None
-    trust_remote_code: Optional[bool] = None
-    eager_attentions: Optional[bool] = None
-    save_attention: Optional[int] = None
-    rank_by: Optional[str] = None
-    answers: Optional[bool] = None
-    span: Optional[Union[str, list[str]]] = None
-    max_new_tokens: Optional[int] = None
-
-
-EXPECTED = {"models": "a name or a list of names", "questions": "a name or a list of names",
-            "tokens": "a whole number or a list of whole numbers", "samples": "a whole number",
-            "needle_position": "a number", "needle_positions": "a number or a list of numbers",
-            "seed": "a whole number", "method": "a name or a list of names", "dtype": "a name",
-            "device": "a name", "batch_size": "a whole number", "save_samples": "true or false",
-            "trust_remote_code": "true or false", "eager_attentions": "true or false", "save_attention": "a whole number",
-            "rank_by": "score or lift", "answers": "true or false", "span": "a name or a list of names",
-            "max_new_tokens": "a whole number"}
+# The types of a grid's settings, strictly: a bool is ``true``/``false`` (never the string "false"), a whole
+# number is an int (not 2048.0, not a bool), a number may be an int, a list of names is a string or a list of
+# strings. Every field may be left out. One field per grid key of the spec.
+GridSettings = create_model("GridSettings", __config__=ConfigDict(strict=True, extra="forbid"),
+                            **{k: (grid_type(k), None) for k in SPEC_GRID_KEYS})
+EXPECTED = {k: expected(k) for k in SPEC_GRID_KEYS}  # a grid file's value of the wrong type: "expected ..."
 
 
 def _shown(value: Any) -> str:
@@ -231,21 +194,19 @@ def make_grid(**settings: Any) -> Grid:
     given = {k: v for k, v in settings.items() if v is not None}
     for k in given:
         GRID_KEYS.get(k)
-    if "tokens" in given:
-        given["tokens"] = _ints(given["tokens"], "tokens")
-    for k in ("samples", "seed", "batch_size", "save_attention", "max_new_tokens"):
-        if k in given:
-            given[k] = _int(given[k], k)
-    if "needle_positions" in given:
-        given["needle_positions"] = _floats(given["needle_positions"], "needle_positions")
-    if isinstance(given.get("needle_position"), str):
-        try:
-            given["needle_position"] = float(given["needle_position"])
-        except ValueError:
-            raise UserError(f"needle_position: {given['needle_position']!r} is not a number") from None
-    for k in ("models", "questions", "tokens", "needle_positions", "method", "span"):
-        if isinstance(given.get(k), tuple):
-            given[k] = list(given[k])
+    for k, v in given.items():  # text from the CLI, as the spec types the key
+        kind, many = value_type(GRID_SETTINGS[k]), setting(GRID_SETTINGS[k]).many
+        if kind is int:
+            given[k] = _ints(v, k) if many else _int(v, k)
+        elif kind is float and many:
+            given[k] = _floats(v, k)
+        elif kind is float and isinstance(v, str):
+            try:
+                given[k] = float(v)
+            except ValueError:
+                raise ParamError(k, f": {v!r} is not a number") from None
+        elif many and isinstance(v, tuple):
+            given[k] = list(v)
     check_types(given)
     values: dict[str, Any] = {}
     if "models" in given:
@@ -263,10 +224,8 @@ def make_grid(**settings: Any) -> Grid:
         from ..chance import span_names
 
         values["span"] = ",".join(span_names(given["span"]))
-    for k in ("samples", "seed", "batch_size", "dtype", "device", "save_samples", "trust_remote_code", "eager_attentions",
-              "save_attention", "rank_by", "answers", "max_new_tokens"):
-        if k in given:
-            values[k] = given[k]
+    for k in given.keys() - values.keys() - {"needle_position", "needle_positions"}:  # the rest as given
+        values[k] = given[k]
     if "needle_position" in given and "needle_positions" in given:
         raise UserError("give needle_position (one depth) or needle_positions (several), not both")
     if "needle_position" in given:
@@ -304,10 +263,8 @@ def make_grid(**settings: Any) -> Grid:
     for t in grid.tokens:
         for d in grid.needle_positions:
             check_args(None, t, grid.samples, d, grid.batch_size, grid.seed)
-    if grid.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {grid.max_new_tokens}")
-    if grid.save_attention < 0:
-        raise UserError(f"--save-attention must be 0 (off) or a number of heads, got {grid.save_attention}")
+    for k in ("max_new_tokens", "save_attention"):
+        check(GRID_SETTINGS[k], getattr(grid, k), k)
     return grid
 
 

@@ -64,9 +64,21 @@ def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> 
         if (k in record or k in ("seed", "dtype")) and record.get(k) != v:  # was edited, and passes for none
             return f"{k} {record.get(k, 'missing')!r} (this sweep: {v!r})"
     extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
-    if decodes(grid) and "max_new_tokens" in extra and extra["max_new_tokens"] != grid.max_new_tokens:
-        return f"max_new_tokens {extra['max_new_tokens']!r} (this sweep: {grid.max_new_tokens!r})"
+    if decodes(grid) and "max_new_tokens" in extra:
+        q = record.get("question")
+        want_budget = answer_budget(grid, q) if isinstance(q, str) else grid.max_new_tokens
+        if extra["max_new_tokens"] != want_budget:
+            return f"max_new_tokens {extra['max_new_tokens']!r} (this sweep: {want_budget!r})"
     return None
+
+
+def answer_budget(grid: Grid, question: str) -> int:
+    """The longest greedy answer the sweep decodes (and records) for ``question``: a task's own budget
+    (:func:`~retrieval_heads.data.tasks.decode_budget`) unless the grid sets one other than the default."""
+    from ..data.tasks import decode_budget
+    from ..defaults import DEFAULT_MAX_NEW_TOKENS
+
+    return decode_budget(question) if grid.max_new_tokens == DEFAULT_MAX_NEW_TOKENS else grid.max_new_tokens
 
 
 def decodes(grid: Grid) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..console import plural
-from ..errors import UserError, first_line
+from ..errors import ParamError, UserError, first_line
 from ..hf import check_attention_code, check_tokenizer
 from ..lock import results_lock
 from ..models import check_causal_lm, check_device, hub_access, model_identity, resolve
@@ -47,7 +47,7 @@ def preflight(grid: Grid) -> None:
             text = config.get_text_config()
             limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
             if limit is not None and max(grid.tokens) > limit:
-                raise UserError(f"--tokens {max(grid.tokens)} exceeds the {limit} positions of {name}")
+                raise ParamError("tokens", f" {max(grid.tokens)} exceeds the {limit} positions of {name}")
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
         except (OSError, ValueError) as e:
             if offline_why and isinstance(e, OSError):

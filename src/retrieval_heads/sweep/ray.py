@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import spec
 from ..errors import UserError, first_line
 from .compute import write
 from .grid import Grid
@@ -175,10 +176,8 @@ def run_ray_sweep(
     """Run ``grid`` into ``output_dir`` on Ray: the same files as :func:`~retrieval_heads.sweep.run_sweep`.
     ``worker`` is the actor class (a :class:`ModelWorker`); ``retries`` bounds actor restarts and unit
     retries."""
-    if gpus_per_worker < 0:
-        raise UserError(f"--gpus-per-worker must be 0 or more, got {gpus_per_worker}")
-    if cpus_per_worker < 1:
-        raise UserError(f"--cpus-per-worker must be 1 or more, got {cpus_per_worker}")
+    spec.check("gpus_per_worker", gpus_per_worker)
+    spec.check("cpus_per_worker", cpus_per_worker)
     if gpus_per_worker > 0 and grid.device == "cpu" and not device_map:
         raise UserError("--gpus-per-worker needs --device cuda (or --device-map auto) to use the GPUs")
     if gpus_per_worker == 0 and grid.device.startswith("cuda"):
@@ -245,7 +244,7 @@ def _get(ray, ref, retries: int, what: str):
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
+            raise cause from None  # itself: a ParamError keeps its parameter
         first = first_line(cause, default="") if cause is not None else ""
         raise UserError(f"the Ray worker failed on {what}: {type(cause or e).__name__}: {first}") from None
     except ray.exceptions.ActorDiedError as e:
