@@ -468,3 +468,23 @@ def test_a_config_naming_a_hub_kernel_runs_no_code_unasked(impl, tmp_path, capfd
     for ok in ("eager", "sdpa", None):
         config._attn_implementation = ok
         check_attention_code("m", config, trust_remote_code=False)
+
+
+def test_a_bootstrap_too_large_for_memory_is_one_line(tmp_path, capfd):
+    """A result of a 300 x 300 head grid with a samples file and ``report --resamples 100000`` (the option's
+    maximum) asked numpy for 3 x 67 GiB at once: a MemoryError traceback, or, on a larger machine, its whole
+    memory. Checked before anything is allocated; the line names the largest --resamples that fits."""
+    import numpy as np
+
+    from retrieval_heads.report.stability import bootstrap_ranks
+
+    with pytest.raises(UserError, match="^--resamples 100000 over 2 samples of 90000 heads needs about 201 GiB; "
+                                        "use --resamples 1988 or fewer$"):
+        bootstrap_ranks(np.zeros((2, 300, 300)), 100_000)
+    assert bootstrap_ranks(np.zeros((2, 3, 4)), 10_000).shape == (10_000, 12)  # a small grid: allowed
+    path = put(tmp_path / "res", layers=100, heads=100, scores=np.zeros((100, 100)))
+    path.with_suffix(".samples.jsonl").write_text(
+        "".join(json.dumps({"scores": np.zeros((100, 100)).tolist()}) + "\n" for _ in range(4)))
+    one_line(*cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep", "--resamples", 100_000)[::2],
+             "--resamples 100000 over 4 samples of 10000 heads needs about 22 GiB; use --resamples 17893 or fewer")
+    assert not (tmp_path / "rep").exists()
