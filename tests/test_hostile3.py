@@ -488,3 +488,16 @@ def test_a_bootstrap_too_large_for_memory_is_one_line(tmp_path, capfd):
     one_line(*cli(capfd, "report", tmp_path / "res", "--out", tmp_path / "rep", "--resamples", 100_000)[::2],
              "--resamples 100000 over 4 samples of 10000 heads needs about 22 GiB; use --resamples 17893 or fewer")
     assert not (tmp_path / "rep").exists()
+
+
+def test_end_of_sequence_ids_of_odd_types_are_not_ids():
+    """generation_config.json (the model folder's own file, which transformers does not type-check) with
+    ``"eos_token_id": [[1, 2]]`` made ``detect --answers`` end in ``TypeError: unhashable type: 'list'``.
+    Only whole numbers count as end-of-sequence ids."""
+    from types import SimpleNamespace
+
+    from retrieval_heads.generation import eos_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[[1, 2], 7, True, "x"]),
+                            config=SimpleNamespace(eos_token_id=3))
+    assert eos_ids(model, SimpleNamespace(eos_token_id=None)) == {3, 7}

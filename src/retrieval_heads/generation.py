@@ -56,8 +56,9 @@ def eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), model.config, tokenizer):
         e = getattr(src, "eos_token_id", None)
-        if e is not None:
-            ids.update(e if isinstance(e, (list, tuple)) else [e])
+        for x in e if isinstance(e, (list, tuple)) else [e]:  # generation_config.json is the model folder's
+            if isinstance(x, int) and not isinstance(x, bool):  # file: a nested list or a string is no id
+                ids.add(x)
     return ids
 
 
