@@ -54,8 +54,8 @@ from .errors import ParamError, UserError
 from .experiments import check_args, experiment_prompts
 from .generation import DEFAULT_MAX_NEW_TOKENS, Answer, accuracy, answer_prompts
 from .io import atomic_write_bytes, atomic_write_files, json_bytes
-from .models import MODELS, LoadedModel, load_model
-from .results import load_result, validate
+from .models import MODELS, LoadedModel, load_model, model_identity
+from .results import identity_of, load_result, validate
 
 DEFAULT_KS = spec.default("k", "ablate")
 DEFAULT_BATCH_SIZE = spec.default("batch_size", "ablate")
@@ -287,6 +287,12 @@ def ablate(
         raise UserError(f"{source or 'the result'} was made with model {str(record['model_name'])[:80]!r}, not a "
                         f"built-in key; pass the model with --model")
     records = None if synthetic else load_jsonl(dataset)[:n]
+    if not isinstance(model, LoadedModel):
+        name = record["model_key"] if model is None else model
+        why = other_model(record, model_identity(name)) if name else None
+        if why:  # the heads of one model removed from another, and the curve filed under the first one's name
+            raise UserError(f"{source or 'the result'} was made by another model than {name}: {why}; pass the "
+                            "model that made it with --model")
     if isinstance(model, LoadedModel):
         lm = model
     else:
@@ -297,8 +303,44 @@ def ablate(
         raise UserError(f"{lm.name} has {lm.num_layers}x{lm.num_heads} heads, the result {record['num_layers']}x"
                         f"{record['num_heads']}")
     prompts = experiment_prompts(lm, record["question"], t, n, record["needle_position"], s, records)
+    check_room(lm, prompts, max_new_tokens)
     report = run_ablation(lm, record, prompts, ks, random_seeds, max_new_tokens, batch_size, progress=progress,
                           tokens=t, seed=s if synthetic else None, controls=controls)
+    if not synthetic:  # the samples came from this file, whatever the result was made from: say which
+        from .results import make_provenance
+
+        report["dataset"] = make_provenance(None, dataset)["dataset"]  # {file, sha256}
     if source is not None:
         report["result"] = str(source)
     return AblationResult(report, list(prompts))
+
+
+def other_model(record: dict, identity: dict) -> str | None:
+    """How the model ``identity`` (:func:`~retrieval_heads.models.model_identity`) differs from the one that
+    made ``record`` (its ``provenance``), or None. The weights' SHA-256 decides where both are known (a copy of
+    the folder elsewhere is the same model); else the source and the hub revision, where both are known."""
+    got = identity_of(record)
+    if got["weights_sha256"] and identity.get("weights_sha256"):
+        a, b = got["weights_sha256"], identity["weights_sha256"]
+        return None if a == b else f"weights sha256 {a[:12]}... (the result) vs {b[:12]}..."
+    for k in ("source", "revision"):
+        a, b = got[k], identity.get(k)
+        if a is not None and b is not None and a != b:
+            return f"{k} {str(a)[:80]!r} (the result) vs {str(b)[:80]!r}"
+    return None
+
+
+def check_room(lm: LoadedModel, prompts: Sequence[PromptSample], max_new_tokens: int) -> None:
+    """UserError unless every prompt leaves room for what ablation puts after it within the model's positions:
+    up to ``max_new_tokens`` answer tokens, then (teacher-forced after a lead-in of at most as many) the gold
+    answer. A model with absolute position embeddings (GPT-2) has none beyond its last position."""
+    from .ablation_measure import gold_ids
+
+    limit = lm.max_positions
+    if not limit:
+        return
+    need = max(len(p.input_ids) + max_new_tokens + len(gold_ids(lm.tokenizer, p.answer)) for p in prompts)
+    if need > limit:
+        raise UserError(f"a {max(len(p.input_ids) for p in prompts)}-token prompt leaves no room for the answers "
+                        f"({max_new_tokens} tokens with --max-new-tokens) and the gold answer within the "
+                        f"{limit} positions of {lm.name}; use a smaller --tokens or --max-new-tokens")

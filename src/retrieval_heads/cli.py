@@ -90,7 +90,31 @@ def parse(argv: List[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler's stop), raised where the process is, as Ctrl-C is: the writes in
+    progress remove their temp files and the locks their notes, finished results are kept."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+    import threading
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # never another program's own handler
+    if ours:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(argv)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: Optional[List[str]]) -> int:
     try:
         try:
             args = parse(list(sys.argv[1:] if argv is None else argv))
@@ -101,9 +125,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:  # a parameter's error names its flag (spec.cli_message)
         print(f"error: {single_line(cli_message(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    except (OSError, RuntimeError) as e:  # a path no system call can take, wherever it is first used
+        why = unusable_path(e)
+        if why is None:
+            raise
+        print(f"error: {single_line(why)}", file=sys.stderr)
+        return 2
+
+
+def unusable_path(e: BaseException) -> str | None:
+    """The one-line reason for a path given by the user that no system call can take (a name or path too long
+    for the file system, a loop of symbolic links), or None for any other error. Found wherever the path is
+    first used (``Path.is_dir`` raises for them), before anything is written: writes are atomic.
+
+    >>> unusable_path(OSError(36, "File name too long", "x" * 300))[:40]
+    'cannot use the path xxxxxxxxxxxxxxxxxxxx'
+    """
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+        path, reason = str(e.filename), e.strerror
+    elif type(e) is RuntimeError and str(e).startswith("Symlink loop from "):  # Path.resolve(), Python < 3.13
+        path, reason = str(e).removeprefix("Symlink loop from ").strip("'"), "a loop of symbolic links"
+    else:
+        return None
+    shown = path if len(path) <= 200 else f"{path[:120]}...{path[-60:]} ({len(path)} characters)"
+    return f"cannot use the path {shown}: {reason}"
 
 
 _BREAKS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09}

@@ -56,8 +56,9 @@ def eos_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), model.config, tokenizer):
         e = getattr(src, "eos_token_id", None)
-        if e is not None:
-            ids.update(e if isinstance(e, (list, tuple)) else [e])
+        for x in e if isinstance(e, (list, tuple)) else [e]:  # generation_config.json is the model folder's
+            if isinstance(x, int) and not isinstance(x, bool):  # file: a nested list or a string is no id
+                ids.add(x)
     return ids
 
 
@@ -102,8 +103,11 @@ def greedy_decode(
     tracks: list[list[torch.Tensor]] = [[] for _ in range(B)]
     done = [False] * B
     feed, kw, seen = input_ids, cache_kwarg(model), past
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     with probe as state:
         for _ in range(max_new_tokens):
+            if limit is not None and seen > 0 and seen + feed.shape[1] > limit:
+                break  # the answer has reached the model's last position: an absolute position embedding ends there
             seen += feed.shape[1]
             step["argmax"], step["seen"] = torch.zeros(B, L, H, dtype=torch.long), seen  # (B, L, H)
             out = model(input_ids=feed, use_cache=True, logits_to_keep=1, **{kw: cache})

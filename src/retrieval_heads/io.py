@@ -162,7 +162,8 @@ def parse_json(text: str | bytes, unique_keys: bool = False) -> Any:
     """``json.loads`` for untrusted text. Raises :class:`JSONError` (a UserError) with a short reason for
     malformed JSON, nesting deeper than :data:`MAX_JSON_DEPTH`, integers too long to convert (Python's
     digit limit) or beyond a float's range, floats that overflow to inf, and the constants NaN/Infinity; with ``unique_keys``, an
-    object's key given twice (else the last one wins, as in ``json.loads``).
+    object's key given twice (else the last one wins, as in ``json.loads``). A leading byte-order mark is
+    dropped.
 
     >>> parse_json('{"a": [1, 2.5]}')
     {'a': [1, 2.5]}
@@ -171,6 +172,10 @@ def parse_json(text: str | bytes, unique_keys: bool = False) -> Any:
     ...
     retrieval_heads.io.JSONError: nested deeper than 64 levels
     """
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).removeprefix(b"\xef\xbb\xbf")
+    else:
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as Windows editors write one: not data
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                          object_pairs_hook=_unique_keys if unique_keys else None)

@@ -86,6 +86,9 @@ def results_lock(output_dir: str | Path, command: str = "sweep", own: list[Path]
         mine = _write_note(note, command)
         for folder in sorted({p.parent for p in own or ()}):
             check_result_folder(folder)  # before its temp files are cleaned or any work is done
+        for p in own or ():
+            if p.is_dir() and not p.is_symlink():  # found only when the result is written, after computing
+                raise UserError(f"{p} is a folder where a result file goes; move it away or use another {option}")
         if own:
             remove_stale_temps(own)
         yield note

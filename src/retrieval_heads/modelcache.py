@@ -16,15 +16,15 @@ from .errors import UserError, first_line
 
 
 def user_cache_base() -> str:
-    """``$XDG_CACHE_HOME``, else ``HOME/.cache``. An empty or root ``HOME`` (``expanduser`` then gives ``/``)
+    """``$XDG_CACHE_HOME`` (an absolute path; a relative one is ignored), else ``HOME/.cache``. An empty or root ``HOME`` (``expanduser`` then gives ``/``)
     falls back to the account's home directory; where that is root too, UserError: never ``/.cache``.
 
     >>> os.environ.get("XDG_CACHE_HOME") or user_cache_base().endswith(".cache")
     True
     """
     xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return xdg
+    if xdg and os.path.isabs(xdg):  # a relative one is invalid (XDG Base Directory spec): it would put the
+        return xdg                  # cache, a 500 MB model, wherever the command happens to run
     home = os.environ.get("HOME", "")
     if home.strip().rstrip("/") == "":
         import pwd

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError, first_line
-from .hf import check_tokenizer, input_device
+from .hf import check_attention_code, check_tokenizer, input_device
 from .io import safe_key
 from .modelcache import safetensors_problem, user_cache_base, write_reason
 from .registry import Registry
@@ -238,6 +238,7 @@ def load_model(
             raise UserError(f"cannot load model {model!r}: it is not in the local hub cache and {offline_why}") from None
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
     check_causal_lm(model, config)
+    check_attention_code(model, config, trust_remote_code)  # a hub kernel named by config.json
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **hub)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -248,7 +249,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # missing files, corrupt weights (SafetensorError), unsupported configs ...
         raise UserError(f"cannot load model {model!r}: {type(e).__name__}: {first_line(e)}") from None
-    check_tokenizer(model, tok)  # a folder without tokenizer files gets an empty one
+    check_tokenizer(model, tok, config)  # a folder without tokenizer files gets an empty one
     check_weights_complete(model, info)
     if not device_map:
         try:

@@ -60,6 +60,7 @@ def depth_text(depth: float) -> str:
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not math.isfinite(depth) \
             or not 0 <= depth <= 1:
         raise UserError(f"needle_position: expected a number in [0, 1], got {depth!r}")
+    depth += 0.0  # -0.0 is 0.0: one name for one depth
     for decimals in range(2, 40):
         text = f"{depth:.{decimals}f}"
         if float(text) == depth:
@@ -389,7 +390,9 @@ def structure_problem(record: dict) -> str | None:
     if kv is not None and (not _is_int(kv) or kv <= 0):
         return f"extra.num_key_value_heads is not a positive whole number ({kv!r})"
     if "provenance" in record:
-        return _provenance_problem(record["provenance"])
+        from .claims import claim_problem  # the key the fields claim, against what produced the result
+
+        return _provenance_problem(record["provenance"]) or claim_problem(record)
     return None
 
 

@@ -139,3 +139,27 @@ def check_not_input(out: str | os.PathLike, inputs, flag: str = "--out") -> None
     for i in inputs:
         if i is not None and same_file(out, i):
             raise UserError(f"{flag} {out} is an input ({i}); choose another file")
+    what = result_file_kind(out)
+    if what:  # another experiment's result would be lost, replaced by an export or a curve
+        raise UserError(f"{flag} {out} holds {what}; an output never replaces one, choose another file")
+
+
+def result_file_kind(path: str | os.PathLike) -> str | None:
+    """What of ``detect``'s or ``sweep``'s output ``path`` holds ("a result", "a samples file", "an attention
+    file"), or None: a missing file, or any other file (which an explicit --out may replace)."""
+    from ..io import JSONError, parse_json, read_regular
+
+    p = Path(path)
+    if not p.is_file() or p.is_symlink():  # a link itself is replaced, never what it points to
+        return None
+    if p.name.endswith(".samples.jsonl"):
+        return "a samples file"
+    if p.name.endswith(".attention.npz"):
+        return "an attention file"
+    if p.suffix.lower() != ".json" or p.stat().st_size > 64 << 20:
+        return None
+    try:
+        obj = parse_json(read_regular(p))
+    except (OSError, JSONError, UnicodeDecodeError):
+        return None
+    return "a result" if isinstance(obj, dict) and ("head_rankings" in obj or "checksum" in obj) else None

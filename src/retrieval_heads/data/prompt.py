@@ -64,6 +64,28 @@ class PromptSample:
     answer_at: tuple[int, int] | None = None
 
 
+def _chat_frame(tokenizer, content: str) -> tuple[str, str, str]:
+    """(before the context, between it and the question, after the question) of one user turn holding
+    ``content`` in the tokenizer's chat template. A template comes with the model's files: one that fails
+    (raises, breaks the sandbox's rules, is malformed) or does not hold the turn's text exactly once is a
+    UserError naming the reason, never a traceback."""
+    from ..errors import UserError, first_line
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateError and SecurityError, the sandbox's OverflowError, ...
+        raise UserError(f"the model's chat template fails: {type(e).__name__}: {first_line(e)[:200]}") from None
+    if not isinstance(text, str) or text.count(_CTX) != 1 or text.count("{Q}") != 1:
+        raise UserError("the model's chat template does not hold the user's message exactly once (it drops or "
+                        "repeats it), so no prompt can be framed with it; fix chat_template in its tokenizer files")
+    before, after = text.split(_CTX)
+    if "{Q}" not in after:
+        raise UserError("the model's chat template reorders the user's message; fix chat_template in its "
+                        "tokenizer files")
+    return (before, *after.split("{Q}"))
+
+
 class PromptFormat:
     """How one tokenizer frames the context and the question. ``instruction`` opens the user turn (the
     filings' by default; a long-context task brings its own): it changes the prefix only, never the suffix."""
@@ -73,11 +95,7 @@ class PromptFormat:
         self.instruction = instruction
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         if self.chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": self._user_content("{Q}")}], tokenize=False, add_generation_prompt=True
-            )
-            self._before, after = text.split(_CTX)
-            self._after_pre, self._after_post = after.split("{Q}")
+            self._before, self._after_pre, self._after_post = _chat_frame(tokenizer, self._user_content("{Q}"))
             self._prefix = self.encode(self._before)
         else:
             before = instruction + "\n\n"

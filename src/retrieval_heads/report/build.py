@@ -291,8 +291,8 @@ def write(report: Report, out_dir: str | Path) -> list[Path]:
     check_out(out)
     md, page = markdown.render(TITLE, report.blocks), html.render(TITLE, report.blocks)
     files = [(f.path, f.png) for f in report.figures] + [
-        ("report.json", json_bytes(report.data)), ("report.md", md.encode("utf-8")),
-        ("report.html", page.encode("utf-8"))]
+        ("report.json", json_bytes(report.data)), ("report.md", md.encode("utf-8", "backslashreplace")),
+        ("report.html", page.encode("utf-8", "backslashreplace"))]  # a file name of non-UTF-8 bytes: \udcff
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]  # folders this run creates
     tmp = None
     try:

@@ -141,6 +141,7 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     skip = Path(exclude).resolve() if exclude is not None else None
     if skip is not None and (skip == root.resolve() or skip in root.resolve().parents):
         raise UserError(f"the report folder {exclude} would hold the results folder {root}; choose another --out")
+    check_no_linked_folders(root)
     found: dict[tuple, Experiment] = {}
     skipped: list[str] = []
     for path in sorted(root.rglob("*.json")):
@@ -181,6 +182,20 @@ def collect(root: str | Path, exclude: str | Path | None = None) -> Collection:
     experiments = sorted(found.values(), key=sort_key)
     check_one_model_per_key(experiments)
     return Collection(root, experiments, skipped)
+
+
+def check_no_linked_folders(root: Path) -> None:
+    """UserError naming the first folder under ``root`` that is a symbolic link (``rglob`` does not follow
+    them): the results in it would be left out of the report without a word. Hidden folders are skipped."""
+    import os
+
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in dirs:
+            p = Path(folder) / d
+            if p.is_symlink():
+                raise UserError(f"{p} is a symbolic link to a folder; the report does not read results through "
+                                f"links (point it at the folder itself, or copy the results into {root})")
 
 
 WEIGHTS = ("source", "revision", "weights_sha256")  # provenance.model's fields that name the weights

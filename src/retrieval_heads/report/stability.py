@@ -156,6 +156,23 @@ def top1_counts(exps: list[Experiment]) -> list[dict]:
     return out
 
 
+BOOTSTRAP_BYTES = 4 << 30  # what the bootstrap of one result may hold at once
+
+
+def check_bootstrap_size(resamples: int, samples: int, heads: int) -> None:
+    """UserError when ``resamples`` bootstrap rankings of ``heads`` heads over ``samples`` samples would hold
+    more than :data:`BOOTSTRAP_BYTES` (totals, order and ranks of B x N, weights of B x S, 8 bytes each): a
+    result of a large head grid with --resamples near its maximum asked for tens of GiB (a MemoryError
+    traceback, or the machine's memory). The line names the largest --resamples that fits."""
+    from ..errors import UserError
+
+    per = (3 * heads + samples) * 8
+    if resamples * per > BOOTSTRAP_BYTES:
+        raise UserError(f"--resamples {resamples} over {samples} samples of {heads} heads needs about "
+                        f"{resamples * per / 2 ** 30:.0f} GiB; use --resamples {max(1, BOOTSTRAP_BYTES // per)} "
+                        "or fewer")
+
+
 def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0,
                     layers: list[int] | None = None) -> np.ndarray:
     """Ranks (B, L*H) of every head in each of ``resamples`` bootstrap resamples of the samples.
@@ -165,6 +182,7 @@ def bootstrap_ranks(per_sample: np.ndarray, resamples: int = 1000, seed: int = 0
     ``layers``: a hybrid's attention layers; the other layers' heads rank after all of them.
     """
     S, L, H = per_sample.shape
+    check_bootstrap_size(resamples, S, L * H)
     X = per_sample.reshape(S, -1)  # (S, N)
     idx = np.random.default_rng(seed).integers(0, S, size=(resamples, S))  # (B, S)
     weights = np.zeros((resamples, S))  # (B, S): how often each sample was drawn

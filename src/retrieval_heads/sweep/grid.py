@@ -281,7 +281,7 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"cannot read grid file {path}: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not data
     except UnicodeDecodeError:
         raise UserError(f"grid file {path} is not UTF-8 text") from None
     if path.suffix.lower() == ".toml":

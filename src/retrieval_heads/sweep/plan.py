@@ -60,9 +60,9 @@ def _settings_mismatch(record: dict, grid: Grid, depth: float | None = None) -> 
     depth = grid.needle_position if depth is None else depth
     want = {"samples_processed": grid.samples, "needle_position": depth, "seed": grid.seed,
             "dtype": grid.dtype, "rank_by": grid.rank_by}
-    for k, v in want.items():
-        if k in record and record[k] != v:
-            return f"{k} {record[k]!r} (this sweep: {v!r})"
+    for k, v in want.items():  # seed and dtype are in every result made with provenance: one without them
+        if (k in record or k in ("seed", "dtype")) and record.get(k) != v:  # was edited, and passes for none
+            return f"{k} {record.get(k, 'missing')!r} (this sweep: {v!r})"
     extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
     if decodes(grid) and "max_new_tokens" in extra:
         q = record.get("question")

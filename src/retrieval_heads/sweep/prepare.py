@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..console import plural
 from ..errors import ParamError, UserError, first_line
-from ..hf import check_tokenizer
+from ..hf import check_attention_code, check_tokenizer
 from ..lock import results_lock
 from ..models import check_causal_lm, check_device, hub_access, model_identity, resolve
 from ..results import depth_text, load_result
@@ -43,6 +43,7 @@ def preflight(grid: Grid) -> None:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=grid.trust_remote_code, **hub)
             check_causal_lm(m, config)
+            check_attention_code(m, config, grid.trust_remote_code)
             text = config.get_text_config()
             limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
             if limit is not None and max(grid.tokens) > limit:
@@ -53,7 +54,7 @@ def preflight(grid: Grid) -> None:
                 raise UserError(f"cannot load model {m!r}: it is not in the local hub cache and {offline_why}"
                                 f"{hint}") from None
             raise UserError(f"cannot load model {m!r}: {first_line(e)}{hint}") from None
-        check_tokenizer(m, tokenizer)
+        check_tokenizer(m, tokenizer, config)
         for depth in grid.needle_positions:
             question_groups(tokenizer, grid.questions, min(grid.tokens), 1, depth, grid.seed)
 
