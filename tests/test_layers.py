@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("helpers", {"errors", "registry", "io", "hf", "leftovers", "modelcache", "console"}),
-    ("data", {"data", "defaults", "spec"}),
+    ("data", {"data", "defaults", "spec", "claims"}),
     ("models", {"models", "families"}),
     ("capture", {"capture", "eager_rows"}),
     ("methods", {"stats", "methods", "generation", "prefill", "chance", "onepass"}),
